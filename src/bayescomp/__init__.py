@@ -1,0 +1,14 @@
+"""bayescomp: Bayesian Compression for deep learning (Louizos, Ullrich & Welling, NIPS 2017).
+
+>>> import bayescomp
+>>> bmodel = bayescomp.bayesianize(model, prior="gnj")                  # doctest: +SKIP
+>>> loss = ce + bayescomp.kl_divergence(bmodel) / len(train_set)        # doctest: +SKIP
+>>> result = bayescomp.compress(bmodel)                                  # doctest: +SKIP
+"""
+
+from .compress import CompressedModel, compress
+from .convert import UnsupportedLayerError, bayesianize, kl_divergence
+
+__version__ = "0.1.0"
+
+__all__ = ["CompressedModel", "UnsupportedLayerError", "bayesianize", "compress", "kl_divergence", "__version__"]

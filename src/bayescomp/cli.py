@@ -1,0 +1,149 @@
+"""The `bayescomp` command line (also `python -m bayescomp`)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .report.table import format_table, summary_rows
+
+# Errors a user can cause: printed in one line, exit status 1 (usage errors: 2, by click).
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeError, OSError, FloatingPointError)
+
+
+def _parse_thresholds(text: str | None) -> float | dict[str, float] | None:
+    """"-3" → every layer; "fc1=-2.8,fc2=-3" → per layer."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        if "=" not in text:
+            return float(text)
+        out = {}
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            out[name.strip()] = float(value)
+        return out
+    except ValueError:
+        raise click.BadParameter(f"expected a number or name=value pairs, got {text!r}", param_hint="--thresholds") from None
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bayescomp")
+def main() -> None:
+    """Bayesian Compression: train a group-sparse Bayesian network, prune it, quantise it, store it."""
+
+
+@main.command("compress")
+@click.option("--model", default="lenet300", show_default=True, help="Model from the zoo (see `bayescomp models`).")
+@click.option("--prior", default="gnj", show_default=True, help="Group prior: gnj (normal-Jeffreys).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist).")
+@click.option("--data-dir", default=None, help="Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
+@click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).")
+@click.option("--clip-var", type=float, default=None, help="Clamp σ² ≤ this in every layer (default: the model's recipe).")
+@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
+@click.option("--train-subset", type=int, default=None, help="Train on N random training examples (quick runs).")
+@click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True,
+              help="Bits per stored weight: 1+E+T (the paper's code) or T (the paper's table).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress_cmd(model, prior, epochs, out, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, clip_var,
+                 grad_clip, train_subset, bit_accounting, resume, force, quiet) -> None:
+    """Train MODEL with a group-sparse prior, compress it, evaluate it, write OUT/."""
+    from .pipeline import RunOptions, run
+
+    opts = RunOptions(model=model, prior=prior, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+                      warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
+                      train_subset=train_subset, data_dir=data_dir, bit_accounting=bit_accounting, grad_clip=grad_clip)
+    command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        report = run(opts, out, resume=resume, force=force, progress=not quiet, command=command)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(format_table(summary_rows(report)))
+    click.echo(f"wrote {Path(out) / 'report.json'}")
+
+
+@main.command("evaluate")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data-dir", default=None, help="Data root holding mnist/.")
+def evaluate_cmd(run_dir: str, data_dir: str | None) -> None:
+    """Reload the compressed model in RUN_DIR (plain PyTorch) and print its test error."""
+    from .data import load_mnist
+    from .io import load_plain
+    from .train import evaluate
+
+    try:
+        path = Path(run_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"run directory not found: {path}")
+        model, meta = load_plain(path / "model.pt")
+        x, y = load_mnist("test", data_dir)
+        err = evaluate(model, x, y)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    rows: list[tuple[str, Any]] = [("model", meta.get("model")), ("architecture", meta.get("architecture")),
+                                   ("test error (%)", f"{err:.2f}")]
+    if meta.get("test_error") is not None:
+        rows.append(("reported test error (%)", f"{meta['test_error']:.2f}"))
+    click.echo(format_table(rows))
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the models of the zoo."""
+    from .models import MODELS
+
+    for name, (ctor, dataset) in MODELS.items():
+        click.echo(f"{name:10s} {dataset:8s} {(ctor.__doc__ or '').strip().splitlines()[0]}")
+
+
+@main.group("data")
+def data_group() -> None:
+    """Datasets: fetch them into the data root."""
+
+
+@data_group.command("fetch")
+@click.argument("dataset", type=click.Choice(["mnist", "cifar10"]))
+@click.option("--data-dir", default=None, help="Data root to fill (default: $BAYESCOMP_DATA, else the user cache).")
+@click.option("--source", default=None, type=click.Path(), help="Copy from this local folder instead of downloading.")
+def data_fetch_cmd(dataset: str, data_dir: str | None, source: str | None) -> None:
+    """Fetch DATASET into the data root, checking every file's checksum."""
+    from .data import fetch_cifar10, fetch_mnist
+
+    try:
+        folder = (fetch_mnist if dataset == "mnist" else fetch_cifar10)(data_dir, source)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"{dataset}: ready in {folder}")
+
+
+@main.command("show")
+@click.argument("run_dir", type=click.Path())
+def show_cmd(run_dir: str) -> None:
+    """Print the summary table of a finished run."""
+    try:
+        report = json.loads((Path(run_dir) / "report.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        _fail(exc)
+    click.echo(format_table(summary_rows(report)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,157 @@
+"""compress(): masks → precision → shrink → rates, from a trained Bayesian model.
+
+>>> result = compress(bmodel, thresholds={"fc1": -2.8, "fc2": -3.0, "fc3": -5.0})   # doctest: +SKIP
+>>> result.model        # plain nn.Sequential, pruned units removed, weights rounded
+>>> result.report       # architecture, bits, weights kept, cr_architecture, cr_fast, per-layer details
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import GroupSparseLayer
+from .chain import WEIGHTED, chain, is_linear
+from .masks import (
+    LayerMask,
+    PruneError,
+    apply_masks,
+    compression_masks,
+    group_masks,
+    propagate,
+    resolve_thresholds,
+)
+from .precision import exponent_bits, layer_bits, round_to_bits, weight_bits
+from .rates import LayerCount, rates
+from .shrink import Select, effective_params, shrink
+
+
+@dataclass
+class CompressedModel:
+    """A plain pruned model plus the decision that made it and the figures that describe it."""
+
+    model: nn.Sequential
+    report: dict[str, Any]
+    masks: dict[str, LayerMask] = field(repr=False)
+    bits: dict[str, int]
+
+
+def kept_weights(module: nn.Module, lm: LayerMask) -> torch.Tensor:
+    """Boolean mask over a layer's weight of the entries the shrunk layer stores with gate on."""
+    w = module.posterior_mean() if isinstance(module, GroupSparseLayer) else module.weight
+    keep = lm.out_mask.view(-1, *([1] * (w.dim() - 1))) & lm.in_mask.view(1, -1, *([1] * (w.dim() - 2)))
+    if lm.group_keep is not None and not is_linear(module):
+        keep = keep & lm.group_keep.view(-1, *([1] * (w.dim() - 1)))
+    return keep.expand_as(w)
+
+
+@torch.no_grad()
+def compress(
+    model: nn.Module,
+    thresholds: float | Mapping[str, float] | None = None,
+    *,
+    masks: Mapping[str, LayerMask] | None = None,
+    round_weights: bool = True,
+    bits_reduce: str = "mean",
+    variance_scale: float = 1.0,
+    bit_accounting: str = "code",
+) -> CompressedModel:
+    """Prune, quantise and shrink a trained Bayesian model.
+
+    - `thresholds`: None (each prior's default), a float for every layer, or {layer name: float};
+      group i of a layer is kept while its log α_i is below the layer's threshold.
+    - `masks`: a decision from `compression_masks` (possibly edited) to use instead of thresholds.
+    - `round_weights`: round each layer's weights to its inferred precision (else keep float32).
+    - `bits_reduce`, `variance_scale`: see `precision.layer_bits`; `bit_accounting`: see `rates`.
+
+    The input model is not modified.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        resolved = resolve_thresholds(model, thresholds)
+        decision = dict(masks) if masks is not None else compression_masks(model, resolved)
+        layers = chain(model)
+        # precision per group-sparse layer, from the kept weights' marginal variances
+        bits: dict[str, int] = {}
+        max_abs = 0.0
+        for name, m in layers:
+            if isinstance(m, GroupSparseLayer):
+                keep = kept_weights(m, decision[name])
+                if not bool(keep.any()):
+                    raise PruneError(f"layer {name} keeps no weight")
+                bits[name] = layer_bits(m.posterior_variance()[keep], bits_reduce, variance_scale)
+                weight, _ = effective_params(m, decision[name])
+                max_abs = max(max_abs, weight[keep].abs().max().item())
+        e_bits = exponent_bits(max_abs)
+        plain = shrink(model, decision, bits if round_weights else None)
+        report = _report(model, layers, decision, bits, e_bits, plain, resolved, bit_accounting)
+        report.update(rounded=round_weights, bits_reduce=bits_reduce, variance_scale=variance_scale)
+        return CompressedModel(plain, report, decision, bits)
+    finally:
+        model.train(was_training)
+
+
+def _report(model, layers, decision, bits, e_bits, plain, thresholds, accounting) -> dict[str, Any]:
+    shrunk_weighted = [m for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    originals = [(n, m) for n, m in layers if isinstance(m, WEIGHTED)]
+    counts, per_layer, arch = [], [], []
+    priors = sorted({m.prior for _, m in originals if isinstance(m, GroupSparseLayer)})
+    for (name, m), new in zip(originals, shrunk_weighted, strict=True):
+        lm = decision[name]
+        total = (m.posterior_mean() if isinstance(m, GroupSparseLayer) else m.weight).numel()
+        kept = new.weight.numel()
+        b = bits.get(name)
+        counts.append(LayerCount(name, total, kept, b))
+        linear = is_linear(m)
+        arch.append(int(lm.in_mask.sum()) if linear else int(lm.out_mask.sum()))
+        groups_total = getattr(m, "n_groups", None)
+        per_layer.append({
+            "name": name,
+            "kind": "linear" if linear else "conv2d",
+            "groups_total": groups_total,
+            "groups_kept": None if lm.group_keep is None else int(lm.group_keep.sum()),
+            "threshold": thresholds.get(name),
+            "bits": b,
+            "inputs_total": lm.in_mask.numel(),
+            "inputs_kept": int(lm.in_mask.sum()),
+            "outputs_total": lm.out_mask.numel(),
+            "outputs_kept": int(lm.out_mask.sum()),
+            "weights_total": total,
+            "weights_kept": kept,
+        })
+    report: dict[str, Any] = {
+        "prior": priors[0] if len(priors) == 1 else "+".join(priors),
+        "architecture": "-".join(str(a) for a in arch),
+        "bits": [bits.get(n) for n, _ in originals],
+        "exponent_bits": e_bits,
+        "bit_accounting": accounting,
+        "thresholds": {n: thresholds.get(n) for n, _ in originals if n in thresholds},
+    }
+    report.update(rates(counts, e_bits, accounting))
+    report["layers"] = per_layer
+    return report
+
+
+__all__ = [
+    "CompressedModel",
+    "LayerMask",
+    "PruneError",
+    "Select",
+    "apply_masks",
+    "compress",
+    "compression_masks",
+    "exponent_bits",
+    "group_masks",
+    "kept_weights",
+    "layer_bits",
+    "propagate",
+    "rates",
+    "round_to_bits",
+    "shrink",
+    "weight_bits",
+]

@@ -1,0 +1,119 @@
+"""bayesianize(): replace a plain model's Linear/Conv2d layers by their group-sparse twins."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from .nn import Conv2dGroupNJ, GroupSparseLayer, LinearGroupNJ
+
+#: prior name -> (Linear twin, Conv2d twin)
+PRIORS: dict[str, tuple[type, type]] = {
+    "gnj": (LinearGroupNJ, Conv2dGroupNJ),
+}
+
+# Leaf modules with parameters that pass through untouched (they are neither pruned nor penalised).
+_PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+class UnsupportedLayerError(TypeError):
+    """A module that bayescomp cannot convert or shrink; the message names its path."""
+
+
+def _check_prior(prior: str) -> tuple[type, type]:
+    try:
+        return PRIORS[prior]
+    except KeyError:
+        raise ValueError(f"unknown prior {prior!r}; choose one of: {', '.join(sorted(PRIORS))}") from None
+
+
+def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var: float | None) -> GroupSparseLayer:
+    linear_cls, conv_cls = _check_prior(prior)
+    if type(module) is nn.Linear:
+        layer = linear_cls(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var)
+    elif type(module) is nn.Conv2d:
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"{name}: Conv2d with padding_mode={module.padding_mode!r} is not supported")
+        layer = conv_cls(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, bias=module.bias is not None, max_var=max_var,
+        )
+    else:  # pragma: no cover - guarded by the caller
+        raise UnsupportedLayerError(f"{name}: {type(module).__name__}")
+    if keep_weights:
+        layer.load_plain(module.weight.detach(), None if module.bias is None else module.bias.detach())
+    return layer.to(device=module.weight.device, dtype=module.weight.dtype)
+
+
+def bayesianize(
+    model: nn.Module,
+    prior: str = "gnj",
+    *,
+    keep_weights: bool = True,
+    max_var: float | Mapping[str, float] | None = None,
+) -> nn.Module:
+    """A copy of `model` whose `nn.Linear` and `nn.Conv2d` layers are group-sparse twins.
+
+    - `prior`: ``"gnj"`` (group normal-Jeffreys).
+    - `keep_weights`: take the plain layers' weights and biases as the posterior means (a
+      pretrained start); otherwise the twins keep their own initialisation.
+    - `max_var`: the variance clamp σ² ≤ max_var, for every converted layer (a float) or per
+      layer by module name (a mapping, e.g. ``{"fc1": 0.04}`` as in the paper's code).
+
+    A leaf module with parameters that is neither converted nor a normalisation layer raises
+    `UnsupportedLayerError` naming its path, as does a model with no layer to convert.
+    The input model is left unchanged.
+    """
+    _check_prior(prior)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bayesianize expects an nn.Module, got {type(model).__name__}")
+    per_layer = dict(max_var) if isinstance(max_var, Mapping) else {}
+    model = copy.deepcopy(model)
+    names = {name for name, _ in model.named_modules()}
+    unknown = sorted(set(per_layer) - names)
+    if unknown:
+        raise ValueError(f"max_var names modules that do not exist: {', '.join(unknown)}")
+    converted = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GroupSparseLayer):
+            raise UnsupportedLayerError(f"{name}: the model is already Bayesian")
+        if type(module) in (nn.Linear, nn.Conv2d):
+            mv = per_layer.get(name) if isinstance(max_var, Mapping) else max_var
+            _replace(model, name, _twin(name, module, prior, keep_weights, mv))
+            converted += 1
+        elif not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
+            if not isinstance(module, _PASS_THROUGH):
+                raise UnsupportedLayerError(
+                    f"{name or type(module).__name__}: {type(module).__name__} is not supported "
+                    "(bayescomp converts nn.Linear and nn.Conv2d; normalisation layers pass through)"
+                )
+    if converted == 0:
+        raise UnsupportedLayerError("the model has no nn.Linear or nn.Conv2d layer to convert")
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise UnsupportedLayerError("the model itself is a single layer; wrap it in nn.Sequential")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def group_layers(model: nn.Module) -> dict[str, GroupSparseLayer]:
+    """The group-sparse layers of a model by module name, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, GroupSparseLayer)}
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    """Σ over the model's group-sparse layers of KL(q || p).
+
+    Add ``kl_divergence(model) / N`` to a mean per-example loss, where N is the number of
+    training examples (not the batch size): the sum is the negative ELBO divided by N.
+    """
+    layers = group_layers(model)
+    if not layers:
+        raise ValueError("the model has no group-sparse layer; call bayescomp.bayesianize first")
+    return sum(layer.kl() for layer in layers.values())  # type: ignore[return-value]

@@ -1,0 +1,268 @@
+"""The group-sparse layer: one forward pass (local reparameterisation), written once.
+
+A group-sparse layer holds a Gaussian posterior over "unscaled" weights w̃ ~ N(μ, σ²) and a
+posterior over one scale z_i per group; the weight is w = z_i · w̃. What differs between priors
+(normal-Jeffreys, horseshoe) is only how z is parameterised, sampled and penalised: subclasses
+provide `z_mean()`, `z_variance()`, `sample_z(n)`, `kl_z()` and `log_alpha()`. What differs between
+layer kinds (Linear, Conv2d) is only the affine map and where the gate sits: `_LinearKind` gates
+the inputs (one group per input unit), `_ConvKind` gates the outputs (one group per output channel).
+
+Forward pass:
+
+* training: z is sampled per example; the pre-activation's mean m and variance v are computed
+  with two affine maps (means μ, variances σ²), and one Gaussian sample m + √v·ε is returned
+  (Kingma et al.'s local reparameterisation trick);
+* evaluation: z is its posterior mean and the output is the posterior-mean network's output,
+  i.e. exactly what the compressed plain layer computes with weights `posterior_mean()`.
+
+A boolean buffer `group_mask` (all True by default) multiplies z: it lets a user, or a test,
+run the *masked* Bayesian network that pruning promises to reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kl import kl_gaussian_std_normal
+
+_LOGVAR_INIT = -9.0
+_INIT_STD = 1e-2
+_TINY = 1e-16
+
+
+class GroupSparseLayer(nn.Module):
+    """Base of every group-sparse layer. Not used directly."""
+
+    #: the weight axis along which groups run (1 = inputs of a Linear, 0 = outputs of a Conv)
+    group_dim: int
+    #: name of the prior, set by subclasses ("gnj", "ghs")
+    prior: str
+    #: the log_alpha() threshold used when the user gives none, set by subclasses
+    default_threshold: float
+
+    weight_mu: nn.Parameter
+    weight_logvar: nn.Parameter
+    bias_mu: nn.Parameter | None
+    bias_logvar: nn.Parameter | None
+    group_mask: Tensor
+
+    def __init__(self, weight_shape: tuple[int, ...], n_groups: int, bias: bool, max_var: float | None) -> None:
+        super().__init__()
+        if max_var is not None and not (max_var > 0 and math.isfinite(max_var)):
+            raise ValueError(f"max_var must be a positive finite number, got {max_var!r}")
+        self.max_var = max_var
+        self.weight_mu = nn.Parameter(torch.empty(weight_shape))
+        self.weight_logvar = nn.Parameter(torch.empty(weight_shape))
+        out = weight_shape[0]
+        if bias:
+            self.bias_mu = nn.Parameter(torch.zeros(out))
+            self.bias_logvar = nn.Parameter(torch.empty(out))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_logvar", None)
+        self.register_buffer("group_mask", torch.ones(n_groups, dtype=torch.bool))
+        self.n_groups = n_groups
+
+    # ---- initialisation -------------------------------------------------------------------
+    def _init_variational(self) -> None:
+        with torch.no_grad():
+            self.weight_logvar.normal_(_LOGVAR_INIT, _INIT_STD)
+            if self.bias_logvar is not None:
+                self.bias_logvar.normal_(_LOGVAR_INIT, _INIT_STD)
+                self.bias_mu.zero_()
+
+    def load_plain(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Take a plain layer's weights as the posterior means (for a pretrained start)."""
+        if tuple(weight.shape) != tuple(self.weight_mu.shape):
+            raise ValueError(f"weight shape {tuple(weight.shape)} does not match {tuple(self.weight_mu.shape)}")
+        with torch.no_grad():
+            self.weight_mu.copy_(weight)
+            if self.bias_mu is not None and bias is not None:
+                self.bias_mu.copy_(bias)
+
+    # ---- the prior-specific part (subclasses) -----------------------------------------------
+    def z_mean(self) -> Tensor:  # pragma: no cover - abstract
+        """E_q[z_i] per group: the value of z used at evaluation and in the compressed layer."""
+        raise NotImplementedError
+
+    def z_variance(self) -> Tensor:  # pragma: no cover - abstract
+        """Var_q[z_i] per group."""
+        raise NotImplementedError
+
+    def sample_z(self, n: int) -> Tensor:  # pragma: no cover - abstract
+        """One z per example and group, shape (n, n_groups)."""
+        raise NotImplementedError
+
+    def kl_z(self) -> Tensor:  # pragma: no cover - abstract
+        """KL of the scale variables (and any global scale) from their prior."""
+        raise NotImplementedError
+
+    def log_alpha(self) -> Tensor:  # pragma: no cover - abstract
+        """One pruning score per group: high means prunable."""
+        raise NotImplementedError
+
+    # ---- the shared part ----------------------------------------------------------------------
+    def kl(self) -> Tensor:
+        """KL(q || p) of the whole layer: scales, weights and bias. Non-negative."""
+        total = self.kl_z() + kl_gaussian_std_normal(self.weight_mu, self.weight_logvar)
+        if self.bias_mu is not None:
+            total = total + kl_gaussian_std_normal(self.bias_mu, self.bias_logvar)
+        return total
+
+    def _z_shape(self) -> list[int]:
+        shape = [1] * self.weight_mu.dim()
+        shape[self.group_dim] = -1
+        return shape
+
+    def posterior_mean(self) -> Tensor:
+        """E[w] = E[z]·μ for every weight, in the weight's shape (mask not applied)."""
+        return self.weight_mu * self.z_mean().view(self._z_shape())
+
+    def posterior_variance(self) -> Tensor:
+        """Var[w] = Var[z]·(σ² + μ²) + E[z]²·σ² for every weight (z and w̃ independent under q)."""
+        shape = self._z_shape()
+        ez = self.z_mean().view(shape)
+        vz = self.z_variance().view(shape)
+        var_w = self.weight_logvar.exp()
+        return vz * (var_w + self.weight_mu.pow(2)) + ez.pow(2) * var_w
+
+    def posterior_bias(self) -> Tensor | None:
+        """The bias the evaluation forward adds (scaled by z where the gate covers the bias)."""
+        raise NotImplementedError  # pragma: no cover - defined by the kind
+
+    def clamp_variances(self) -> None:
+        """Clamp σ² of weights and bias to ≤ max_var (the paper's 'constrained standard deviations').
+
+        Called by the trainer after each optimiser step when `max_var` is set.
+        """
+        if self.max_var is None:
+            return
+        bound = math.log(self.max_var)
+        with torch.no_grad():
+            self.weight_logvar.clamp_(max=bound)
+            if self.bias_logvar is not None:
+                self.bias_logvar.clamp_(max=bound)
+
+    def _gate(self, n: int) -> Tensor:
+        if self.training:
+            z = self.sample_z(n)
+        else:
+            z = self.z_mean()
+        return z * self.group_mask.to(z.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self._gate(x.shape[0])
+        if self.training:
+            return self._stochastic(x, z)
+        return self._deterministic(x, z)
+
+    def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
+        raise NotImplementedError
+
+    def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
+        raise NotImplementedError
+
+
+class _LinearKind(GroupSparseLayer):
+    """Fully connected: one group per input unit; the gate multiplies the inputs."""
+
+    group_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None) -> None:
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be ≥ 1, got {in_features}, {out_features}")
+        super().__init__((out_features, in_features), in_features, bias, max_var)
+        self.in_features = in_features
+        self.out_features = out_features
+        with torch.no_grad():
+            self.weight_mu.normal_(0.0, 1.0 / math.sqrt(in_features))
+        self._init_variational()
+
+    def _expand_z(self, x: Tensor, z: Tensor) -> Tensor:
+        if z.dim() == 2 and x.dim() > 2:  # (n, groups) -> (n, 1, ..., 1, groups)
+            z = z.view(z.shape[0], *([1] * (x.dim() - 2)), z.shape[1])
+        return z
+
+    def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
+        xz = x * self._expand_z(x, z)
+        mean = F.linear(xz, self.weight_mu, self.bias_mu)
+        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
+        var = F.linear(xz * xz, self.weight_logvar.exp(), bias_var)
+        return mean + torch.sqrt(var + _TINY) * torch.randn_like(mean)
+
+    def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:
+        return F.linear(x * z, self.weight_mu, self.bias_mu)
+
+    def posterior_bias(self) -> Tensor | None:
+        return None if self.bias_mu is None else self.bias_mu.detach().clone()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}"
+
+
+class _ConvKind(GroupSparseLayer):
+    """2-D convolution: one group per output channel; the gate multiplies the output channel.
+
+    The gate covers the bias too: the channel computes z·(conv(x, w̃) + b) in training, in
+    evaluation and after compression (weights z·μ, bias z·b), so a pruned channel is exactly zero.
+    (The official code scaled the bias in training but not after compression.)
+    """
+
+    group_dim = 0
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        max_var: float | None = None,
+    ) -> None:
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if in_channels < 1 or out_channels < 1 or groups < 1:
+            raise ValueError("in_channels, out_channels and groups must be ≥ 1")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        super().__init__((out_channels, in_channels // groups, *ks), out_channels, bias, max_var)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = ks
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        fan_in = (in_channels // groups) * ks[0] * ks[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        with torch.no_grad():
+            self.weight_mu.uniform_(-bound, bound)
+        self._init_variational()
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
+        mean = self._conv(x, self.weight_mu, self.bias_mu)
+        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
+        var = self._conv(x * x, self.weight_logvar.exp(), bias_var)
+        z = z.view(z.shape[0], -1, 1, 1)
+        return z * mean + z.abs() * torch.sqrt(var + _TINY) * torch.randn_like(mean)
+
+    def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:
+        return self._conv(x, self.weight_mu, self.bias_mu) * z.view(1, -1, 1, 1)
+
+    def posterior_bias(self) -> Tensor | None:
+        return None if self.bias_mu is None else (self.bias_mu * self.z_mean()).detach().clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias_mu is not None}"
+        )

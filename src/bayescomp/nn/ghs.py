@@ -1,0 +1,221 @@
+"""Group horseshoe (BC-GHS) layers.
+
+Prior (non-centred, method notes §3.1). Per layer a global scale s ~ C⁺(0, τ0), per group a local
+scale z̃_i ~ C⁺(0, 1), w̃_ij ~ N(0, 1) and w_ij = z_i·w̃_ij with z_i = s·z̃_i. Each half-Cauchy is
+written as a Gamma/InvGamma product so that every KL is closed form:
+
+    s² = s_a·s_b,      s_a ~ Gamma(½, scale τ0²),  s_b ~ InvGamma(½, scale 1),
+    z̃_i² = α̃_i·β̃_i,  α̃_i ~ Gamma(½, scale 1),   β̃_i ~ InvGamma(½, scale 1).
+
+Posterior (§3.2). Every scale is log-normal: q(s_a) = LN(sa_mu, e^{sa_logvar}), likewise s_b (one
+scalar pair per layer) and α̃_i, β̃_i (one pair per group). Then z_i = √(s_a s_b α̃_i β̃_i) is
+log-normal too, log z_i ~ N(μ_zi, σ²_zi) with
+
+    μ_zi = ½(sa_mu + sb_mu + a_mu_i + b_mu_i),   σ²_zi = ¼(e^{sa_logvar} + e^{sb_logvar} + e^{a_logvar_i} + e^{b_logvar_i}).
+
+Sampling draws each z_i from this marginal, per example (the correlation that the shared s induces
+between groups is ignored, as in the known ports). The KL of the weights w̃ and the bias is the
+shared Gaussian one of the base class; `kl_z` adds the four scale KLs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind
+from .horseshoe_kl import (
+    kl_global_sa_paper,
+    kl_lognormal_gamma_half,
+    kl_lognormal_gamma_half_logscale,
+    kl_lognormal_invgamma_half,
+)
+
+GLOBAL_KL_VARIANTS = ("derived", "paper")
+
+
+def _check_hs_args(tau0: float, global_kl: str) -> tuple[float, str]:
+    try:
+        tau0 = float(tau0)
+    except (TypeError, ValueError):
+        raise ValueError(f"tau0 must be a positive finite number, got {tau0!r}") from None
+    if not (tau0 > 0 and math.isfinite(tau0)):
+        raise ValueError(f"tau0 must be a positive finite number, got {tau0!r}")
+    if not isinstance(global_kl, str) or global_kl not in GLOBAL_KL_VARIANTS:
+        raise ValueError(f"global_kl must be one of {GLOBAL_KL_VARIANTS}, got {global_kl!r}")
+    return tau0, global_kl
+
+
+class _GroupHS:
+    """The horseshoe scale variables; mixed into a layer kind.
+
+    Initialisation (§3.4 leaves it open; chosen here). The likelihood only sees μ_z, σ²_z; the
+    split of μ_z between the four log-normals only matters for the KL. So:
+
+    * all log-variances start at N(−9, 0.01²) (like the weights), so σ²_z ≈ 1.2e−4 and z is
+      nearly deterministic at first;
+    * the per-group factors sit at the stationary points of their own KLs (for fixed σ²):
+      E[α̃_i] = ½ (a_mu = −log 2 − σ²/2) and E[1/β̃_i] = ½ (b_mu = log 2 + σ²/2), plus N(0, 0.01²)
+      jitter. So z̃_i ≈ 1 and the per-group KL, which is paid n_groups times, starts near its
+      minimum (≈ 9 nats per group, from the two entropies at log σ² = −9);
+    * the global s_a sits at its KL's stationary point E[s_a] = τ0²/2 (sa_mu = log(τ0²/2) − σ²/2).
+      Its KL has the coefficient τ0^{−2} on E[s_a] (1e10 for τ0 = 1e−5), so any larger s_a would
+      make the initial KL enormous;
+    * s_b takes up the rest: sb_mu is set so that the groups' average μ_z equals −σ²_z/2, i.e.
+      E[z_i] ≈ 1 (s_b ≈ 2/τ0², s = √(s_a s_b) ≈ 1). The prior scale τ0 is therefore *not* forced on
+      the initial network: a pretrained weight copied into weight_mu keeps its scale. The price is
+      one scalar KL(s_b) = e^{−sb_mu+σ²/2} + ½(sb_mu − log σ² − 1 − log 2) ≈ |log τ0| + 4 nats per
+      layer (≈ 15.5 for τ0 = 1e−5), negligible against the per-group terms and the data term.
+    """
+
+    prior = "ghs"
+    tau0: float
+    global_kl: str
+    n_groups: int
+    sa_mu: nn.Parameter
+    sa_logvar: nn.Parameter
+    sb_mu: nn.Parameter
+    sb_logvar: nn.Parameter
+    a_mu: nn.Parameter
+    a_logvar: nn.Parameter
+    b_mu: nn.Parameter
+    b_logvar: nn.Parameter
+    weight_mu: nn.Parameter
+
+    def _init_z(self, tau0: float, global_kl: str) -> None:
+        self.tau0 = tau0
+        self.global_kl = global_kl
+        like = {"dtype": self.weight_mu.dtype, "device": self.weight_mu.device}
+        n = self.n_groups
+        with torch.no_grad():
+            a_logvar = torch.empty(n, **like).normal_(_LOGVAR_INIT, _INIT_STD)
+            b_logvar = torch.empty(n, **like).normal_(_LOGVAR_INIT, _INIT_STD)
+            sa_logvar = torch.full((), _LOGVAR_INIT, **like)
+            sb_logvar = torch.full((), _LOGVAR_INIT, **like)
+            a_mu = -math.log(2.0) - 0.5 * a_logvar.exp() + torch.empty(n, **like).normal_(0.0, _INIT_STD)
+            b_mu = math.log(2.0) + 0.5 * b_logvar.exp() + torch.empty(n, **like).normal_(0.0, _INIT_STD)
+            sa_mu = torch.full((), 2.0 * math.log(tau0) - math.log(2.0), **like) - 0.5 * sa_logvar.exp()
+            var_z = 0.25 * (sa_logvar.exp() + sb_logvar.exp() + a_logvar.exp() + b_logvar.exp())
+            # mean over groups of μ_z = ½(sa + sb + a + b) should be −σ²_z/2, so E[z] ≈ 1
+            sb_mu = -sa_mu - (a_mu + b_mu).mean() - var_z.mean()
+        self.sa_mu = nn.Parameter(sa_mu)
+        self.sa_logvar = nn.Parameter(sa_logvar)
+        self.sb_mu = nn.Parameter(sb_mu)
+        self.sb_logvar = nn.Parameter(sb_logvar)
+        self.a_mu = nn.Parameter(a_mu)
+        self.a_logvar = nn.Parameter(a_logvar)
+        self.b_mu = nn.Parameter(b_mu)
+        self.b_logvar = nn.Parameter(b_logvar)
+
+    # ---- the log-normal marginal of z ---------------------------------------------------------
+    def log_z_mean(self) -> Tensor:
+        """μ_zi = E_q[log z_i] = ½(sa_mu + sb_mu + a_mu_i + b_mu_i), shape (n_groups,)."""
+        return 0.5 * (self.sa_mu + self.sb_mu + self.a_mu + self.b_mu)
+
+    def log_z_variance(self) -> Tensor:
+        """σ²_zi = Var_q[log z_i] = ¼ Σ of the four log-variances' exponentials, shape (n_groups,)."""
+        return 0.25 * (self.sa_logvar.exp() + self.sb_logvar.exp() + self.a_logvar.exp() + self.b_logvar.exp())
+
+    def z_mean(self) -> Tensor:
+        """E_q[z_i] = exp(μ_zi + σ²_zi/2)."""
+        return torch.exp(self.log_z_mean() + 0.5 * self.log_z_variance())
+
+    def z_variance(self) -> Tensor:
+        """Var_q[z_i] = (exp(σ²_zi) − 1)·exp(2μ_zi + σ²_zi)."""
+        var = self.log_z_variance()
+        return torch.expm1(var) * torch.exp(2.0 * self.log_z_mean() + var)
+
+    def sample_z(self, n: int) -> Tensor:
+        """z_{k,i} = exp(μ_zi + σ_zi·ε_{k,i}), one per example k and group i: shape (n, n_groups)."""
+        mu = self.log_z_mean()
+        eps = torch.randn(n, self.n_groups, device=mu.device, dtype=mu.dtype)
+        return torch.exp(mu + self.log_z_variance().sqrt() * eps)
+
+    def log_alpha(self) -> Tensor:
+        """Pruning score σ²_zi − μ_zi = −log(mode of q(z_i)): high means prunable.
+
+        Why this statistic. A group is useless when z_i is (close to) zero; the score must see the
+        *scale* of z, not only its relative noise. The log-normal analogue of the dropout rate,
+        log(Var z/E[z]²) = log(e^{σ²_z} − 1), depends on σ²_z only: a group whose z collapses to
+        1e−8 with a small log-variance would score as "keep". −log mode(z) = σ²_z − μ_z instead
+        grows both when the location of z drops (μ_z → −∞: z ≈ 0) and when z becomes noise
+        dominated (σ²_z large: the mode goes to 0 even if the mean does not, i.e. the posterior has
+        fallen back to the heavy-tailed, zero-peaked prior). It is the rule akseong's notes quote
+        from the paper ("(σ²_local + σ²_global) − (μ_local + μ_global) ≥ c", method notes §3.4).
+
+        It is comparable across layers because z carries the layer's global scale s as well: a
+        kept group has z of order the weights' natural scale (≈ 1 at initialisation, score ≈ 0),
+        a pruned one has log z far below it. Its units are nats of z (prune when mode(z) < e^{−c}),
+        so GNJ's log α thresholds (≈ −3) do not transfer; pick c where the histogram splits.
+        """
+        return self.log_z_variance() - self.log_z_mean()
+
+    def kl_z(self) -> Tensor:
+        """KL(q(s_a)||Gamma(½,τ0²)) + KL(q(s_b)||IG(½,1)) + Σ_i KL(q(α̃_i)||Gamma(½,1)) + KL(q(β̃_i)||IG(½,1)).
+
+        With `global_kl="paper"` the first term is the paper-literal expression
+        `kl_global_sa_paper`, which is not a KL (see its docstring).
+        """
+        if self.global_kl == "paper":
+            kl_sa = kl_global_sa_paper(self.sa_mu, self.sa_logvar, self.tau0)
+        else:
+            kl_sa = kl_lognormal_gamma_half_logscale(self.sa_mu, self.sa_logvar, 2.0 * math.log(self.tau0))
+        return (
+            kl_sa
+            + kl_lognormal_invgamma_half(self.sb_mu, self.sb_logvar)
+            + kl_lognormal_gamma_half(self.a_mu, self.a_logvar, 1.0)
+            + kl_lognormal_invgamma_half(self.b_mu, self.b_logvar)
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau0={self.tau0:g}, global_kl={self.global_kl!r}"  # type: ignore[misc]
+
+
+class LinearGroupHS(_GroupHS, _LinearKind):
+    """`nn.Linear` twin with a horseshoe scale per input unit.
+
+    >>> layer = LinearGroupHS(784, 300)
+    >>> layer(torch.randn(2, 784)).shape
+    torch.Size([2, 300])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        max_var: float | None = None,
+        *,
+        tau0: float = 1e-5,
+        global_kl: str = "derived",
+    ) -> None:
+        tau0, global_kl = _check_hs_args(tau0, global_kl)
+        _LinearKind.__init__(self, in_features, out_features, bias, max_var)
+        self._init_z(tau0, global_kl)
+
+
+class Conv2dGroupHS(_GroupHS, _ConvKind):
+    """`nn.Conv2d` twin with a horseshoe scale per output channel."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        max_var: float | None = None,
+        *,
+        tau0: float = 1e-5,
+        global_kl: str = "derived",
+    ) -> None:
+        tau0, global_kl = _check_hs_args(tau0, global_kl)
+        _ConvKind.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var
+        )
+        self._init_z(tau0, global_kl)

@@ -1,0 +1,71 @@
+"""Group normal-Jeffreys (BC-GNJ, "group variational dropout") layers.
+
+Prior: p(z_i) ∝ 1/|z_i| and p(w_ij | z_i) = N(0, z_i²).
+Posterior: q(z_i) = N(μ_zi, σ_zi²), q(w̃_ij) = N(μ_ij, σ_ij²) with w = z·w̃, parameterised by
+(z_mu, z_logvar) as in Molchanov et al.'s additive-noise reparameterisation.
+The group's dropout rate is α_i = σ_zi² / μ_zi²; its log is the pruning score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind
+from .kl import kl_log_uniform
+
+_EPS = 1e-8
+
+
+class _GroupNJ:
+    """The normal-Jeffreys scale variables; mixed into a layer kind."""
+
+    prior = "gnj"
+    #: keep group i while log α_i < this, unless told otherwise (the tutorial's visualisation uses −3)
+    default_threshold = -3.0
+    z_mu: nn.Parameter
+    z_logvar: nn.Parameter
+    n_groups: int
+
+    def _init_z(self) -> None:
+        self.z_mu = nn.Parameter(torch.empty(self.n_groups).normal_(1.0, _INIT_STD))
+        self.z_logvar = nn.Parameter(torch.empty(self.n_groups).normal_(_LOGVAR_INIT, _INIT_STD))
+
+    def z_mean(self) -> Tensor:
+        return self.z_mu
+
+    def z_variance(self) -> Tensor:
+        return self.z_logvar.exp()
+
+    def sample_z(self, n: int) -> Tensor:
+        eps = torch.randn(n, self.n_groups, device=self.z_mu.device, dtype=self.z_mu.dtype)
+        return self.z_mu + torch.exp(0.5 * self.z_logvar) * eps
+
+    def log_alpha(self) -> Tensor:
+        """log α_i = log σ_zi² − log μ_zi²: the log dropout rate of group i."""
+        return self.z_logvar - torch.log(self.z_mu.pow(2) + _EPS)
+
+    def kl_z(self) -> Tensor:
+        return kl_log_uniform(self.log_alpha())
+
+
+class LinearGroupNJ(_GroupNJ, _LinearKind):
+    """`nn.Linear` twin with a normal-Jeffreys scale per input unit.
+
+    >>> layer = LinearGroupNJ(784, 300)
+    >>> layer(torch.randn(2, 784)).shape
+    torch.Size([2, 300])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None) -> None:
+        _LinearKind.__init__(self, in_features, out_features, bias, max_var)
+        self._init_z()
+
+
+class Conv2dGroupNJ(_GroupNJ, _ConvKind):
+    """`nn.Conv2d` twin with a normal-Jeffreys scale per output channel."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, max_var: float | None = None) -> None:
+        _ConvKind.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var)
+        self._init_z()

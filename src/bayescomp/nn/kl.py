@@ -1,0 +1,35 @@
+"""Closed-form KL divergences used by the group-sparse layers.
+
+Every function returns KL(q || p) summed over its arguments: a non-negative scalar tensor
+(up to the additive constant of an improper prior, which is fixed so that the KL tends to 0
+where the posterior carries no information).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Molchanov et al. (2017), Eq. 14: a fit of -KL(q(w|θ,α) || log-uniform) as a function of log α.
+_K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
+
+
+def kl_gaussian_std_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL( N(mu, exp(logvar)) || N(0, 1) ), summed over all elements.
+
+    KL = ½ Σ (−log σ² + σ² + μ² − 1). This is the form every layer uses; the official code's
+    convolution layer had it wrong for a year (log-variance read as log-std).
+    """
+    return 0.5 * torch.sum(-logvar + logvar.exp() + mu.pow(2) - 1.0)
+
+
+def kl_log_uniform(log_alpha: Tensor) -> Tensor:
+    """KL( q(z) || p(z) ∝ 1/|z| ) for the group normal-Jeffreys scale, summed over groups.
+
+    q(z_i) = N(μ_i, α_i μ_i²). The KL depends on α only; Molchanov et al.'s approximation gives
+    −KL ≈ k1·σ(k2 + k3·log α) − ½·softplus(−log α) − k1. The paper's Eq. 9 prints this negative
+    quantity as if it were the KL; we return its negation, which is ≥ 0, decreasing in log α and
+    → 0 as log α → ∞ (so minimising it drives groups toward pruning).
+    """
+    neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - _K1
+    return -torch.sum(neg_kl)

@@ -1,0 +1,19 @@
+"""Training: the ELBO loop, evaluation, atomic checkpoints."""
+
+from .checkpoint import CheckpointError, atomic_write, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .loop import TrainConfig, TrainingDivergedError, TrainResult, evaluate, fit, kl_beta, predict
+
+__all__ = [
+    "CheckpointError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "atomic_write",
+    "atomic_write_bytes",
+    "evaluate",
+    "fit",
+    "kl_beta",
+    "load_checkpoint",
+    "predict",
+    "save_checkpoint",
+]
