@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-__all__ = ["DATASETS", "DataError", "ENV_VAR", "resolve_data_dir"]
+__all__ = ["DATASETS", "ENV_VAR", "DataError", "resolve_data_dir"]
 
 DATASETS: tuple[str, ...] = ("mnist", "cifar10")
 ENV_VAR = "BAYESCOMP_DATA"

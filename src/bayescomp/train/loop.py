@@ -179,11 +179,12 @@ def fit(
                 raise TrainingDivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}{where}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            bad = _non_finite_layer(model, grads=True)
-            if bad is not None:
-                raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
             if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if not torch.isfinite(norm):
+                    bad = _non_finite_layer(model, grads=True)
+                    raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
+            # (without clipping, a non-finite gradient makes the next loss non-finite, which names the parameter)
             optimizer.step()
             for layer in layers.values():
                 layer.clamp_variances()

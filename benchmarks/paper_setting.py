@@ -1,0 +1,110 @@
+"""Run one of the paper's MNIST settings on full MNIST and record every figure.
+
+    python benchmarks/paper_setting.py --model lenet300 --prior gnj --epochs 30
+
+writes benchmarks/results/<model>_<prior>.json: the report.json fields of the run, the command, and
+the time of one training step of the Bayesian model against the plain model (same data, batch size,
+threads, Adam settings), measured side by side in this process as a ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bayescomp
+from bayescomp.data import load_mnist
+from bayescomp.models import build_model
+from bayescomp.pipeline import RunOptions, run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def step_time_ratio(model_name: str, prior: str, batch_size: int, data_dir: str | None, rounds: int = 7,
+                    steps: int = 30) -> dict:
+    """Median seconds per training step, plain vs Bayesian, interleaved rounds on the same batches."""
+    x, y = load_mnist("train", data_dir)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(x), (batch_size,), generator=gen) for _ in range(steps)]
+    torch.manual_seed(0)
+    plain = build_model(model_name).train()
+    bayes = bayescomp.bayesianize(plain, prior, keep_weights=False).train()
+    n = len(x)
+
+    def make_step(model, with_kl):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def one(idx):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if with_kl:
+                loss = loss + bayescomp.kl_divergence(model) / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return one
+
+    runs = {"plain": make_step(plain, False), "bayesian": make_step(bayes, True)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for name, fn in runs.items():  # warm-up
+        for idx in batches[:5]:
+            fn(idx)
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            for idx in batches:
+                fn(idx)
+            times[name].append((time.perf_counter() - t0) / steps)
+    plain_s, bayes_s = statistics.median(times["plain"]), statistics.median(times["bayesian"])
+    return {"plain_step_seconds": plain_s, "bayesian_step_seconds": bayes_s, "train_step_ratio": bayes_s / plain_s,
+            "batch_size": batch_size, "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="lenet300")
+    p.add_argument("--prior", default="gnj")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--thresholds", type=str, default=None, help="as on the command line: -3 or fc1=-2.8,fc2=-3")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/<model>_<prior>.json)")
+    p.add_argument("--keep-run", default=None, help="also keep the run directory here")
+    args = p.parse_args()
+
+    from bayescomp.cli import _parse_thresholds
+
+    opts = RunOptions(model=args.model, prior=args.prior, epochs=args.epochs, seed=args.seed,
+                      batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+                      thresholds=_parse_thresholds(args.thresholds), data_dir=args.data_dir)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    speed = step_time_ratio(args.model, args.prior, args.batch_size, args.data_dir)
+    print(f"step time: plain {speed['plain_step_seconds'] * 1e3:.2f} ms, bayesian "
+          f"{speed['bayesian_step_seconds'] * 1e3:.2f} ms, ratio {speed['train_step_ratio']:.2f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.keep_run) if args.keep_run else Path(tmp) / "run"
+        report = run(opts, run_dir, force=True, progress=sys.stderr.isatty(), command=command)
+    report["command"] = command
+    report["speed"] = speed
+    out = Path(args.out) if args.out else RESULTS / f"{args.model}_{args.prior}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{args.model} {args.prior}: test error {report['test_error']:.2f}% (uncompressed "
+          f"{report['test_error_uncompressed']:.2f}%), architecture {report['architecture']}, weights kept "
+          f"{report['weights_kept_pct']:.2f}%, bits {report['bits']}, CR arch {report['cr_architecture']:.1f}, "
+          f"CR fast {report['cr_fast']:.1f}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
