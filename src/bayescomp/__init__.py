@@ -6,6 +6,7 @@
 >>> result = bayescomp.compress(bmodel)                                  # doctest: +SKIP
 """
 
+from . import nn
 from .compress import CompressedModel, compress
 from .convert import UnsupportedLayerError, bayesianize, kl_divergence
 

@@ -46,7 +46,10 @@ def main() -> None:
 
 @main.command("compress")
 @click.option("--model", default="lenet300", show_default=True, help="Model from the zoo (see `bayescomp models`).")
-@click.option("--prior", default="gnj", show_default=True, help="Group prior: gnj (normal-Jeffreys).")
+@click.option("--prior", default="gnj", show_default=True, help="Group prior: gnj (normal-Jeffreys) or ghs (horseshoe).")
+@click.option("--tau0", type=float, default=None, help="Horseshoe: global scale τ0 of the prior (default 1e-5).")
+@click.option("--global-kl", type=click.Choice(["derived", "paper"]), default=None,
+              help="Horseshoe: KL of the global scale, derived (default) or the paper-literal variant.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist).")
 @click.option("--data-dir", default=None, help="Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache).")
@@ -63,14 +66,15 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compress_cmd(model, prior, epochs, out, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, clip_var,
+def compress_cmd(model, prior, tau0, global_kl, epochs, out, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, clip_var,
                  grad_clip, train_subset, bit_accounting, resume, force, quiet) -> None:
     """Train MODEL with a group-sparse prior, compress it, evaluate it, write OUT/."""
     from .pipeline import RunOptions, run
 
     opts = RunOptions(model=model, prior=prior, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                       warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
-                      train_subset=train_subset, data_dir=data_dir, bit_accounting=bit_accounting, grad_clip=grad_clip)
+                      train_subset=train_subset, data_dir=data_dir, bit_accounting=bit_accounting, grad_clip=grad_clip,
+                      tau0=tau0, global_kl=global_kl)
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = run(opts, out, resume=resume, force=force, progress=not quiet, command=command)

@@ -7,12 +7,15 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .nn import Conv2dGroupNJ, GroupSparseLayer, LinearGroupNJ
+from .nn import Conv2dGroupHS, Conv2dGroupNJ, GroupSparseLayer, LinearGroupHS, LinearGroupNJ
 
 #: prior name -> (Linear twin, Conv2d twin)
 PRIORS: dict[str, tuple[type, type]] = {
     "gnj": (LinearGroupNJ, Conv2dGroupNJ),
+    "ghs": (LinearGroupHS, Conv2dGroupHS),
 }
+#: keyword options each prior accepts (passed through bayesianize to the layers)
+PRIOR_OPTIONS: dict[str, tuple[str, ...]] = {"gnj": (), "ghs": ("tau0", "global_kl")}
 
 # Leaf modules with parameters that pass through untouched (they are neither pruned nor penalised).
 _PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -29,16 +32,18 @@ def _check_prior(prior: str) -> tuple[type, type]:
         raise ValueError(f"unknown prior {prior!r}; choose one of: {', '.join(sorted(PRIORS))}") from None
 
 
-def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var: float | None) -> GroupSparseLayer:
+def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var: float | None,
+          options: Mapping[str, object]) -> GroupSparseLayer:
     linear_cls, conv_cls = _check_prior(prior)
     if type(module) is nn.Linear:
-        layer = linear_cls(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var)
+        layer = linear_cls(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var,
+                           **options)
     elif type(module) is nn.Conv2d:
         if module.padding_mode != "zeros":
             raise UnsupportedLayerError(f"{name}: Conv2d with padding_mode={module.padding_mode!r} is not supported")
         layer = conv_cls(
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, bias=module.bias is not None, max_var=max_var,
+            module.dilation, module.groups, bias=module.bias is not None, max_var=max_var, **options,
         )
     else:  # pragma: no cover - guarded by the caller
         raise UnsupportedLayerError(f"{name}: {type(module).__name__}")
@@ -53,10 +58,12 @@ def bayesianize(
     *,
     keep_weights: bool = True,
     max_var: float | Mapping[str, float] | None = None,
+    **prior_options: object,
 ) -> nn.Module:
     """A copy of `model` whose `nn.Linear` and `nn.Conv2d` layers are group-sparse twins.
 
-    - `prior`: ``"gnj"`` (group normal-Jeffreys).
+    - `prior`: ``"gnj"`` (group normal-Jeffreys) or ``"ghs"`` (group horseshoe; options ``tau0``,
+      the global scale of the prior, default 1e-5, and ``global_kl``, "derived" or "paper").
     - `keep_weights`: take the plain layers' weights and biases as the posterior means (a
       pretrained start); otherwise the twins keep their own initialisation.
     - `max_var`: the variance clamp σ² ≤ max_var, for every converted layer (a float) or per
@@ -67,6 +74,9 @@ def bayesianize(
     The input model is left unchanged.
     """
     _check_prior(prior)
+    unknown_opts = sorted(set(prior_options) - set(PRIOR_OPTIONS[prior]))
+    if unknown_opts:
+        raise ValueError(f"prior {prior!r} takes no option {', '.join(unknown_opts)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"bayesianize expects an nn.Module, got {type(model).__name__}")
     per_layer = dict(max_var) if isinstance(max_var, Mapping) else {}
@@ -81,7 +91,7 @@ def bayesianize(
             raise UnsupportedLayerError(f"{name}: the model is already Bayesian")
         if type(module) in (nn.Linear, nn.Conv2d):
             mv = per_layer.get(name) if isinstance(max_var, Mapping) else max_var
-            _replace(model, name, _twin(name, module, prior, keep_weights, mv))
+            _replace(model, name, _twin(name, module, prior, keep_weights, mv, prior_options))
             converted += 1
         elif not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
             if not isinstance(module, _PASS_THROUGH):

@@ -57,6 +57,8 @@ class RunOptions:
     data_dir: str | None = None
     bit_accounting: str = "code"
     grad_clip: float | None = None
+    tau0: float | None = None  # group horseshoe: global scale of the prior (None: the layer default, 1e-5)
+    global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +70,10 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"unknown prior {opts.prior!r}; choose one of: {', '.join(sorted(PRIORS))}")
     if not isinstance(opts.epochs, int) or opts.epochs < 1:
         raise RunError(f"epochs must be a positive integer, got {opts.epochs}")
+    if opts.prior != "ghs" and (opts.tau0 is not None or opts.global_kl is not None):
+        raise RunError("--tau0 and --global-kl apply to the group horseshoe prior (--prior ghs) only")
+    if opts.tau0 is not None and not (opts.tau0 > 0 and opts.tau0 < float("inf")):
+        raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
     if opts.train_subset is not None and opts.train_subset < 1:
         raise RunError(f"train subset must be ≥ 1, got {opts.train_subset}")
     try:
@@ -122,7 +128,9 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     final, work = prepare_out(out, resume, force)
 
     torch.manual_seed(opts.seed)
-    bmodel = bayesianize(build_model(opts.model), opts.prior, keep_weights=False, max_var=max_var or None)
+    prior_options = {k: v for k, v in (("tau0", opts.tau0), ("global_kl", opts.global_kl)) if v is not None}
+    bmodel = bayesianize(build_model(opts.model), opts.prior, keep_weights=False, max_var=max_var or None,
+                         **prior_options)
     config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress)

@@ -29,7 +29,7 @@ urlopen: Callable[..., Any] = urllib.request.urlopen
 _CHUNK = 1 << 20
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A user-fixable data problem: missing directory or file, checksum mismatch, or malformed contents."""
 
 

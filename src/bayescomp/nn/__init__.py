@@ -1,6 +1,7 @@
 """Group-sparse Bayesian layers (see `base.GroupSparseLayer` for the contract)."""
 
 from .base import GroupSparseLayer
+from .ghs import Conv2dGroupHS, LinearGroupHS
 from .gnj import Conv2dGroupNJ, LinearGroupNJ
 from .kl import kl_gaussian_std_normal, kl_log_uniform
 
@@ -8,6 +9,8 @@ __all__ = [
     "GroupSparseLayer",
     "LinearGroupNJ",
     "Conv2dGroupNJ",
+    "LinearGroupHS",
+    "Conv2dGroupHS",
     "kl_gaussian_std_normal",
     "kl_log_uniform",
 ]

@@ -71,6 +71,8 @@ class _GroupHS:
     """
 
     prior = "ghs"
+    #: keep group i while −log mode(z_i) < this (mode(z) > e^−c), unless told otherwise; see `log_alpha`
+    default_threshold = 4.0
     tau0: float
     global_kl: str
     n_groups: int

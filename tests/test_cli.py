@@ -1,0 +1,175 @@
+"""The command line end to end on a small real MNIST subset, its errors, and the README's example."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bayescomp.cli import main
+from bayescomp.data import load_mnist
+from bayescomp.io import load_plain
+from bayescomp.train import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("BAYESCOMP_DATA", ROOT.parent / "shared" / "datasets"))
+
+REQUIRED = ["model", "prior", "epochs", "seed", "test_error", "test_error_uncompressed", "architecture",
+            "weights_total", "weights_kept", "weights_kept_pct", "bits", "cr_architecture", "cr_fast",
+            "train_seconds", "layers"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = CliRunner().invoke(main, [
+        "compress", "--model", "lenet300", "--prior", "gnj", "--epochs", "2", "--train-subset", "3000",
+        "--out", str(out), "--data-dir", str(DATA), "--quiet", "--thresholds", "fc1=-2.8,fc2=-3,fc3=-5",
+    ])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_compress_writes_report_and_model(finished_run):
+    out, output = finished_run
+    report = json.loads((out / "report.json").read_text())
+    for key in REQUIRED:
+        assert key in report, key
+    assert report["model"] == "lenet300" and report["prior"] == "gnj" and report["epochs"] == 2
+    assert report["train_examples"] == 3000
+    assert [layer["threshold"] for layer in report["layers"]] == [-2.8, -3.0, -5.0]
+    assert report["weights_total"] == 266200
+    assert report["architecture"] == "-".join(str(lay["inputs_kept"]) for lay in report["layers"])
+    assert len(report["bits"]) == 3 and all(1 <= b <= 23 for b in report["bits"])
+    assert report["test_error"] < 25.0
+    assert not Path(str(out) + ".partial").exists()
+    assert "architecture" in output and "CR fast prediction" in output
+    # one JSON line of metrics per epoch
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_reported_error_is_the_saved_models_error(finished_run):
+    out, _ = finished_run
+    report = json.loads((out / "report.json").read_text())
+    model, meta = load_plain(out / "model.pt")
+    x, y = load_mnist("test", DATA)
+    err = 100.0 * float((predict(model, x) != y).float().mean())
+    assert err == pytest.approx(report["test_error"], abs=1e-9)
+    assert meta["architecture"] == report["architecture"]
+    # the saved model is plain PyTorch: no Bayesian parameter names
+    assert not any("_mu" in k or "_logvar" in k for k in model.state_dict())
+
+
+def test_evaluate_command(finished_run):
+    out, _ = finished_run
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--data-dir", str(DATA)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert f"{report['test_error']:.2f}" in result.output
+
+
+def _run_cli(args, tmp_path):
+    return CliRunner().invoke(main, args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nosuchnet"], "unknown model"),
+    (["--prior", "laplace"], "unknown prior"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--epochs", "-3"], "epochs must be a positive integer"),
+    (["--prior", "gnj", "--tau0", "1e-3"], "--tau0"),
+    (["--prior", "ghs", "--tau0", "0"], "tau0"),
+])
+def test_bad_options_fail_cleanly(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_corrupt_data_fails_cleanly(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(DATA / "mnist", root / "mnist")
+    target = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    os.chmod(target, 0o644)
+    blob = bytearray(target.read_bytes())
+    blob[100] ^= 0xFF
+    target.write_bytes(bytes(blob))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(root), "--quiet",
+                                       "--epochs", "1", "--train-subset", "100"])
+    assert result.exit_code == 1
+    assert "t10k-labels" in result.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_thresholds_that_prune_everything_fail_cleanly(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "200", "--thresholds", "-50"])
+    assert result.exit_code == 1
+    assert "removes every group of layer fc1" in result.output
+    assert not out.exists()
+
+
+def test_unwritable_output_fails_before_training(tmp_path):
+    out = tmp_path / "missing-parent" / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "100"])
+    assert result.exit_code == 1 and "cannot write output directory" in result.output
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "100"])
+    assert result.exit_code == 1 and "already exists" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_evaluate_missing_dir(tmp_path):
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nope"), "--data-dir", str(DATA)])
+    assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_python_dash_m_is_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "bayescomp", "models"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "lenet300" in proc.stdout and "lenet5" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "bayescomp", "compress", "--model", "nope", "--out", "/tmp/x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: unknown model")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_readme_python_example_runs(monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.setenv("BAYESCOMP_DATA", str(DATA))
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert isinstance(result.model, torch.nn.Sequential)
+    assert result.report["weights_total"] == 266200
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    commands = [line for line in text.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) >= 2
+    assert "bayescomp compress" in commands[0] and "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pytest" in ci
