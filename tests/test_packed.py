@@ -140,6 +140,7 @@ def test_packed_report_fields(lenets, tmp_path):
     rep = packed_report(result, path)
     for key in ("cr_max", "file_bytes", "cr_file", "entropy_bits", "coder", "huffman_bits", "layers"):
         assert key in rep
+    assert json.loads(json.dumps(rep)) == rep  # plain JSON values, ready for report.json
     assert rep["cr_max"] == pytest.approx(32 * rep["weights_total"] / rep["max_bits"])
     assert rep["cr_file"] == pytest.approx(32 * rep["weights_total"] / (8 * rep["file_bytes"]))
     assert (

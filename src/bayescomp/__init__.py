@@ -12,4 +12,4 @@ from .convert import UnsupportedLayerError, bayesianize, kl_divergence
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedModel", "UnsupportedLayerError", "bayesianize", "compress", "kl_divergence", "__version__"]
+__all__ = ["CompressedModel", "UnsupportedLayerError", "nn", "bayesianize", "compress", "kl_divergence", "__version__"]

@@ -63,15 +63,25 @@ def main() -> None:
 @click.option("--train-subset", type=int, default=None, help="Train on N random training examples (quick runs).")
 @click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True,
               help="Bits per stored weight: 1+E+T (the paper's code) or T (the paper's table).")
+@click.option("--dataset", default=None, type=click.Choice(["mnist", "cifar10"]),
+              help="Dataset (default: the model's own; must match it).")
+@click.option("--init-from", default=None, type=click.Path(), help="state_dict of the plain model to start from.")
+@click.option("--pretrain-epochs", type=int, default=0, show_default=True,
+              help="Train the plain model this many epochs first, then start the Bayesian model from it.")
+@click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress_cmd(model, prior, tau0, global_kl, epochs, out, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, clip_var,
-                 grad_clip, train_subset, bit_accounting, resume, force, quiet) -> None:
+                 grad_clip, train_subset, bit_accounting, dataset, init_from, pretrain_epochs, no_augment, resume, force,
+                 quiet) -> None:
     """Train MODEL with a group-sparse prior, compress it, evaluate it, write OUT/."""
+    from .models import MODELS
     from .pipeline import RunOptions, run
 
-    opts = RunOptions(model=model, prior=prior, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+    if dataset is not None and model in MODELS and MODELS[model][1] != dataset:
+        _fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
+    opts = RunOptions(init_from=init_from, pretrain_epochs=pretrain_epochs, augment=not no_augment,model=model, prior=prior, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                       warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
                       train_subset=train_subset, data_dir=data_dir, bit_accounting=bit_accounting, grad_clip=grad_clip,
                       tau0=tau0, global_kl=global_kl)
@@ -107,6 +117,27 @@ def evaluate_cmd(run_dir: str, data_dir: str | None) -> None:
     if meta.get("test_error") is not None:
         rows.append(("reported test error (%)", f"{meta['test_error']:.2f}"))
     click.echo(format_table(rows))
+
+
+@main.command("prune")
+@click.argument("run_dir", type=click.Path())
+@click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result.")
+@click.option("--data-dir", default=None, help="Data root.")
+@click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def prune_cmd(run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str,
+              force: bool) -> None:
+    """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining)."""
+    from .pipeline import recompress
+
+    try:
+        report = recompress(run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir,
+                            bit_accounting=bit_accounting, force=force)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(format_table(summary_rows(report)))
+    click.echo(f"wrote {Path(out) / 'report.json'}")
 
 
 @main.command("models")

@@ -22,12 +22,12 @@ import torch
 from . import __version__
 from .compress import compress
 from .convert import PRIORS, bayesianize
-from .data import load_mnist
+from .data import cifar10_augment, load_cifar10, load_mnist
 from .io import save_plain
 from .models import MODELS, build_model
 from .recipes import recipe
 from .train import TrainConfig, evaluate, fit, predict
-from .train.checkpoint import atomic_write_bytes
+from .train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 
 REPORT = "report.json"
 MODEL_FILE = "model.pt"
@@ -38,6 +38,38 @@ METRICS = "metrics.jsonl"
 
 class RunError(RuntimeError):
     """A run that cannot start or finish; the message says why in one line."""
+
+
+def build_bayesian(model: str, prior: str, *, plain: torch.nn.Module | None = None, keep_weights: bool = False,
+                   max_var: float | Mapping[str, float] | None = None, tau0: float | None = None,
+                   global_kl: str | None = None) -> torch.nn.Module:
+    """The Bayesian twin of a zoo model (a fresh one unless `plain` is given)."""
+    options = {k: v for k, v in (("tau0", tau0), ("global_kl", global_kl)) if v is not None}
+    return bayesianize(plain if plain is not None else build_model(model), prior, keep_weights=keep_weights,
+                       max_var=max_var, **options)
+
+
+def load_posterior(path: str | os.PathLike) -> torch.nn.Module:
+    """The trained Bayesian model stored in a run's posterior.pt (or a training checkpoint)."""
+    state = load_checkpoint(path)
+    try:
+        bmodel = build_bayesian(state["model"], state["prior"], tau0=state.get("tau0"), global_kl=state.get("global_kl"))
+        bmodel.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise RunError(f"{path} is not a bayescomp posterior: {exc}") from exc
+    return bmodel.eval()
+
+
+def evaluate_compression(bmodel: torch.nn.Module, test, thresholds, bit_accounting: str = "code"):
+    """Compress a trained model and measure it: (CompressedModel, figures for report.json)."""
+    t0 = time.perf_counter()
+    err_uncompressed = evaluate(bmodel, *test)
+    compressed = compress(bmodel, thresholds, bit_accounting=bit_accounting)
+    preds = predict(compressed.model, test[0])
+    err = 100.0 * float((preds != test[1]).float().mean())
+    figures = {"test_error": err, "test_error_uncompressed": err_uncompressed,
+               "compress_seconds": time.perf_counter() - t0}
+    return compressed, figures
 
 
 @dataclass
@@ -57,6 +89,9 @@ class RunOptions:
     data_dir: str | None = None
     bit_accounting: str = "code"
     grad_clip: float | None = None
+    init_from: str | None = None  # a state_dict of the plain model to start from (posterior means)
+    pretrain_epochs: int = 0  # train the plain twin this long first, then start the Bayesian model from it
+    augment: bool = True  # CIFAR-10: random crops and flips during training
     tau0: float | None = None  # group horseshoe: global scale of the prior (None: the layer default, 1e-5)
     global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +109,10 @@ def validate(opts: RunOptions) -> None:
         raise RunError("--tau0 and --global-kl apply to the group horseshoe prior (--prior ghs) only")
     if opts.tau0 is not None and not (opts.tau0 > 0 and opts.tau0 < float("inf")):
         raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
+    if opts.pretrain_epochs < 0:
+        raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
+    if opts.init_from is not None and not Path(opts.init_from).is_file():
+        raise RunError(f"--init-from: checkpoint not found: {opts.init_from}")
     if opts.train_subset is not None and opts.train_subset < 1:
         raise RunError(f"train subset must be ≥ 1, got {opts.train_subset}")
     try:
@@ -82,16 +121,46 @@ def validate(opts: RunOptions) -> None:
         raise RunError(str(exc)) from exc
 
 
-def _load_data(opts: RunOptions):
-    dataset = recipe(opts.model).dataset
-    if dataset != "mnist":
-        raise RunError(f"dataset {dataset!r} is not wired into the pipeline yet")
-    x, y = load_mnist("train", opts.data_dir)
-    xt, yt = load_mnist("test", opts.data_dir)
-    if opts.train_subset is not None and opts.train_subset < len(x):
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(opts.seed))[: opts.train_subset]
+def load_data(model: str, data_dir: str | None, train_subset: int | None = None, seed: int = 0):
+    """(train, test) tensors of the model's dataset, with an optional seeded random training subset."""
+    dataset = recipe(model).dataset
+    if dataset == "mnist":
+        x, y = load_mnist("train", data_dir)
+        xt, yt = load_mnist("test", data_dir)
+    elif dataset == "cifar10":
+        x, y = load_cifar10("train", data_dir)
+        xt, yt = load_cifar10("test", data_dir)
+    else:  # pragma: no cover - recipes name known datasets only
+        raise RunError(f"unknown dataset {dataset!r}")
+    if train_subset is not None and train_subset < len(x):
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:train_subset]
         x, y = x[idx], y[idx]
     return (x, y), (xt, yt)
+
+
+def _augmentation(opts: RunOptions):
+    if recipe(opts.model).dataset == "cifar10" and opts.augment:
+        return lambda batch, gen: cifar10_augment(batch, gen)
+    return None
+
+
+def _plain_start(opts: RunOptions, train, test, progress: bool) -> tuple[torch.nn.Module, bool]:
+    """The plain model to convert, and whether its weights are a trained start (kept as posterior means)."""
+    plain = build_model(opts.model)
+    trained = False
+    if opts.init_from is not None:
+        state = load_checkpoint(opts.init_from)
+        state = state.get("state_dict", state)
+        try:
+            plain.load_state_dict(state)
+        except RuntimeError as exc:
+            raise RunError(f"--init-from {opts.init_from} does not fit model {opts.model}: {exc}") from exc
+        trained = True
+    if opts.pretrain_epochs > 0:
+        config = TrainConfig(opts.pretrain_epochs, opts.batch_size, opts.lr, 0.0, opts.seed, opts.grad_clip)
+        fit(plain, train, config, test=test, progress=progress, transform=_augmentation(opts))
+        trained = True
+    return plain, trained
 
 
 def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path, Path]:
@@ -124,30 +193,24 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     if thresholds is None:
         thresholds = rec.thresholds.get(opts.prior)
     max_var = rec.max_var if opts.max_var is None else opts.max_var
-    train, test = _load_data(opts)  # data errors surface before any folder is made
+    train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed)  # fail before any folder
     final, work = prepare_out(out, resume, force)
 
     torch.manual_seed(opts.seed)
-    prior_options = {k: v for k, v in (("tau0", opts.tau0), ("global_kl", opts.global_kl)) if v is not None}
-    bmodel = bayesianize(build_model(opts.model), opts.prior, keep_weights=False, max_var=max_var or None,
-                         **prior_options)
+    plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
+    bmodel = build_bayesian(opts.model, opts.prior, plain=plain, keep_weights=trained, max_var=max_var or None,
+                            tau0=opts.tau0, global_kl=opts.global_kl)
     config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
-                 metrics=work / METRICS, progress=progress)
-    t0 = time.perf_counter()
-    err_uncompressed = evaluate(bmodel, *test)
-    compressed = compress(bmodel, thresholds, bit_accounting=opts.bit_accounting)
-    preds = predict(compressed.model, test[0])
-    err = 100.0 * float((preds != test[1]).float().mean())
+                 metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
+    compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting)
     report: dict[str, Any] = {
         "model": opts.model,
         "prior": opts.prior,
         "epochs": opts.epochs,
         "seed": opts.seed,
-        "test_error": err,
-        "test_error_uncompressed": err_uncompressed,
+        **figures,
         "train_seconds": result.seconds,
-        "compress_seconds": time.perf_counter() - t0,
         "train_examples": len(train[0]),
         **{k: v for k, v in compressed.report.items() if k not in ("prior",)},
         "config": {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra,
@@ -162,11 +225,47 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     }
     if command:
         report["command"] = command
-    save_plain(work / MODEL_FILE, compressed.model, {k: report[k] for k in ("model", "prior", "architecture", "bits", "test_error")})
-    torch.save({"model": opts.model, "prior": opts.prior, "state_dict": bmodel.state_dict()}, work / POSTERIOR_FILE)
+    posterior = {"model": opts.model, "prior": opts.prior, "tau0": opts.tau0, "global_kl": opts.global_kl,
+                 "state_dict": bmodel.state_dict()}
+    _finish(work, final, report, compressed, posterior)
+    return report
+
+
+def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posterior: dict[str, Any]) -> None:
+    """Write the run's files into the working folder, then move it to its final name in one rename."""
+    meta = {k: report.get(k) for k in ("model", "prior", "architecture", "bits", "test_error")}
+    save_plain(work / MODEL_FILE, compressed.model, meta)
+    save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     (work / CHECKPOINT).unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)
+
+
+def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
+               *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False) -> dict[str, Any]:
+    """Compress a finished run's posterior again (other thresholds), evaluate it, write a new run folder."""
+    run_dir = Path(run_dir)
+    posterior_path = run_dir / POSTERIOR_FILE
+    if not posterior_path.is_file():
+        raise RunError(f"no trained posterior at {posterior_path}")
+    state = load_checkpoint(posterior_path)
+    bmodel = load_posterior(posterior_path)
+    try:
+        previous = json.loads((run_dir / REPORT).read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = {"model": state["model"], "prior": state["prior"]}
+    _, test = load_data(state["model"], data_dir, 1)
+    final, work = prepare_out(out, False, force)
+    try:
+        compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report = {k: v for k, v in previous.items() if k not in compressed.report and k not in figures}
+    report.update(figures)
+    report.update(compressed.report)
+    report["recompressed_from"] = str(run_dir)
+    _finish(work, final, report, compressed, state)
     return report

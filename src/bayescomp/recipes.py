@@ -21,6 +21,7 @@ RECIPES: dict[str, Recipe] = {
     # thresholds: the official tutorial's LeNet-300-100 example, [-2.8, -3, -5] for fc1..fc3
     "lenet300": Recipe("mnist", {"gnj": {"fc1": -2.8, "fc2": -3.0, "fc3": -5.0}}, {"fc1": 0.04}),
     "lenet5": Recipe("mnist", {}, {"conv1": 0.04}),
+    "vgg16": Recipe("cifar10", {}, {}),
 }
 
 

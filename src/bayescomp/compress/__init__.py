@@ -27,7 +27,7 @@ from .masks import (
 )
 from .precision import exponent_bits, layer_bits, round_to_bits, weight_bits
 from .rates import LayerCount, rates
-from .shrink import Select, effective_params, shrink
+from .shrink import AppendOnes, Select, effective_params, shrink
 
 
 @dataclass
@@ -138,6 +138,7 @@ def _report(model, layers, decision, bits, e_bits, plain, thresholds, accounting
 
 
 __all__ = [
+    "AppendOnes",
     "CompressedModel",
     "LayerMask",
     "PruneError",

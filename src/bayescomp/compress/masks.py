@@ -11,9 +11,11 @@ Propagation is exact: it removes a feature only where the masked network's outpu
 * Forward pass, a *constant* per feature (NaN where the feature varies with the input): a pruned
   conv channel is the constant 0 (its gate covers its bias); batch norm maps a constant c to
   γ(c − mean)/√(var + eps) + β; element-wise activations map c to f(c); pooling keeps it.
-* A weighted layer can drop an input that is constant c: if c = 0 it contributes nothing; otherwise
-  its contribution W[:, j]·c is folded into the bias — exact for a Linear layer and for a
-  convolution without zero padding. A non-zero constant feeding a zero-padded convolution is kept.
+* A weighted layer drops every input that is a constant c: if c = 0 it contributes nothing;
+  otherwise `shrink` folds its contribution into the layer — into the bias (Σ W[:, j]·c) for a
+  Linear layer or an unpadded convolution, and for a zero-padded convolution, whose border taps see
+  the padding's zeros rather than c, into one extra input channel of ones (`AppendOnes`) with kernel
+  Σ_j c_j·W[:, j], so that even the border is exact.
 * Backward pass, *needed* features: an output of layer l is kept only if a later layer reads it;
   a pruned input of layer l+1 thus removes the matching output of layer l (through flatten, batch
   norm, activations and pooling).
@@ -120,16 +122,6 @@ def _layer_in_const(module: nn.Module, name: str, const: Tensor | None, pending_
     return const
 
 
-def _foldable(module: nn.Module, const: Tensor) -> Tensor:
-    """Which constant inputs can be removed exactly (folded into the bias or dropped)."""
-    is_const = ~torch.isnan(const)
-    if is_linear(module):
-        return is_const
-    padding = module.padding
-    no_padding = padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in torch.nn.modules.utils._pair(padding)))
-    return is_const & ((const == 0) | no_padding)
-
-
 @torch.no_grad()
 def propagate(model: nn.Module, keeps: Mapping[str, Tensor], thresholds: Mapping[str, float] | None = None) -> dict[str, LayerMask]:
     """Input and output keep-masks of every weighted layer from the group keep-masks (see module doc)."""
@@ -158,7 +150,7 @@ def propagate(model: nn.Module, keeps: Mapping[str, Tensor], thresholds: Mapping
         if isinstance(m, WEIGHTED):
             in_const = _layer_in_const(m, name, const, pending_flatten)
             pending_flatten = False
-            foldable = _foldable(m, in_const)
+            foldable = ~torch.isnan(in_const)
             in_mask = ~foldable
             own = keeps.get(name) if isinstance(m, GroupSparseLayer) else None
             if own is not None and is_linear(m):

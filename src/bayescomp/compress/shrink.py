@@ -1,8 +1,9 @@
 """shrink(): the masks applied for real — a smaller plain network with pruned units removed.
 
 The result is a flat `nn.Sequential` of plain `nn.Linear`, `nn.Conv2d`, `nn.BatchNorm*d`, the
-original activation/pooling/flatten modules, and `Select` where a layer reads only some of the
-features its predecessor produces (e.g. the kept pixels of the input image). No Bayesian parameter
+original activation/pooling/flatten modules, `Select` where a layer reads only some of the
+features its predecessor produces (e.g. the kept pixels of the input image), and `AppendOnes` where
+the constants of removed channels feed a zero-padded convolution. No Bayesian parameter
 is left: weights are the posterior means E[w] (masked, optionally rounded to the layer's bits),
 biases the posterior-mean biases plus any constant inputs folded in (see `masks`).
 """
@@ -56,16 +57,24 @@ def effective_params(module: nn.Module, lm: LayerMask) -> tuple[Tensor, Tensor]:
     return weight, bias
 
 
-def _fold_constants(weight: Tensor, bias: Tensor, lm: LayerMask) -> Tensor:
-    """bias + Σ_j W[:, j]·c_j over the removed inputs j that carry a constant c_j ≠ 0."""
-    const = lm.in_const.to(weight.dtype)
-    fold = torch.isfinite(const) & (const != 0) & ~lm.in_mask
-    if not bool(fold.any()):
-        return bias
-    w = weight[:, fold]
-    if w.dim() > 2:
-        w = w.flatten(2).sum(dim=2)
-    return bias + w @ const[fold].to(weight.device)
+class AppendOnes(nn.Module):
+    """Append one channel of ones (dimension 1): carries the constants of removed channels exactly."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, x.new_ones(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+
+def _padded(module: nn.Module) -> bool:
+    p = module.padding
+    return p != "valid" and (p == "same" or any(v > 0 for v in torch.nn.modules.utils._pair(p)))
+
+
+def _constant_inputs(weight: Tensor, lm: LayerMask) -> tuple[Tensor, Tensor]:
+    """Σ_j W[:, j]·c_j over the removed inputs j carrying a constant c_j ≠ 0 (a kernel for convs)."""
+    const = lm.in_const.to(weight.dtype).to(weight.device)
+    fold = torch.isfinite(const) & (const != 0) & ~lm.in_mask.to(weight.device)
+    kernel = torch.einsum("oi...,i->o...", weight[:, fold], const[fold])
+    return kernel, fold.any()
 
 
 @torch.no_grad()
@@ -87,7 +96,10 @@ def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, 
             weight, bias = effective_params(m, lm)
             if bits is not None and name in bits:
                 weight = round_to_bits(weight, bits[name])
-            bias = _fold_constants(weight, bias, lm)
+            kernel, has_const = _constant_inputs(weight, lm)
+            ones_channel = bool(has_const) and not is_linear(m) and _padded(m)
+            if bool(has_const) and not ones_channel:
+                bias = bias + (kernel if kernel.dim() == 1 else kernel.flatten(1).sum(1))
             n_in = lm.in_mask.numel()
             if avail is None:
                 avail = torch.ones(n_in, dtype=torch.bool)
@@ -105,6 +117,9 @@ def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, 
                 out.append((f"{safe}_select", Select(index, int(avail.sum()))))
             w = weight[lm.out_mask][:, lm.in_mask]
             b = bias[lm.out_mask]
+            if ones_channel:
+                out.append((f"{safe}_ones", AppendOnes()))
+                w = torch.cat([w, kernel[lm.out_mask].unsqueeze(1)], dim=1)
             if is_linear(m):
                 new: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=True)
             else:

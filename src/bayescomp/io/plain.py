@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.shrink import Select
+from ..compress.shrink import AppendOnes, Select
 from ..train.checkpoint import atomic_write
 
 FORMAT = "bayescomp-plain"
@@ -54,6 +54,7 @@ _LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "AdaptiveMaxPool1d": (nn.AdaptiveMaxPool1d, ("output_size",)),
     "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size",)),
     "Select": (Select, ("n_in",)),
+    "AppendOnes": (AppendOnes, ()),
 }
 
 

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from torch import nn
 
 from .lenet import lenet5_caffe, lenet300_100
+from .vgg import vgg16_cifar
 
 #: name -> (constructor, dataset name)
 MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "lenet300": (lenet300_100, "mnist"),
     "lenet5": (lenet5_caffe, "mnist"),
+    "vgg16": (vgg16_cifar, "cifar10"),
 }
 
 
@@ -30,4 +32,4 @@ def model_dataset(name: str) -> str:
     return MODELS[name][1]
 
 
-__all__ = ["MODELS", "build_model", "model_dataset", "lenet300_100", "lenet5_caffe"]
+__all__ = ["MODELS", "build_model", "model_dataset", "lenet300_100", "lenet5_caffe", "vgg16_cifar"]

@@ -115,6 +115,8 @@ def fit(
 ) -> TrainResult:
     """Train `model` in place; return its per-epoch history and the training time in seconds.
 
+    A model without group-sparse layers is trained on the cross-entropy alone (plain pre-training).
+
     - `train`, `test`: (inputs, labels) tensors; N = len(train inputs) scales the KL.
     - `checkpoint`: path of a checkpoint written atomically after every epoch; with `resume`, training
       continues from it (model, optimiser, epoch, data order and random state).
@@ -126,9 +128,7 @@ def fit(
     n = len(x)
     if n == 0 or len(y) != n:
         raise ValueError(f"training set must be non-empty with as many labels as inputs ({n} vs {len(y)})")
-    layers = group_layers(model)
-    if not layers:
-        raise ValueError("the model has no group-sparse layer; call bayescomp.bayesianize first")
+    layers = group_layers(model)  # none: a plain model (pre-training), the loss is the cross-entropy alone
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -170,7 +170,7 @@ def fit(
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             out = model(xb)
             nll = F.cross_entropy(out, yb)
-            kl = kl_divergence(model)
+            kl = kl_divergence(model) if layers else nll.new_zeros(())
             beta = kl_beta(step, steps_per_epoch, config.warmup_epochs)
             loss = nll + beta * kl / n
             if not torch.isfinite(loss):
@@ -211,7 +211,8 @@ def fit(
         }
         if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             row["test_error"] = evaluate(model, *test)
-        row["groups_kept"] = {name: int((m.log_alpha() < m.default_threshold).sum()) for name, m in layers.items()}
+        if layers:
+            row["groups_kept"] = {name: int((m.log_alpha() < m.default_threshold).sum()) for name, m in layers.items()}
         result.history.append(row)
         if metrics_file is not None:
             with open(metrics_file, "a") as f:
