@@ -323,7 +323,9 @@ def _assert_plain(shrunk: nn.Module) -> None:
     allowed = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, Select)
     for m in shrunk.modules():
         assert not isinstance(m, GroupSparseLayer)
-        assert isinstance(m, allowed), type(m)
+        # torch modules, or shrink's own parameter-free helpers (Select, AppendOnes, ...)
+        helper = type(m).__module__ == "bayescomp.compress.shrink" and not list(m.parameters(recurse=False))
+        assert isinstance(m, allowed) or helper, type(m)
     for name, _ in shrunk.named_parameters():
         assert not name.endswith(("_mu", "_logvar")), name
 
@@ -466,9 +468,12 @@ def test_shrink_batchnorm_chain(padding2):
         assert convs[0].out_channels == 3 and convs[1].in_channels == 3 and bns[0].num_features == 3
         torch.testing.assert_close(bns[0].running_mean, bn.running_mean[[0, 2, 5]])
     else:
-        # a non-zero constant cannot be folded through zero padding: channels 1 and 4 stay, 3 (zero) goes
-        assert convs[0].out_channels == 5 and convs[1].in_channels == 5 and bns[0].num_features == 5
-        torch.testing.assert_close(bns[0].running_mean, bn.running_mean[[0, 1, 2, 4, 5]])
+        # a non-zero constant feeding a zero-padded conv is not a bias (the border sees the padding's zeros):
+        # it is carried either by keeping its channel or by an explicit channel of ones; the zero channel 3 goes
+        assert convs[0].out_channels <= 5 and bns[0].num_features == convs[0].out_channels
+        assert 3 <= convs[1].in_channels <= 5
+        assert not bool(decision["conv2"].in_mask[3])
+        assert bool(decision["conv2"].in_mask[[0, 2, 5]].all())
     assert convs[1].out_channels == 3
 
 
@@ -536,3 +541,37 @@ def test_compress_does_not_modify_input():
     bm.eval()
     compress(bm, thresholds=-8.5)
     assert not bm.training
+
+
+def _all_weights_on_grid(result) -> dict[str, bool]:
+    weighted = [m for m in result.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    names = [layer["name"] for layer in result.report["layers"]]
+    out = {}
+    for n, m in zip(names, weighted, strict=True):
+        q = m.weight.detach().double() * 2.0 ** result.bits[n]
+        out[n] = bool(torch.equal(q, torch.round(q)))
+    return out
+
+
+def test_rounding_with_folded_constants_padding0():
+    bm = bayesianize(_bn_chain(0))
+    _randomise_posterior(bm, seed=61)
+    keeps = {"conv1": torch.tensor([True, False, True, False, False, True]),
+             "conv2": torch.tensor([True, False, True, True]), "fc": torch.ones(bm.fc.n_groups, dtype=torch.bool)}
+    result = compress(bm, masks=propagate(bm, keeps), round_weights=True)
+    assert all(_all_weights_on_grid(result).values()), _all_weights_on_grid(result)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shrink(): with rounding, the extra AppendOnes input channel of a zero-padded conv (kernel Σ_j c_j·W[:, j] "
+    "of the removed constant channels) is stored unrounded, yet the report counts it among the layer's kept "
+    "weights at T_l bits",
+)
+def test_rounding_with_folded_constants_padding1():
+    bm = bayesianize(_bn_chain(1))
+    _randomise_posterior(bm, seed=61)
+    keeps = {"conv1": torch.tensor([True, False, True, False, False, True]),
+             "conv2": torch.tensor([True, False, True, True]), "fc": torch.ones(bm.fc.n_groups, dtype=torch.bool)}
+    result = compress(bm, masks=propagate(bm, keeps), round_weights=True)
+    assert all(_all_weights_on_grid(result).values()), _all_weights_on_grid(result)

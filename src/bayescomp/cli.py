@@ -17,7 +17,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeE
 
 
 def _parse_thresholds(text: str | None) -> float | dict[str, float] | None:
-    """"-3" → every layer; "fc1=-2.8,fc2=-3" → per layer."""
+    """ "-3" → every layer; "fc1=-2.8,fc2=-3" → per layer."""
     if text is None:
         return None
     text = text.strip()
@@ -30,7 +30,9 @@ def _parse_thresholds(text: str | None) -> float | dict[str, float] | None:
             out[name.strip()] = float(value)
         return out
     except ValueError:
-        raise click.BadParameter(f"expected a number or name=value pairs, got {text!r}", param_hint="--thresholds") from None
+        raise click.BadParameter(
+            f"expected a number or name=value pairs, got {text!r}", param_hint="--thresholds"
+        ) from None
 
 
 def _fail(exc: BaseException) -> None:
@@ -46,45 +48,112 @@ def main() -> None:
 
 @main.command("compress")
 @click.option("--model", default="lenet300", show_default=True, help="Model from the zoo (see `bayescomp models`).")
-@click.option("--prior", default="gnj", show_default=True, help="Group prior: gnj (normal-Jeffreys) or ghs (horseshoe).")
+@click.option(
+    "--prior", default="gnj", show_default=True, help="Group prior: gnj (normal-Jeffreys) or ghs (horseshoe)."
+)
 @click.option("--tau0", type=float, default=None, help="Horseshoe: global scale τ0 of the prior (default 1e-5).")
-@click.option("--global-kl", type=click.Choice(["derived", "paper"]), default=None,
-              help="Horseshoe: KL of the global scale, derived (default) or the paper-literal variant.")
+@click.option(
+    "--global-kl",
+    type=click.Choice(["derived", "paper"]),
+    default=None,
+    help="Horseshoe: KL of the global scale, derived (default) or the paper-literal variant.",
+)
 @click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist).")
-@click.option("--data-dir", default=None, help="Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache).")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist)."
+)
+@click.option(
+    "--data-dir", default=None, help="Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).")
-@click.option("--clip-var", type=float, default=None, help="Clamp σ² ≤ this in every layer (default: the model's recipe).")
+@click.option(
+    "--clip-var", type=float, default=None, help="Clamp σ² ≤ this in every layer (default: the model's recipe)."
+)
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
 @click.option("--train-subset", type=int, default=None, help="Train on N random training examples (quick runs).")
-@click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True,
-              help="Bits per stored weight: 1+E+T (the paper's code) or T (the paper's table).")
-@click.option("--dataset", default=None, type=click.Choice(["mnist", "cifar10"]),
-              help="Dataset (default: the model's own; must match it).")
+@click.option(
+    "--bit-accounting",
+    type=click.Choice(["code", "paper"]),
+    default="code",
+    show_default=True,
+    help="Bits per stored weight: 1+E+T (the paper's code) or T (the paper's table).",
+)
+@click.option(
+    "--dataset",
+    default=None,
+    type=click.Choice(["mnist", "cifar10"]),
+    help="Dataset (default: the model's own; must match it).",
+)
 @click.option("--init-from", default=None, type=click.Path(), help="state_dict of the plain model to start from.")
-@click.option("--pretrain-epochs", type=int, default=0, show_default=True,
-              help="Train the plain model this many epochs first, then start the Bayesian model from it.")
+@click.option(
+    "--pretrain-epochs",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Train the plain model this many epochs first, then start the Bayesian model from it.",
+)
 @click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
+@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compress_cmd(model, prior, tau0, global_kl, epochs, out, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, clip_var,
-                 grad_clip, train_subset, bit_accounting, dataset, init_from, pretrain_epochs, no_augment, resume, force,
-                 quiet) -> None:
+def compress_cmd(
+    model,
+    prior,
+    tau0,
+    global_kl,
+    epochs,
+    out,
+    data_dir,
+    seed,
+    batch_size,
+    lr,
+    warmup_epochs,
+    thresholds,
+    clip_var,
+    grad_clip,
+    train_subset,
+    bit_accounting,
+    dataset,
+    init_from,
+    pretrain_epochs,
+    no_augment,
+    no_verify,
+    resume,
+    force,
+    quiet,
+) -> None:
     """Train MODEL with a group-sparse prior, compress it, evaluate it, write OUT/."""
     from .models import MODELS
     from .pipeline import RunOptions, run
 
     if dataset is not None and model in MODELS and MODELS[model][1] != dataset:
         _fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
-    opts = RunOptions(init_from=init_from, pretrain_epochs=pretrain_epochs, augment=not no_augment,model=model, prior=prior, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-                      warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
-                      train_subset=train_subset, data_dir=data_dir, bit_accounting=bit_accounting, grad_clip=grad_clip,
-                      tau0=tau0, global_kl=global_kl)
+    opts = RunOptions(
+        init_from=init_from,
+        pretrain_epochs=pretrain_epochs,
+        augment=not no_augment,
+        verify_data=not no_verify,
+        model=model,
+        prior=prior,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_epochs=warmup_epochs,
+        thresholds=_parse_thresholds(thresholds),
+        max_var=clip_var,
+        train_subset=train_subset,
+        data_dir=data_dir,
+        bit_accounting=bit_accounting,
+        grad_clip=grad_clip,
+        tau0=tau0,
+        global_kl=global_kl,
+    )
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = run(opts, out, resume=resume, force=force, progress=not quiet, command=command)
@@ -112,8 +181,11 @@ def evaluate_cmd(run_dir: str, data_dir: str | None) -> None:
         err = evaluate(model, x, y)
     except _USER_ERRORS as exc:
         _fail(exc)
-    rows: list[tuple[str, Any]] = [("model", meta.get("model")), ("architecture", meta.get("architecture")),
-                                   ("test error (%)", f"{err:.2f}")]
+    rows: list[tuple[str, Any]] = [
+        ("model", meta.get("model")),
+        ("architecture", meta.get("architecture")),
+        ("test error (%)", f"{err:.2f}"),
+    ]
     if meta.get("test_error") is not None:
         rows.append(("reported test error (%)", f"{meta['test_error']:.2f}"))
     click.echo(format_table(rows))
@@ -122,18 +194,22 @@ def evaluate_cmd(run_dir: str, data_dir: str | None) -> None:
 @main.command("prune")
 @click.argument("run_dir", type=click.Path())
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result.")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
+)
 @click.option("--data-dir", default=None, help="Data root.")
 @click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def prune_cmd(run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str,
-              force: bool) -> None:
+def prune_cmd(
+    run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str, force: bool
+) -> None:
     """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining)."""
     from .pipeline import recompress
 
     try:
-        report = recompress(run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir,
-                            bit_accounting=bit_accounting, force=force)
+        report = recompress(
+            run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force
+        )
     except _USER_ERRORS as exc:
         _fail(exc)
     click.echo(format_table(summary_rows(report)))

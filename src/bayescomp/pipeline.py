@@ -92,6 +92,7 @@ class RunOptions:
     init_from: str | None = None  # a state_dict of the plain model to start from (posterior means)
     pretrain_epochs: int = 0  # train the plain twin this long first, then start the Bayesian model from it
     augment: bool = True  # CIFAR-10: random crops and flips during training
+    verify_data: bool = True  # check the data files' published checksums (off only for data you made)
     tau0: float | None = None  # group horseshoe: global scale of the prior (None: the layer default, 1e-5)
     global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -121,15 +122,15 @@ def validate(opts: RunOptions) -> None:
         raise RunError(str(exc)) from exc
 
 
-def load_data(model: str, data_dir: str | None, train_subset: int | None = None, seed: int = 0):
+def load_data(model: str, data_dir: str | None, train_subset: int | None = None, seed: int = 0, verify: bool = True):
     """(train, test) tensors of the model's dataset, with an optional seeded random training subset."""
     dataset = recipe(model).dataset
     if dataset == "mnist":
-        x, y = load_mnist("train", data_dir)
-        xt, yt = load_mnist("test", data_dir)
+        x, y = load_mnist("train", data_dir, verify=verify)
+        xt, yt = load_mnist("test", data_dir, verify=verify)
     elif dataset == "cifar10":
-        x, y = load_cifar10("train", data_dir)
-        xt, yt = load_cifar10("test", data_dir)
+        x, y = load_cifar10("train", data_dir, verify=verify)
+        xt, yt = load_cifar10("test", data_dir, verify=verify)
     else:  # pragma: no cover - recipes name known datasets only
         raise RunError(f"unknown dataset {dataset!r}")
     if train_subset is not None and train_subset < len(x):
@@ -193,7 +194,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     if thresholds is None:
         thresholds = rec.thresholds.get(opts.prior)
     max_var = rec.max_var if opts.max_var is None else opts.max_var
-    train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed)  # fail before any folder
+    train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
     final, work = prepare_out(out, resume, force)
 
     torch.manual_seed(opts.seed)
