@@ -562,12 +562,6 @@ def test_rounding_with_folded_constants_padding0():
     assert all(_all_weights_on_grid(result).values()), _all_weights_on_grid(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shrink(): with rounding, the extra AppendOnes input channel of a zero-padded conv (kernel Σ_j c_j·W[:, j] "
-    "of the removed constant channels) is stored unrounded, yet the report counts it among the layer's kept "
-    "weights at T_l bits",
-)
 def test_rounding_with_folded_constants_padding1():
     bm = bayesianize(_bn_chain(1))
     _randomise_posterior(bm, seed=61)

@@ -437,11 +437,6 @@ def test_bayesianize_argument_errors():
         bayesianize(nn.Sequential(nn.ReLU()))  # nothing to convert
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bayesianize silently ignores a max_var entry naming a module that is not converted (e.g. 'relu1' or a "
-    "container): the requested clamp is never applied",
-)
 def test_bayesianize_max_var_naming_unconverted_module():
     with pytest.raises(ValueError):
         bayesianize(lenet300_100(), max_var={"relu1": 0.04})

@@ -309,11 +309,6 @@ def test_nan_data_is_reported(mnist):
     assert "finite" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TrainConfig.validate accepts a non-integer batch_size (fit then fails with TypeError at the first slice) "
-    "and eval_every=0 (fit trains a whole epoch, then dies with ZeroDivisionError)",
-)
 @pytest.mark.parametrize("kwargs", [{"batch_size": 2.5}, {"eval_every": 0}])
 def test_train_config_validate_rejects_bad_batch_size_and_eval_every(kwargs):
     with pytest.raises(ValueError):

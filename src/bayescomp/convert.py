@@ -81,10 +81,10 @@ def bayesianize(
         raise TypeError(f"bayesianize expects an nn.Module, got {type(model).__name__}")
     per_layer = dict(max_var) if isinstance(max_var, Mapping) else {}
     model = copy.deepcopy(model)
-    names = {name for name, _ in model.named_modules()}
-    unknown = sorted(set(per_layer) - names)
+    convertible = {name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    unknown = sorted(set(per_layer) - convertible)
     if unknown:
-        raise ValueError(f"max_var names modules that do not exist: {', '.join(unknown)}")
+        raise ValueError(f"max_var names modules that are not nn.Linear/nn.Conv2d layers of the model: {', '.join(unknown)}")
     converted = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, GroupSparseLayer):

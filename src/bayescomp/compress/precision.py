@@ -69,4 +69,4 @@ def round_to_bits(weight: Tensor, bits: int) -> Tensor:
     if not 0 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in 0..{MAX_BITS}, got {bits}")
     delta = 2.0 ** -bits
-    return torch.floor(weight / delta + 0.5) * delta
+    return (torch.floor(weight.double() / delta + 0.5) * delta).to(weight.dtype)

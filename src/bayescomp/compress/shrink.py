@@ -119,7 +119,10 @@ def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, 
             b = bias[lm.out_mask]
             if ones_channel:
                 out.append((f"{safe}_ones", AppendOnes()))
-                w = torch.cat([w, kernel[lm.out_mask].unsqueeze(1)], dim=1)
+                extra = kernel[lm.out_mask].unsqueeze(1)
+                if bits is not None and name in bits:  # a stored weight like any other: on the layer's grid
+                    extra = round_to_bits(extra, bits[name])
+                w = torch.cat([w, extra], dim=1)
             if is_linear(m):
                 new: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=True)
             else:
