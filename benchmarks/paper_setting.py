@@ -54,7 +54,7 @@ def step_time_ratio(model_name: str, prior: str, batch_size: int, data_dir: str 
 
     runs = {"plain": make_step(plain, False), "bayesian": make_step(bayes, True)}
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for name, fn in runs.items():  # warm-up
+    for fn in runs.values():  # warm-up
         for idx in batches[:5]:
             fn(idx)
     for _ in range(rounds):

@@ -1,16 +1,25 @@
-"""fit(): maximise the ELBO of a Bayesian model on in-memory tensors.
+"""fit(): maximise the ELBO of a Bayesian model on in-memory tensors, on one process or data-parallel.
 
 Per step: loss = mean cross-entropy + β·KL/N, with N the size of the training set (the negative
 ELBO divided by N; one local-reparameterisation sample), Adam, then the layers' variance clamps.
 β ramps linearly from 0 to 1 over `warmup_epochs` (KL warm-up), then stays at 1.
+
+Data-parallel (launched by torchrun, see `distributed`): `batch_size` is the global batch; each of the
+W processes takes a contiguous 1/W share of every global batch of the same seeded permutation, and
+DistributedDataParallel averages the gradients, so a step is the single-process step on the global batch
+(up to float rounding; the sampling noise differs, as each process draws its own). Only rank 0 writes
+checkpoints and metrics and prints.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +31,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..convert import group_layers, kl_divergence
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -31,7 +41,28 @@ class TrainingDivergedError(FloatingPointError):
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run (all plain values, stored in checkpoints and reports)."""
+    """Settings of one training run (all plain values, stored in checkpoints and reports).
+
+    - `epochs`: passes over the training set.
+    - `batch_size`: examples per optimiser step. Data-parallel, this is the GLOBAL batch, split evenly over
+      the processes (it must be divisible by their number).
+    - `lr`: Adam's learning rate (PyTorch's other Adam defaults).
+    - `warmup_epochs`: β of the KL term ramps linearly from 0 to 1 over this many epochs; 0 (default): β = 1
+      from the start. β is a function of the global step, so a resumed run continues the same ramp.
+    - `seed`: data order, augmentation and sampling noise; the same seed gives the same run, bit for bit
+      (on the same machine, library versions and number of processes), resumed or not.
+    - `grad_clip`: None (default): no clipping. Otherwise the gradient norm is clipped to this value
+      every step, and a non-finite norm stops training with `TrainingDivergedError` naming the parameter.
+    - `eval_every`: evaluate on the test set every this many epochs (and after the last one); default 1.
+    - `check_grads`: False (default): per step, only the loss is checked for NaN/inf (a non-finite
+      gradient then shows as a non-finite loss one step later, which names the parameter). True: every
+      gradient is checked after each backward pass and the first non-finite one is named at once (a
+      little slower).
+
+    Not set here: the variance clamp σ² ≤ `max_var` belongs to the layers (`bayesianize(..., max_var=)`,
+    per layer or for all; default None: no clamp; the model recipes set the paper's values). `fit` applies
+    it after every optimiser step.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -40,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = None
     eval_every: int = 1
+    check_grads: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -54,6 +86,12 @@ class TrainConfig:
             raise ValueError(f"warm-up epochs must be ≥ 0, got {self.warmup_epochs}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"gradient clip must be positive, got {self.grad_clip}")
+        if not isinstance(self.check_grads, bool):
+            raise ValueError(f"check_grads must be True or False, got {self.check_grads!r}")
+
+
+#: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
+_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip")
 
 
 @dataclass
@@ -63,8 +101,7 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Classification error in % of `model` in evaluation mode (restores the previous mode)."""
+def _count_wrong(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> int:
     was = model.training
     model.eval()
     wrong = 0
@@ -73,7 +110,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
         out = model(x[i : i + batch_size].to(device))
         wrong += int((out.argmax(1).cpu() != y[i : i + batch_size]).sum())
     model.train(was)
-    return 100.0 * wrong / max(len(x), 1)
+    return wrong
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Classification error in % of `model` in evaluation mode (restores the previous mode)."""
+    return 100.0 * _count_wrong(model, x, y, batch_size) / max(len(x), 1)
 
 
 @torch.no_grad()
@@ -110,6 +152,118 @@ def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float) -> float:
     return min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
 
 
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """Where the checkpoint before the newest one is kept: `<name>.prev` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def discard_checkpoint(path: str | os.PathLike) -> None:
+    """Remove a run's checkpoint and the previous one kept beside it (when the run is finished)."""
+    Path(path).unlink(missing_ok=True)
+    previous_checkpoint(path).unlink(missing_ok=True)
+
+
+def _link_over(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src` in one atomic rename (a hard link where the file system has them)."""
+    tmp = dst.with_name(f".{src.name}.link.tmp")  # matches atomic_write's ".<name>.*.tmp" temp files
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _save_rotating(path: Path, state: dict[str, Any]) -> None:
+    """Keep the current checkpoint as `<name>.prev`, then write the new one atomically.
+
+    At every instant `path` holds a whole checkpoint (the old one or the new one), and `.prev` the one
+    before it, so a checkpoint damaged after it was written (a truncating copy, a bad disk) still leaves
+    a good one to resume from.
+    """
+    if path.is_file():
+        _link_over(path, previous_checkpoint(path))
+    save_checkpoint(path, state)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of writes that a killed process left half done (they are never read)."""
+    for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), glob.escape(f".{path.name}.") + "*.tmp")):
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load_newest(path: Path, repair: bool) -> tuple[dict[str, Any], Path]:
+    """The newest readable checkpoint: `path`, else (with a warning) `<name>.prev`.
+
+    With `repair`, a damaged `path` is replaced by the good previous one, so that the next rotation cannot
+    push the damaged file into `.prev`. Raises `CheckpointError` naming both files when neither loads.
+    """
+    prev = previous_checkpoint(path)
+    try:
+        return load_checkpoint(path), path
+    except CheckpointError as newest_error:
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev)
+        except CheckpointError as prev_error:
+            raise CheckpointError(f"no usable checkpoint: {newest_error}; and the previous one: {prev_error}") from prev_error
+        warnings.warn(f"{newest_error}; resuming from the previous checkpoint {prev} (one epoch earlier)",
+                      RuntimeWarning, stacklevel=3)
+        if repair:
+            _link_over(prev, path)
+        return state, prev
+
+
+def _shard(total: int, world: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of `total` items (shares differ by at most one)."""
+    base, extra = divmod(total, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _restore(state: dict[str, Any], source: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             gen: torch.Generator, config: TrainConfig, n: int, device: torch.device, world: int,
+             rank: int) -> tuple[int, list[dict[str, Any]], float]:
+    """Load a checkpoint's state into the run; return (epochs done, history, seconds)."""
+    try:
+        saved = json.loads(state["config"]) if "config" in state else {}
+        changed = [f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in _RUN_DEFINING
+                   if k in saved and saved[k] != getattr(config, k)]
+        if "n_train" in state and int(state["n_train"]) != n:
+            changed.append(f"{state['n_train']} training examples (now {n})")
+        if changed:
+            raise CheckpointError(f"checkpoint {source} was written by a run with other settings: "
+                                  f"{', '.join(changed)}; resume with the same settings or start afresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].cpu().clone())
+        epoch = int(state["epoch"])
+        history = list(json.loads(state["history"]))
+        seconds = float(state["seconds"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world == world:
+            # the sampling noise continues exactly where the interrupted run left it, on every rank
+            cpu_rng = state["torch_rng"] if world == 1 else state["torch_rng_ranks"][rank]
+            cuda_rng = state.get("cuda_rng") if world == 1 else (
+                state["cuda_rng_ranks"][rank] if "cuda_rng_ranks" in state else None)
+            # (clone: a row of the stacked states is a view, which set_rng_state misreads (segfaults))
+            torch.set_rng_state(cpu_rng.cpu().clone())
+            if cuda_rng is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng.cpu().clone(), device)
+        else:
+            warnings.warn(f"checkpoint {source} was written by {saved_world} process(es), this run has {world}: "
+                          "training continues, with fresh sampling noise (not bit-identical to an uninterrupted run)",
+                          RuntimeWarning, stacklevel=3)
+            torch.manual_seed(distributed.stream_seed(config.seed, rank, epoch))
+    except CheckpointError:
+        raise
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {source} does not fit this model/run: {exc}") from exc
+    return epoch, history, seconds
+
+
 def fit(
     model: nn.Module,
     train: tuple[Tensor, Tensor],
@@ -128,10 +282,21 @@ def fit(
     A model without group-sparse layers is trained on the cross-entropy alone (plain pre-training).
 
     - `train`, `test`: (inputs, labels) tensors; N = len(train inputs) scales the KL.
-    - `checkpoint`: path of a checkpoint written atomically after every epoch; with `resume`, training
-      continues from it (model, optimiser, epoch, data order and random state).
-    - `metrics`: a file that receives one JSON line per epoch.
-    - `transform(batch, generator)`: batch augmentation (e.g. random crops), seeded by the run.
+    - `checkpoint`: path of a checkpoint written atomically after every epoch (the one before is kept as
+      `<name>.prev`); with `resume`, training continues from it (model, optimiser, epoch, data order, random
+      state, KL warm-up), bit for bit as if never interrupted. If it cannot be read, the previous one is used,
+      with a warning.
+    - `metrics`: a file that receives one JSON line per epoch (rewritten from the checkpoint on resume).
+    - `transform(batch, generator)`: batch augmentation (e.g. random crops), seeded by the run; it must
+      draw its randomness from the generator it is given.
+    - `on_epoch(row)`: called after each epoch, on every process.
+
+    Data-parallel: run one process per device under torchrun (WORLD_SIZE > 1 in the environment); `fit`
+    joins the process group if the caller has not (`distributed.init_from_env`: gloo for a model on the
+    CPU, nccl on CUDA), wraps the model in DistributedDataParallel and splits every global batch of
+    `config.batch_size` examples over the processes. All processes need the same data, config and paths
+    (on resume, each reads the checkpoint); only rank 0 writes files and prints. Batch-norm statistics
+    are per process, and rank 0's are kept.
     """
     config.validate()
     x, y = train
@@ -140,71 +305,121 @@ def fit(
         raise ValueError(f"training set must be non-empty with as many labels as inputs ({n} vs {len(y)})")
     layers = group_layers(model)  # none: a plain model (pre-training), the loss is the cross-entropy alone
     device = next(model.parameters()).device
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    if resume and checkpoint is None:
+        raise ValueError("resume needs a checkpoint path")
+    world = distributed.init_from_env(device)
+    rank = distributed.rank()
+    main = rank == 0
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} is the global batch and must be divisible by the "
+                         f"number of processes ({world}); choose a multiple of {world}")
+    # Sampling noise: the seed on a single process; independent seeded streams on the ranks of a
+    # data-parallel run (the same stream everywhere would give example k of every rank's share the same noise).
+    torch.manual_seed(distributed.stream_seed(config.seed, rank))
+    gen = torch.Generator().manual_seed(config.seed)  # data order and augmentation: the same on every rank
     optimizer = _adam(model, config.lr)
     steps_per_epoch = math.ceil(n / config.batch_size)
     result = TrainResult()
     start_epoch = 0
-    if resume:
-        if checkpoint is None:
-            raise ValueError("resume needs a checkpoint path")
-        state = load_checkpoint(checkpoint, map_location=device)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            start_epoch = int(state["epoch"])
-            result.history = list(json.loads(state["history"]))
-            result.seconds = float(state["seconds"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {checkpoint} does not fit this model/run: {exc}") from exc
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     metrics_file = Path(metrics) if metrics is not None else None
-    if metrics_file is not None and not resume and metrics_file.exists():
+    if resume:
+        assert checkpoint is not None
+        if main:
+            _remove_stale_temps(checkpoint)
+        state, source = _load_newest(checkpoint, repair=main)
+        start_epoch, result.history, result.seconds = _restore(
+            state, source, model, optimizer, gen, config, n, device, world, rank)
+        del state
+        if metrics_file is not None and main:
+            # lines of epochs after the checkpoint (written before a kill) would be written again: drop them
+            _remove_stale_temps(metrics_file)
+            atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in result.history).encode())
+    elif metrics_file is not None and main and metrics_file.exists():
         metrics_file.unlink()
 
-    model.train()
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net.train()
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen)
         sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main),
                    leave=False, dynamic_ncols=True)
         for i in bar:
             step = epoch * steps_per_epoch + i
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            xb, yb = x[idx], y[idx]
-            if transform is not None:
-                xb = transform(xb, gen)
+            if world == 1:
+                xb, yb = x[idx], y[idx]
+                if transform is not None:
+                    xb = transform(xb, gen)
+            else:
+                # This rank's contiguous share of the global batch. The whole batch is augmented, as on one
+                # process, so augmentations match a single-process run and the generator stays in step.
+                lo, hi = _shard(len(idx), world, rank)
+                xb = transform(x[idx], gen)[lo:hi] if transform is not None else x[idx[lo:hi]]
+                yb = y[idx[lo:hi]]
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            out = model(xb)
-            nll = F.cross_entropy(out, yb)
-            kl = kl_divergence(model) if layers else nll.new_zeros(())
+            out = net(xb)
+            kl = kl_divergence(model) if layers else out.new_zeros(())
             beta = kl_beta(step, steps_per_epoch, config.warmup_epochs)
-            loss = nll + beta * kl / n
-            if not torch.isfinite(loss):
-                bad = _non_finite_layer(model, grads=False)
-                where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
-                raise TrainingDivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}{where}")
+            if world == 1:
+                nll = F.cross_entropy(out, yb)
+                loss = nll + beta * kl / n
+                if not torch.isfinite(loss):
+                    bad = _non_finite_layer(model, grads=False)
+                    where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
+                    raise TrainingDivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}{where}")
+            else:
+                # DDP averages gradients over the W ranks. Cross-entropy: each rank contributes its sum over
+                # its share times W/B (B = this global batch, which may be short at the end of an epoch);
+                # the average is the mean over the global batch, as on one process, whatever the shares' sizes.
+                # KL: every rank adds the same β·KL/N (N the GLOBAL training-set size), so its gradient is
+                # W·(∇KL/N)/W = ∇KL/N after averaging: counted once, as on one process.
+                nll_sum = F.cross_entropy(out, yb, reduction="sum")
+                loss = nll_sum * (world / len(idx)) + beta * kl / n
+                finite = bool(torch.isfinite(loss))
+                flags = [0.0] * world
+                flags[rank] = 0.0 if finite else 1.0
+                flags = distributed.all_reduce(flags, device)  # every rank stops together, none hangs in backward
+                if any(flags):
+                    bad = _non_finite_layer(model, grads=False)
+                    where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
+                    ranks = ", ".join(str(r) for r, f in enumerate(flags) if f)
+                    raise TrainingDivergedError(f"loss became non-finite on rank {ranks} at epoch {epoch + 1}, step {i + 1}{where}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.check_grads:
+                bad = _non_finite_layer(model, grads=True)
+                if bad is not None:
+                    raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
             if config.grad_clip is not None:
                 norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 if not torch.isfinite(norm):
                     bad = _non_finite_layer(model, grads=True)
                     raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
-            # (without clipping, a non-finite gradient makes the next loss non-finite, which names the parameter)
+            # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
             optimizer.step()
             for layer in layers.values():
                 layer.clamp_variances()
-            sums["loss"] += loss.item() * len(idx)
-            sums["nll"] += nll.item() * len(idx)
+            if world == 1:
+                sums["loss"] += loss.item() * len(idx)
+                sums["nll"] += nll.item() * len(idx)
+            else:
+                local_nll = nll_sum.item()
+                sums["loss"] += local_nll + beta * kl.item() / n * len(yb)
+                sums["nll"] += local_nll
             sums["kl"] = kl.item()
             sums["wrong"] += int((out.detach().argmax(1) != yb).sum())
-            if progress and i % 20 == 0:
+            if progress and main and i % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", beta=f"{beta:.2f}")
         bar.close()
+        if world > 1:
+            distributed.broadcast_buffers(model)  # identical models everywhere (batch-norm statistics: rank 0's)
+            total = distributed.all_reduce([sums["loss"], sums["nll"], sums["wrong"]], device)
+            sums["loss"], sums["nll"], sums["wrong"] = total[0], total[1], int(round(total[2]))
         bad = _non_finite_layer(model, grads=False)
         if bad is not None:
             raise TrainingDivergedError(f"parameter {bad} became non-finite during epoch {epoch + 1}")
@@ -220,14 +435,19 @@ def fit(
             "seconds": seconds,
         }
         if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            row["test_error"] = evaluate(model, *test)
+            if world == 1:
+                row["test_error"] = evaluate(model, *test)
+            else:  # each rank counts the errors on its share of the test set
+                lo, hi = _shard(len(test[0]), world, rank)
+                wrong = distributed.all_reduce([_count_wrong(model, test[0][lo:hi], test[1][lo:hi])], device)[0]
+                row["test_error"] = 100.0 * round(wrong) / max(len(test[0]), 1)
         if layers:
             row["groups_kept"] = {name: int((m.log_alpha() < m.default_threshold).sum()) for name, m in layers.items()}
         result.history.append(row)
-        if metrics_file is not None:
+        if metrics_file is not None and main:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if progress:
+        if progress and main:
             msg = f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  train err {row['train_error']:.2f}%"
             if "test_error" in row:
                 msg += f"  test err {row['test_error']:.2f}%"
@@ -235,15 +455,30 @@ def fit(
         if on_epoch is not None:
             on_epoch(row)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "epoch": epoch + 1,
-                "history": json.dumps(result.history),
-                "seconds": result.seconds,
-                "config": json.dumps(asdict(config)),
-            })
+            cpu_rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            ranks_rng = distributed.all_gather_object((cpu_rng, cuda_rng)) if world > 1 else None
+            if main:
+                saved: dict[str, Any] = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": cpu_rng,
+                    "epoch": epoch + 1,
+                    "history": json.dumps(result.history),
+                    "seconds": result.seconds,
+                    "config": json.dumps(asdict(config)),
+                    "n_train": n,
+                    "world_size": world,
+                }
+                if cuda_rng is not None:
+                    saved["cuda_rng"] = cuda_rng
+                if ranks_rng is not None:
+                    saved["torch_rng_ranks"] = torch.stack([r[0] for r in ranks_rng])
+                    if cuda_rng is not None:
+                        saved["cuda_rng_ranks"] = torch.stack([r[1] for r in ranks_rng])
+                _save_rotating(checkpoint, saved)
+    if world > 1:
+        distributed.barrier()  # when fit returns on any rank, rank 0's files are complete (a resume may follow)
     model.eval()
     return result
