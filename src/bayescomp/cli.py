@@ -130,6 +130,7 @@ def compress_cmd(
     """Train MODEL with a group-sparse prior, compress it, evaluate it, write OUT/."""
     from .models import MODELS
     from .pipeline import RunOptions, run
+    from .train import distributed
 
     if dataset is not None and model in MODELS and MODELS[model][1] != dataset:
         _fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
@@ -157,8 +158,13 @@ def compress_cmd(
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = run(opts, out, resume=resume, force=force, progress=not quiet, command=command)
+        main_rank = distributed.is_main()
     except _USER_ERRORS as exc:
         _fail(exc)
+    finally:
+        distributed.cleanup()
+    if not main_rank:  # data-parallel: rank 0 reports; the other ranks only trained
+        return
     click.echo(format_table(summary_rows(report)))
     click.echo(f"wrote {Path(out) / 'report.json'}")
 

@@ -26,8 +26,9 @@ from .data import cifar10_augment, load_cifar10, load_mnist
 from .io import save_plain
 from .models import MODELS, build_model
 from .recipes import recipe
-from .train import TrainConfig, evaluate, fit, predict
+from .train import TrainConfig, distributed, evaluate, fit, predict
 from .train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .train.loop import discard_checkpoint, previous_checkpoint
 
 REPORT = "report.json"
 MODEL_FILE = "model.pt"
@@ -120,6 +121,9 @@ def validate(opts: RunOptions) -> None:
         TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip).validate()
     except ValueError as exc:
         raise RunError(str(exc)) from exc
+    if opts.batch_size % distributed.world_size():
+        raise RunError(f"batch size {opts.batch_size} is the global batch: it must be divisible by the number of "
+                       f"processes ({distributed.world_size()})")
 
 
 def load_data(model: str, data_dir: str | None, train_subset: int | None = None, seed: int = 0, verify: bool = True):
@@ -176,18 +180,24 @@ def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path
     if not os.access(parent, os.W_OK):
         raise RunError(f"cannot write output directory {final}: parent {parent} is not writable")
     if resume:
-        if not (work / CHECKPOINT).is_file():
+        if not (work / CHECKPOINT).is_file() and not previous_checkpoint(work / CHECKPOINT).is_file():
             raise RunError(f"nothing to resume: no checkpoint at {work / CHECKPOINT}")
-    else:
+    elif distributed.is_main():
         if work.exists():
             shutil.rmtree(work)
         work.mkdir()
+    distributed.barrier()  # data-parallel: the other ranks wait until rank 0 has made DIR.partial
     return final, work
 
 
 def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force: bool = False,
         progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Train, compress and evaluate one model; write DIR/report.json, model.pt, posterior.pt, metrics."""
+    """Train, compress and evaluate one model; write DIR/report.json, model.pt, posterior.pt, metrics.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains its share of each global batch; rank 0 alone writes
+    DIR and returns the report, the others return an empty dict.
+    """
+    distributed.init_from_env()  # joins the process group under torchrun (gloo: training is on the CPU)
     validate(opts)
     rec = recipe(opts.model)
     thresholds: float | Mapping[str, float] | None = opts.thresholds
@@ -204,6 +214,8 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
+    if not distributed.is_main():
+        return {}  # rank 0 compresses, evaluates and writes DIR
     compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting)
     report: dict[str, Any] = {
         "model": opts.model,
@@ -220,6 +232,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
             "bayescomp": __version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "processes": distributed.world_size(),
             "python": platform.python_version(),
             "machine": platform.machine(),
         },
@@ -238,7 +251,7 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     save_plain(work / MODEL_FILE, compressed.model, meta)
     save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
-    (work / CHECKPOINT).unlink(missing_ok=True)
+    discard_checkpoint(work / CHECKPOINT)  # and its .prev
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)

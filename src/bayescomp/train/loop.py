@@ -137,6 +137,22 @@ def _non_finite_layer(model: nn.Module, grads: bool) -> str | None:
     return None
 
 
+def _clip_gradients(model: nn.Module, max_norm: float, epoch: int, i: int) -> None:
+    """clip_grad_norm_, but a non-finite norm raises before the clipping smears NaN over every gradient."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if hasattr(nn.utils, "get_total_norm"):  # torch ≥ 2.6: the two halves of clip_grad_norm_ (same numbers)
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+        if torch.isfinite(norm):
+            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            return
+    else:
+        norm = nn.utils.clip_grad_norm_(params, max_norm)
+        if torch.isfinite(norm):
+            return
+    bad = _non_finite_layer(model, grads=True)
+    raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
+
+
 def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """Adam with PyTorch's defaults; the fused kernel where this build has it (same update, fewer passes)."""
     try:
@@ -396,10 +412,7 @@ def fit(
                 if bad is not None:
                     raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
             if config.grad_clip is not None:
-                norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if not torch.isfinite(norm):
-                    bad = _non_finite_layer(model, grads=True)
-                    raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
+                _clip_gradients(model, config.grad_clip, epoch, i)
             # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
             optimizer.step()
             for layer in layers.values():
