@@ -9,7 +9,8 @@
 from . import nn
 from .compress import CompressedModel, compress
 from .convert import UnsupportedLayerError, bayesianize, kl_divergence
+from .io.packed import PackedFileError, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedModel", "UnsupportedLayerError", "nn", "bayesianize", "compress", "kl_divergence", "__version__"]
+__all__ = ["CompressedModel", "PackedFileError", "UnsupportedLayerError", "nn", "load", "save", "bayesianize", "compress", "kl_divergence", "__version__"]

@@ -169,32 +169,91 @@ def compress_cmd(
     click.echo(f"wrote {Path(out) / 'report.json'}")
 
 
+def _load_any(path: Path):
+    """A compressed model from a run folder (model.bcz, else model.pt), a .bcz file or a plain .pt file."""
+    from .io import load_plain, read_packed
+
+    if path.is_dir():
+        if (path / "model.bcz").is_file():
+            return read_packed(path / "model.bcz")
+        return load_plain(path / "model.pt")
+    if not path.exists():
+        raise FileNotFoundError(f"run directory or model file not found: {path}")
+    if path.suffix == ".bcz":
+        return read_packed(path)
+    return load_plain(path)
+
+
 @main.command("evaluate")
 @click.argument("run_dir", type=click.Path())
-@click.option("--data-dir", default=None, help="Data root holding mnist/.")
-def evaluate_cmd(run_dir: str, data_dir: str | None) -> None:
-    """Reload the compressed model in RUN_DIR (plain PyTorch) and print its test error."""
-    from .data import load_mnist
-    from .io import load_plain
+@click.option("--data-dir", default=None, help="Data root holding mnist/ (or cifar10/).")
+@click.option("--model", "model_name", default=None, help="Zoo model the file was made from (for a bare file).")
+def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None) -> None:
+    """Reload a compressed model (run folder, .bcz or .pt; plain PyTorch) and print its test error."""
+    from .pipeline import load_data
     from .train import evaluate
 
     try:
-        path = Path(run_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"run directory not found: {path}")
-        model, meta = load_plain(path / "model.pt")
-        x, y = load_mnist("test", data_dir)
+        model, meta = _load_any(Path(run_dir))
+        report_file = Path(run_dir) / "report.json"
+        if report_file.is_file():
+            meta = {**meta, **json.loads(report_file.read_text())}
+        name = model_name or meta.get("model")
+        if name is None:
+            raise ValueError(f"{run_dir}: cannot tell which model/dataset this is; pass --model")
+        _, (x, y) = load_data(name, data_dir, 1)
         err = evaluate(model, x, y)
     except _USER_ERRORS as exc:
         _fail(exc)
-    rows: list[tuple[str, Any]] = [
-        ("model", meta.get("model")),
-        ("architecture", meta.get("architecture")),
-        ("test error (%)", f"{err:.2f}"),
-    ]
+    rows: list[tuple[str, Any]] = [("model", name), ("architecture", meta.get("architecture")),
+                                   ("test error (%)", f"{err:.2f}")]
     if meta.get("test_error") is not None:
         rows.append(("reported test error (%)", f"{meta['test_error']:.2f}"))
     click.echo(format_table(rows))
+
+
+@main.command("pack")
+@click.argument("run_dir", type=click.Path())
+@click.option("--coder", type=click.Choice(["auto", "ans", "huffman"]), default="auto", show_default=True,
+              help="Entropy coder of the weight and index streams (auto: the smallest per stream).")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False), help="File to write (default RUN_DIR/model.bcz).")
+def pack_cmd(run_dir: str, coder: str, out: str | None) -> None:
+    """Write the packed file (.bcz: sparse indices, entropy-coded weights at the inferred bits) of a run."""
+    from types import SimpleNamespace
+
+    from .io import load_plain, packed_report, save
+
+    try:
+        folder = Path(run_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"run directory not found: {folder}")
+        model, _ = load_plain(folder / "model.pt")
+        report = json.loads((folder / "report.json").read_text())
+        bits = {layer["name"]: layer["bits"] for layer in report["layers"] if layer.get("bits") is not None}
+        compressed = SimpleNamespace(model=model, bits=bits, report=report)
+        target = Path(out) if out else folder / "model.bcz"
+        save(compressed, target, coder=coder)
+        figures = packed_report(compressed, target)
+    except (*_USER_ERRORS, KeyError) as exc:
+        _fail(exc)
+    click.echo(format_table([("file", target), ("coder", coder), ("file bytes", figures["file_bytes"]),
+                             ("CR file", f"{figures['cr_file']:.1f}x"), ("CR maximum (paper accounting)",
+                             f"{figures['cr_max']:.1f}x"), ("entropy floor (bytes)", f"{figures['entropy_bits'] / 8:.0f}")]))
+
+
+@main.command("unpack")
+@click.argument("file", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Plain model file to write (.pt).")
+def unpack_cmd(file: str, out: str) -> None:
+    """Decode a .bcz file into a plain model file (spec + tensors) that `torch`-only code can load."""
+    from .io import read_packed, save_plain
+
+    try:
+        model, meta = read_packed(file)
+        save_plain(out, model, {k: meta.get(k) for k in ("model", "architecture", "bits") if k in meta})
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"wrote {out}")
 
 
 @main.command("prune")

@@ -23,7 +23,8 @@ from . import __version__
 from .compress import compress
 from .convert import PRIORS, bayesianize
 from .data import cifar10_augment, load_cifar10, load_mnist
-from .io import save_plain
+from .io import packed_report, save_plain
+from .io import save as save_packed
 from .models import MODELS, build_model
 from .recipes import recipe
 from .train import TrainConfig, distributed, evaluate, fit, predict
@@ -32,6 +33,7 @@ from .train.loop import discard_checkpoint, previous_checkpoint
 
 REPORT = "report.json"
 MODEL_FILE = "model.pt"
+PACKED_FILE = "model.bcz"
 POSTERIOR_FILE = "posterior.pt"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -192,7 +194,8 @@ def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path
 
 def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force: bool = False,
         progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Train, compress and evaluate one model; write DIR/report.json, model.pt, posterior.pt, metrics.
+    """Train, compress and evaluate one model; write DIR/report.json, model.bcz (packed), model.pt (plain),
+    posterior.pt, metrics.jsonl.
 
     Under torchrun (WORLD_SIZE > 1) every process trains its share of each global batch; rank 0 alone writes
     DIR and returns the report, the others return an empty dict.
@@ -249,6 +252,10 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     """Write the run's files into the working folder, then move it to its final name in one rename."""
     meta = {k: report.get(k) for k in ("model", "prior", "architecture", "bits", "test_error")}
     save_plain(work / MODEL_FILE, compressed.model, meta)
+    save_packed(compressed, work / PACKED_FILE)
+    packed = packed_report(compressed, work / PACKED_FILE)
+    report.update({k: packed[k] for k in ("cr_max", "file_bytes", "cr_file")})
+    report["packed"] = {k: v for k, v in packed.items() if k not in ("cr_max", "file_bytes", "cr_file")}
     save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     discard_checkpoint(work / CHECKPOINT)  # and its .prev

@@ -15,6 +15,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or from another model."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temp file beside `path`, fsync, then rename it over `path`.
 
@@ -23,6 +29,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a user's file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
