@@ -241,6 +241,32 @@ def pack_cmd(run_dir: str, coder: str, out: str | None) -> None:
                              f"{figures['cr_max']:.1f}x"), ("entropy floor (bytes)", f"{figures['entropy_bits'] / 8:.0f}")]))
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "safetensors"]), default="onnx", show_default=True)
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="File to write (default RUN_DIR/model.onnx or RUN_DIR/model.safetensors).")
+def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
+    """Export the compressed model of a run as ONNX (runs in onnxruntime) or safetensors."""
+    from .io.export import export_onnx, export_safetensors
+    from .recipes import recipe
+
+    try:
+        folder = Path(run_dir)
+        model, meta = _load_any(folder)
+        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
+        target = Path(out) if out else folder / f"model.{fmt}"
+        if fmt == "onnx":
+            name = report.get("model") or meta.get("model")
+            shape = (1, 28, 28) if recipe(name).dataset == "mnist" else (3, 32, 32)
+            export_onnx(model, target, shape)
+        else:
+            export_safetensors(model, target, {k: report.get(k) for k in ("model", "prior", "architecture", "bits")})
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"wrote {target}")
+
+
 @main.command("unpack")
 @click.argument("file", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Plain model file to write (.pt).")
