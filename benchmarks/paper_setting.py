@@ -81,7 +81,18 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/<model>_<prior>.json)")
     p.add_argument("--keep-run", default=None, help="also keep the run directory here")
+    p.add_argument("--resume", action="store_true", help="continue the run kept in KEEP_RUN.partial")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only re-measure the training-step ratio and update the existing result file")
     args = p.parse_args()
+    out = Path(args.out) if args.out else RESULTS / f"{args.model}_{args.prior}.json"
+    if args.speed_only:
+        report = json.loads(out.read_text())
+        report["speed"] = step_time_ratio(args.model, args.prior, args.batch_size, args.data_dir)
+        report["speed"]["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"step time ratio {report['speed']['train_step_ratio']:.2f}; updated {out}")
+        return
 
     from bayescomp.cli import _parse_thresholds
 
@@ -94,10 +105,9 @@ def main() -> None:
           f"{speed['bayesian_step_seconds'] * 1e3:.2f} ms, ratio {speed['train_step_ratio']:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.keep_run) if args.keep_run else Path(tmp) / "run"
-        report = run(opts, run_dir, force=True, progress=sys.stderr.isatty(), command=command)
+        report = run(opts, run_dir, force=True, resume=args.resume, progress=sys.stderr.isatty(), command=command)
     report["command"] = command
     report["speed"] = speed
-    out = Path(args.out) if args.out else RESULTS / f"{args.model}_{args.prior}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.model} {args.prior}: test error {report['test_error']:.2f}% (uncompressed "
