@@ -7,10 +7,10 @@
 """
 
 from . import nn
-from .compress import CompressedModel, compress
+from .compress import CompressedModel, compress, graph_compress
 from .convert import UnsupportedLayerError, bayesianize, kl_divergence
 from .io.packed import PackedFileError, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedModel", "PackedFileError", "UnsupportedLayerError", "nn", "load", "save", "bayesianize", "compress", "kl_divergence", "__version__"]
+__all__ = ["CompressedModel", "PackedFileError", "UnsupportedLayerError", "graph_compress", "nn", "load", "save", "bayesianize", "compress", "kl_divergence", "__version__"]

@@ -98,6 +98,19 @@ def main() -> None:
 )
 @click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
+@click.option(
+    "--auto-thresholds",
+    type=click.Choice(["histogram", "validation"]),
+    default=None,
+    help="Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
+    "or the most compression within --val-budget on a validation split held out of the training set.",
+)
+@click.option("--val-budget", type=float, default=0.5, show_default=True,
+              help="--auto-thresholds validation: allowed increase of the validation error (percentage points).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="--auto-thresholds validation: share of the training set held out for validation.")
+@click.option("--variance-scale", type=float, default=1.0, show_default=True,
+              help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -123,6 +136,10 @@ def compress_cmd(
     pretrain_epochs,
     no_augment,
     no_verify,
+    auto_thresholds,
+    val_budget,
+    val_fraction,
+    variance_scale,
     resume,
     force,
     quiet,
@@ -154,6 +171,10 @@ def compress_cmd(
         grad_clip=grad_clip,
         tau0=tau0,
         global_kl=global_kl,
+        auto_thresholds=auto_thresholds,
+        val_budget=val_budget,
+        val_fraction=val_fraction,
+        variance_scale=variance_scale,
     )
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -290,21 +311,129 @@ def unpack_cmd(file: str, out: str) -> None:
 )
 @click.option("--data-dir", default=None, help="Data root.")
 @click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True)
+@click.option("--variance-scale", type=float, default=1.0, show_default=True,
+              help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def prune_cmd(
-    run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str, force: bool
+    run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str, variance_scale: float,
+    force: bool,
 ) -> None:
     """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining)."""
     from .pipeline import recompress
 
     try:
         report = recompress(
-            run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force
+            run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force,
+            variance_scale=variance_scale,
         )
     except _USER_ERRORS as exc:
         _fail(exc)
     click.echo(format_table(summary_rows(report)))
     click.echo(f"wrote {Path(out) / 'report.json'}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data-dir", default=None, help="Data root (for --sensitivity).")
+@click.option("--sensitivity", is_flag=True, help="Also measure each layer's precision sensitivity on the test set.")
+@click.option("--method", type=click.Choice(["otsu", "gmm"]), default="otsu", show_default=True,
+              help="How the page suggests thresholds from each layer's log α histogram.")
+def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: str) -> None:
+    """Write RUN_DIR/report.md with its figures (PNG) for a run folder or a sweep folder."""
+    from .report.page import write_report
+
+    try:
+        page = write_report(run_dir, data_dir=data_dir, sensitivity=sensitivity, method=method)
+    except (*_USER_ERRORS, ImportError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {page}")
+
+
+@main.command("sweep")
+@click.option("--tau0", "tau0s", type=float, multiple=True, required=True,
+              help="Global scale τ0 of the horseshoe prior; repeat for each value (--tau0 1e-5 --tau0 1e-3).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Sweep folder: one run per τ0 (tau0_<v>/) and sweep.json.")
+@click.option("--model", default="lenet300", show_default=True, help="Model from the zoo.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--data-dir", default=None, help="Data root.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
+@click.option("--auto-thresholds", type=click.Choice(["histogram", "validation"]), default=None,
+              help="Choose each run's thresholds after training (see `compress --help`).")
+@click.option("--val-budget", type=float, default=0.5, show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--clip-var", type=float, default=None, help="Clamp σ² ≤ this in every layer (default: the recipe).")
+@click.option("--global-kl", type=click.Choice(["derived", "paper"]), default=None)
+@click.option("--train-subset", type=int, default=None, help="Train on N random training examples.")
+@click.option("--force", is_flag=True, help="Retrain runs that already exist in OUT.")
+@click.option("--report", "write_pages", is_flag=True, help="Also write report.md for every run and the sweep.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, auto_thresholds,
+              val_budget, val_fraction, clip_var, global_kl, train_subset, force, write_pages, quiet) -> None:
+    """Train one horseshoe (ghs) run per τ0 into OUT/, and compare: Pareto front and the ELBO's choice."""
+    from .pipeline import RunOptions
+    from .sweep import sweep
+
+    opts = RunOptions(model=model, prior="ghs", epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+                      warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
+                      train_subset=train_subset, data_dir=data_dir, global_kl=global_kl,
+                      auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction)
+    try:
+        result = sweep(opts, list(tau0s), out, progress=not quiet, force=force)
+        if write_pages and result:
+            from .report.page import write_report
+
+            for p in result["points"]:
+                write_report(Path(out) / p["run_dir"])
+            write_report(out)
+    except (*_USER_ERRORS, ImportError) as exc:
+        _fail(exc)
+    if not result:  # data-parallel: rank 0 reports
+        return
+    rows = [(f"τ0 {p['tau0']:g}", f"error {p['test_error']:.2f}%  kept {p['weights_kept_pct']:.2f}%  "
+             f"ELBO {p['elbo']:.4g}{'  (Pareto)' if p['pareto'] else ''}") for p in result["points"]]
+    rows.append(("ELBO prefers", f"τ0 {result['elbo_choice']:g}"))
+    click.echo(format_table(rows))
+    click.echo(f"wrote {Path(out) / 'sweep.json'}")
+
+
+@main.command("threshold-sweep")
+@click.argument("run_dir", type=click.Path())
+@click.option("--values", required=True,
+              help="Comma-separated thresholds, each applied to every layer (or offsets with --relative).")
+@click.option("--relative", is_flag=True, help="Add each value to the run's own per-layer thresholds.")
+@click.option("--data-dir", default=None, help="Data root.")
+@click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default=None,
+              help="Bits per stored weight (default: the run's own).")
+@click.option("--variance-scale", type=float, default=None, help="Variance scale for the bits (default: the run's own).")
+def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, data_dir: str | None, bit_accounting: str | None,
+                        variance_scale: float | None) -> None:
+    """Compress RUN_DIR's posterior at several thresholds (no retraining); write RUN_DIR/threshold_sweep.json."""
+    from .sweep import THRESHOLD_SWEEP_FILE, threshold_sweep
+
+    try:
+        numbers = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {values!r}", param_hint="--values") from None
+    target = Path(run_dir) / THRESHOLD_SWEEP_FILE
+    try:
+        points = threshold_sweep(run_dir, numbers, data_dir=data_dir, relative=relative,
+                                 bit_accounting=bit_accounting, variance_scale=variance_scale, out=target)
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    rows = []
+    for p in points:
+        if p.get("skipped"):
+            rows.append((f"{p['threshold']:g}", f"skipped: {p['skipped']}"))
+        else:
+            rows.append((f"{p['threshold']:g}", f"error {p['test_error']:.2f}%  kept {p['weights_kept_pct']:.2f}%  "
+                         f"CR fast {p['cr_fast']:.1f}x{'  (Pareto)' if p['pareto'] else ''}"))
+    click.echo(format_table(rows))
+    click.echo(f"wrote {target}")
 
 
 @main.command("models")

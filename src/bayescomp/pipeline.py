@@ -21,6 +21,7 @@ import torch
 
 from . import __version__
 from .compress import compress
+from .compress.thresholds import histogram_thresholds, validation_split, validation_thresholds
 from .convert import PRIORS, bayesianize
 from .data import cifar10_augment, load_cifar10, load_mnist
 from .io import packed_report, save_plain
@@ -63,11 +64,14 @@ def load_posterior(path: str | os.PathLike) -> torch.nn.Module:
     return bmodel.eval()
 
 
-def evaluate_compression(bmodel: torch.nn.Module, test, thresholds, bit_accounting: str = "code"):
+def evaluate_compression(bmodel: torch.nn.Module, test, thresholds, bit_accounting: str = "code",
+                         variance_scale: float = 1.0):
     """Compress a trained model and measure it: (CompressedModel, figures for report.json)."""
     t0 = time.perf_counter()
     err_uncompressed = evaluate(bmodel, *test)
-    compressed = compress(bmodel, thresholds, bit_accounting=bit_accounting)
+    example = test[0][:2].to(next(bmodel.parameters()).device)  # a model that is not a chain is compressed
+    compressed = compress(bmodel, thresholds, bit_accounting=bit_accounting, variance_scale=variance_scale,
+                          example_input=example)  # through its torch.fx graph
     preds = predict(compressed.model, test[0])
     err = 100.0 * float((preds != test[1]).float().mean())
     figures = {"test_error": err, "test_error_uncompressed": err_uncompressed,
@@ -98,6 +102,10 @@ class RunOptions:
     verify_data: bool = True  # check the data files' published checksums (off only for data you made)
     tau0: float | None = None  # group horseshoe: global scale of the prior (None: the layer default, 1e-5)
     global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
+    auto_thresholds: str | None = None  # "histogram" or "validation": choose thresholds after training (compress.thresholds)
+    val_budget: float = 0.5  # validation: allowed increase of the validation error, in percentage points
+    val_fraction: float = 0.1  # validation: share of the training set held out (never trained on)
+    variance_scale: float = 1.0  # precision: Var[w] is multiplied by this before the bits are read (> 1: fewer bits)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +127,16 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"--init-from: checkpoint not found: {opts.init_from}")
     if opts.train_subset is not None and opts.train_subset < 1:
         raise RunError(f"train subset must be ≥ 1, got {opts.train_subset}")
+    if opts.auto_thresholds not in (None, "histogram", "validation"):
+        raise RunError(f"auto thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
+    if opts.auto_thresholds is not None and opts.thresholds is not None:
+        raise RunError("--thresholds and --auto-thresholds exclude each other: give one of them")
+    if not 0.0 < opts.val_fraction < 1.0:
+        raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
+    if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):
+        raise RunError(f"validation error budget must be a finite number ≥ 0 (points), got {opts.val_budget}")
+    if not (opts.variance_scale > 0 and opts.variance_scale < float("inf")):
+        raise RunError(f"variance scale must be a positive finite number, got {opts.variance_scale}")
     try:
         TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip).validate()
     except ValueError as exc:
@@ -208,6 +226,14 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
         thresholds = rec.thresholds.get(opts.prior)
     max_var = rec.max_var if opts.max_var is None else opts.max_var
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
+    val = None
+    if opts.auto_thresholds == "validation":  # hold the validation split out of the TRAINING set (never the test set)
+        try:
+            train_idx, val_idx = validation_split(len(train[0]), opts.val_fraction, opts.seed)
+        except ValueError as exc:
+            raise RunError(str(exc)) from exc
+        val = (train[0][val_idx], train[1][val_idx])
+        train = (train[0][train_idx], train[1][train_idx])
     final, work = prepare_out(out, resume, force)
 
     torch.manual_seed(opts.seed)
@@ -219,7 +245,14 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
     if not distributed.is_main():
         return {}  # rank 0 compresses, evaluates and writes DIR
-    compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting)
+    choice = None
+    if opts.auto_thresholds == "histogram":
+        choice = histogram_thresholds(bmodel)
+    elif opts.auto_thresholds == "validation":
+        choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale)
+    if choice is not None:
+        thresholds = {name: c.value for name, c in choice.items()}
+    compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale)
     report: dict[str, Any] = {
         "model": opts.model,
         "prior": opts.prior,
@@ -240,6 +273,10 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
             "machine": platform.machine(),
         },
     }
+    if choice is not None:
+        report["threshold_choice"] = {name: c.to_dict() for name, c in choice.items()}
+    if val is not None:
+        report["validation_examples"] = len(val[0])
     if command:
         report["command"] = command
     posterior = {"model": opts.model, "prior": opts.prior, "tau0": opts.tau0, "global_kl": opts.global_kl,
@@ -265,7 +302,8 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
 
 
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
-               *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False) -> dict[str, Any]:
+               *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
+               variance_scale: float = 1.0) -> dict[str, Any]:
     """Compress a finished run's posterior again (other thresholds), evaluate it, write a new run folder."""
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
@@ -280,7 +318,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     _, test = load_data(state["model"], data_dir, 1)
     final, work = prepare_out(out, False, force)
     try:
-        compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting)
+        compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

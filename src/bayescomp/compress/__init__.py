@@ -16,6 +16,7 @@ from torch import nn
 
 from ..nn import GroupSparseLayer
 from .chain import WEIGHTED, chain, is_linear
+from .graph import Realign, graph_compress
 from .masks import (
     LayerMask,
     PruneError,
@@ -59,6 +60,7 @@ def compress(
     bits_reduce: str = "mean",
     variance_scale: float = 1.0,
     bit_accounting: str = "code",
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> CompressedModel:
     """Prune, quantise and shrink a trained Bayesian model.
 
@@ -67,9 +69,17 @@ def compress(
     - `masks`: a decision from `compression_masks` (possibly edited) to use instead of thresholds.
     - `round_weights`: round each layer's weights to its inferred precision (else keep float32).
     - `bits_reduce`, `variance_scale`: see `precision.layer_bits`; `bit_accounting`: see `rates`.
+    - `example_input`: a batch the model accepts. A model that is not an `nn.Sequential` chain
+      (residual sums, concatenations, ...) is then compressed through its torch.fx graph by
+      `graph.graph_compress`, and `.model` is a `torch.fx.GraphModule`.
 
     The input model is not modified.
     """
+    if example_input is not None and not isinstance(model, nn.Sequential):
+        if masks is not None:
+            raise ValueError("masks= describes a chain's decision; for a graph model pass keeps= to graph_compress")
+        return graph_compress(model, thresholds, example_input=example_input, round_weights=round_weights,
+                              bits_reduce=bits_reduce, variance_scale=variance_scale, bit_accounting=bit_accounting)
     was_training = model.training
     model.eval()
     try:
@@ -142,11 +152,13 @@ __all__ = [
     "CompressedModel",
     "LayerMask",
     "PruneError",
+    "Realign",
     "Select",
     "apply_masks",
     "compress",
     "compression_masks",
     "exponent_bits",
+    "graph_compress",
     "group_masks",
     "kept_weights",
     "layer_bits",

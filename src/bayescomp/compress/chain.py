@@ -33,7 +33,8 @@ def chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not isinstance(model, nn.Sequential):
         raise UnsupportedLayerError(
             f"{type(model).__name__}: compress supports nn.Sequential chains of Linear/Conv2d/BatchNorm/"
-            "activation/pooling/Flatten modules; this model is not an nn.Sequential"
+            "activation/pooling/Flatten modules; this model is not an nn.Sequential (pass example_input=, a batch "
+            "it accepts, to compress it through its torch.fx graph)"
         )
     out: list[tuple[str, nn.Module]] = []
     _walk(model, "", out)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .lenet import lenet5_caffe, lenet300_100
+from .resnet import concat_net, resnet18, resnet18_cifar, resnet20_cifar, resnet_mnist
 from .vgg import vgg16_cifar
 
 #: name -> (constructor, dataset name)
@@ -32,4 +33,5 @@ def model_dataset(name: str) -> str:
     return MODELS[name][1]
 
 
-__all__ = ["MODELS", "build_model", "model_dataset", "lenet300_100", "lenet5_caffe", "vgg16_cifar"]
+__all__ = ["MODELS", "build_model", "model_dataset", "concat_net", "lenet300_100", "lenet5_caffe", "resnet18",
+           "resnet18_cifar", "resnet20_cifar", "resnet_mnist", "vgg16_cifar"]

@@ -1,0 +1,283 @@
+"""Thresholds from the evidence: the log α histogram's two modes, and a validation split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bayescomp.compress import compress
+from bayescomp.compress import thresholds as thr
+from bayescomp.compress.masks import PruneError
+from bayescomp.compress.thresholds import (
+    ThresholdChoice,
+    default_candidates,
+    histogram_thresholds,
+    split_modes,
+    validation_split,
+    validation_thresholds,
+)
+from bayescomp.convert import bayesianize
+from bayescomp.train import TrainConfig, evaluate, fit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _bimodal(n_low: int, n_high: int, seed: int = 0, low=-8.0, high=4.0, sd_low=1.0, sd_high=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(n_low, generator=g) * sd_low + low, torch.randn(n_high, generator=g) * sd_high + high])
+
+
+# ---- split_modes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["otsu", "gmm"])
+@pytest.mark.parametrize("sizes", [(200, 200), (450, 50), (30, 600)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_modes_recovers_known_split(method, sizes, seed):
+    scores = _bimodal(*sizes, seed=seed)
+    c = split_modes(scores, method)
+    assert isinstance(c, ThresholdChoice) and c.method == method
+    assert -4.0 < c.value < 1.0, c
+    assert float(c) == c.value
+    # it separates the two generating modes exactly (they do not overlap at 1 sd and 12 apart)
+    assert c.kept == sizes[0] and c.total == sum(sizes)
+    assert c.reason and "degenerate" not in c.details
+
+
+def test_split_modes_unequal_widths_gmm_moves_towards_narrow_mode():
+    scores = _bimodal(300, 300, seed=3, low=-8.0, high=4.0, sd_low=0.3, sd_high=2.5)
+    otsu, gmm = split_modes(scores, "otsu"), split_modes(scores, "gmm")
+    assert -7.0 < gmm.value < otsu.value < 1.0
+    assert gmm.kept == otsu.kept == 300
+    assert "gmm" in gmm.details and len(gmm.details["gmm"]["means"]) == 2
+
+
+@pytest.mark.parametrize("scores, why", [
+    ([], "0 finite"),
+    ([float("nan")], "0 finite"),
+    ([1.5], "1 finite"),
+    ([2.0, 2.0, 2.0, 2.0], "equal"),
+])
+def test_split_modes_degenerate_keeps_everything(scores, why):
+    for method in ("otsu", "gmm"):
+        c = split_modes(torch.tensor(scores, dtype=torch.float32), method)
+        assert why in c.reason and "every group kept" in c.reason or "threshold +inf" in c.reason
+        assert c.details.get("degenerate") is True
+        finite = [s for s in scores if math.isfinite(s)]
+        if finite:
+            assert c.value == max(finite) + 1.0 and c.kept == len(finite)
+        else:
+            assert c.value == math.inf
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_modes_unimodal_keeps_everything(seed):
+    g = torch.Generator().manual_seed(seed)
+    for scores in (torch.randn(2000, generator=g) * 3 - 5, torch.rand(2000, generator=g) * 10):
+        c = split_modes(scores)
+        assert "unimodal" in c.reason and c.details["degenerate"]
+        assert bool((scores < c.value).all())
+
+
+def test_split_modes_ignores_nan_and_accepts_lists():
+    scores = _bimodal(50, 50).tolist() + [float("nan")]
+    c = split_modes(scores)
+    assert -4.0 < c.value < 1.0 and c.total == 100
+
+
+def test_split_modes_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        split_modes([1.0, 2.0], "kmeans")
+
+
+def test_histogram_thresholds_per_layer():
+    torch.manual_seed(0)
+    bm = bayesianize(nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 3)), "gnj", keep_weights=False)
+    with torch.no_grad():
+        # plant log α = z_logvar − log z_mu²: z_mu = 1, so log α = z_logvar
+        first, second = bm[0], bm[2]
+        first.z_mu.fill_(1.0)
+        first.z_logvar.copy_(_bimodal(25, 15, seed=4))  # 25 kept, 15 pruned
+        second.z_mu.fill_(1.0)
+        second.z_logvar.fill_(-6.0)  # all equal: degenerate, keeps everything
+    out = histogram_thresholds(bm)
+    assert set(out) == {"0", "2"}
+    assert -4.0 < out["0"].value < 1.0 and out["0"].kept == 25 and out["0"].total == 40
+    assert out["2"].kept == 16 and "equal" in out["2"].reason
+    # usable as compress thresholds
+    result = compress(bm, {n: c.value for n, c in out.items()})
+    assert result.report["architecture"].startswith("25-")
+
+
+# ---- validation split ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, fraction", [(10, 0.3), (1000, 0.1), (7, 0.5), (2, 0.01), (5, 0.99)])
+def test_validation_split_disjoint_and_covering(n, fraction):
+    train, val = validation_split(n, fraction, seed=3)
+    assert len(val) >= 1 and len(train) >= 1
+    assert len(set(train.tolist()) & set(val.tolist())) == 0
+    assert sorted(train.tolist() + val.tolist()) == list(range(n))
+    assert len(val) == min(max(round(fraction * n), 1), n - 1)
+    assert torch.equal(val, torch.sort(val).values)
+
+
+def test_validation_split_seeded():
+    a = validation_split(500, 0.2, seed=1)
+    b = validation_split(500, 0.2, seed=1)
+    c = validation_split(500, 0.2, seed=2)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    assert not torch.equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("n, fraction", [(1, 0.5), (10, 0.0), (10, 1.0), (10, -0.1)])
+def test_validation_split_rejects(n, fraction):
+    with pytest.raises(ValueError):
+        validation_split(n, fraction)
+
+
+# ---- validation thresholds on a small trained problem -------------------------------------------
+
+def _synthetic(n: int, seed: int):
+    """20 inputs, the first 4 informative; 3 classes from a fixed linear map (separable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 20, generator=g)
+    w = torch.tensor([[2.0, -1.0, 0.5, 0.0], [-1.0, 2.0, 0.0, 1.0], [0.0, -0.5, -2.0, 1.5]])
+    y = (x[:, :4] @ w.T).argmax(1)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    x, y = _synthetic(1600, seed=10)
+    train_idx, val_idx = validation_split(len(x), 0.25, seed=0)
+    train = (x[train_idx], y[train_idx])
+    val = (x[val_idx], y[val_idx])
+    test = _synthetic(400, seed=11)
+    bm = bayesianize(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)), "gnj", keep_weights=False)
+    fit(bm, train, TrainConfig(epochs=16, batch_size=64, lr=1e-2, seed=0), progress=False)  # 304 steps
+    return bm, train, val, test
+
+
+def test_default_candidates():
+    s = torch.tensor([3.0, 1.0, 2.0, 2.0, float("inf")])
+    c = default_candidates(s, n=10)
+    assert c == [1.5, 2.5, 4.0]
+    many = default_candidates(torch.arange(100.0), n=8)
+    assert len(many) <= 8 and many == sorted(many) and many[-1] == 100.0 and many[0] == 0.5
+
+
+def test_validation_thresholds_within_budget_and_only_sees_validation(trained, monkeypatch):
+    bm, train, val, test = trained
+    val_x, val_y = val
+    seen = []
+    real_error = thr._error
+
+    def spy(model, x, y, *args, **kwargs):
+        seen.append((x, y))
+        return real_error(model, x, y, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("validation_thresholds must not load a data set")
+
+    monkeypatch.setattr(thr, "_error", spy)
+    monkeypatch.setattr("bayescomp.pipeline.load_data", forbidden)
+    monkeypatch.setattr("bayescomp.data.load_mnist", forbidden)
+    budget = 1.0
+    before = {k: v.clone() for k, v in bm.state_dict().items()}
+    out = validation_thresholds(bm, val_x, val_y, budget)
+    assert all(torch.equal(v, bm.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    assert seen and all(x is val_x and y is val_y for x, y in seen)
+    assert set(out) == {"0", "2"}
+    d = out["0"].details
+    assert d["feasible"] and d["n_val"] == len(val_x)
+    assert d["val_error"] <= d["val_error_uncompressed"] + budget + 1e-9
+    assert d["val_error_uncompressed"] == pytest.approx(evaluate(bm, val_x, val_y))
+    # the figures it reports are those of the model compress() gives at its thresholds
+    thresholds = {n: c.value for n, c in out.items()}
+    result = compress(bm, thresholds)
+    assert result.report["weights_kept"] == d["weights_kept"]
+    err = real_error(result.model, val_x, val_y)
+    assert err == pytest.approx(d["val_error"])
+    assert err <= evaluate(bm, val_x, val_y) + budget + 1e-9
+    # it compresses: the 16 noise inputs (at least) are cheaper to drop than to keep
+    assert result.report["weights_kept"] < result.report["weights_total"]
+    assert out["0"].kept <= 10 and all(c.method == "validation" and "validation" in c.reason for c in out.values())
+
+
+def test_validation_thresholds_more_budget_never_keeps_more(trained):
+    bm, _, val, _ = trained
+    tight = validation_thresholds(bm, *val, budget=0.0)
+    loose = validation_thresholds(bm, *val, budget=5.0)
+    assert loose["0"].details["weights_kept"] <= tight["0"].details["weights_kept"]
+    assert tight["0"].details["val_error"] <= tight["0"].details["val_error_uncompressed"] + 1e-9
+
+
+def test_validation_thresholds_candidates_and_errors(trained):
+    bm, _, val, _ = trained
+    out = validation_thresholds(bm, *val, budget=2.0, candidates={"0": [-100.0, 0.0], "2": [-100.0]})
+    assert out["2"].kept == 32  # -100 empties the layer (infeasible): its keep-all value stays
+    with pytest.raises(PruneError, match="unknown layers"):
+        validation_thresholds(bm, *val, budget=1.0, candidates={"0": [0.0], "2": [0.0], "nope": [1.0]})
+    with pytest.raises(ValueError, match="budget"):
+        validation_thresholds(bm, *val, budget=-1.0)
+    with pytest.raises(ValueError, match="validation set"):
+        validation_thresholds(bm, val[0][:0], val[1][:0], budget=1.0)
+
+
+# ---- the pipeline's --auto-thresholds (runs once pipeline.py has the options) ----------------------
+
+def _pipeline_has_auto_thresholds() -> bool:
+    from dataclasses import fields
+
+    from bayescomp.pipeline import RunOptions
+
+    return "auto_thresholds" in {f.name for f in fields(RunOptions)}
+
+
+@pytest.mark.skipif(not _pipeline_has_auto_thresholds(), reason="pipeline.RunOptions has no auto_thresholds yet")
+def test_pipeline_validation_thresholds_hold_out_training_examples(tmp_path, monkeypatch):
+    import json
+    import os
+    from pathlib import Path
+
+    import bayescomp.pipeline as pipeline
+    from bayescomp.data import load_mnist
+
+    data = os.environ.get("BAYESCOMP_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    test_x, _ = load_mnist("test", data)
+    seen = {}
+    real = pipeline.validation_thresholds
+
+    def spy(model, val_x, val_y, budget, *args, **kwargs):
+        seen["n"], seen["budget"] = len(val_x), budget
+        assert val_x is not test_x and len(val_x) != len(test_x)
+        return real(model, val_x, val_y, budget, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "validation_thresholds", spy)
+    opts = pipeline.RunOptions(model="lenet300", epochs=1, train_subset=500, data_dir=data,
+                               auto_thresholds="validation", val_budget=2.0, val_fraction=0.2)
+    report = pipeline.run(opts, tmp_path / "run", progress=False)
+    assert seen == {"n": 100, "budget": 2.0}
+    assert report["train_examples"] == 400 and report["validation_examples"] == 100
+    choice = report["threshold_choice"]
+    assert set(choice) == {"fc1", "fc2", "fc3"} and all(c["method"] == "validation" for c in choice.values())
+    assert report["thresholds"] == {n: c["value"] for n, c in choice.items()}
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["threshold_choice"] == choice
+
+    hist = pipeline.run(pipeline.RunOptions(model="lenet300", epochs=1, train_subset=300, data_dir=data,
+                                            auto_thresholds="histogram"), tmp_path / "hist", progress=False)
+    assert all(c["method"] == "otsu" for c in hist["threshold_choice"].values())
+    assert hist["train_examples"] == 300 and "validation_examples" not in hist
+    with pytest.raises(pipeline.RunError, match="exclude"):
+        pipeline.run(pipeline.RunOptions(auto_thresholds="histogram", thresholds=-3.0, data_dir=data), tmp_path / "x")
+    with pytest.raises(pipeline.RunError, match="fraction"):
+        pipeline.run(pipeline.RunOptions(auto_thresholds="validation", val_fraction=1.5, data_dir=data), tmp_path / "y")
