@@ -156,14 +156,20 @@ def test_python_dash_m_is_the_same_command():
 
 def test_readme_python_example_runs(monkeypatch):
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
     monkeypatch.setenv("BAYESCOMP_DATA", str(DATA))
     torch.manual_seed(0)
     namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
     result = namespace["result"]
     assert isinstance(result.model, torch.nn.Sequential)
     assert result.report["weights_total"] == 266200
+    namespace = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)  # the user-defined residual network
+    result = namespace["result"]
+    x = namespace["x"][:3]
+    assert result.model(x).shape == (3, 10)
 
 
 def test_readme_starts_with_the_two_commands():
