@@ -304,7 +304,10 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
                variance_scale: float = 1.0) -> dict[str, Any]:
-    """Compress a finished run's posterior again (other thresholds), evaluate it, write a new run folder."""
+    """Compress a finished run's posterior again (other thresholds), evaluate it, write a new run folder.
+
+    `thresholds=None` keeps the thresholds the run used (its report's `thresholds`).
+    """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
     if not posterior_path.is_file():
@@ -318,6 +321,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     _, test = load_data(state["model"], data_dir, 1)
     final, work = prepare_out(out, False, force)
     try:
+        if thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
+            thresholds = previous.get("thresholds") or None
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
