@@ -27,8 +27,9 @@ from .masks import (
     resolve_thresholds,
 )
 from .precision import exponent_bits, layer_bits, round_to_bits, weight_bits
-from .rates import LayerCount, rates
+from .rates import rates
 from .shrink import AppendOnes, Select, effective_params, shrink
+from .summary import summarize
 
 
 @dataclass
@@ -99,52 +100,19 @@ def compress(
                 max_abs = max(max_abs, weight[keep].abs().max().item())
         e_bits = exponent_bits(max_abs)
         plain = shrink(model, decision, bits if round_weights else None)
-        report = _report(model, layers, decision, bits, e_bits, plain, resolved, bit_accounting)
+        report = _report(layers, decision, bits, e_bits, plain, resolved, bit_accounting)
         report.update(rounded=round_weights, bits_reduce=bits_reduce, variance_scale=variance_scale)
         return CompressedModel(plain, report, decision, bits)
     finally:
         model.train(was_training)
 
 
-def _report(model, layers, decision, bits, e_bits, plain, thresholds, accounting) -> dict[str, Any]:
+def _report(layers, decision, bits, e_bits, plain, thresholds, accounting) -> dict[str, Any]:
     shrunk_weighted = [m for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     originals = [(n, m) for n, m in layers if isinstance(m, WEIGHTED)]
-    counts, per_layer, arch = [], [], []
-    priors = sorted({m.prior for _, m in originals if isinstance(m, GroupSparseLayer)})
-    for (name, m), new in zip(originals, shrunk_weighted, strict=True):
-        lm = decision[name]
-        total = (m.posterior_mean() if isinstance(m, GroupSparseLayer) else m.weight).numel()
-        kept = new.weight.numel()
-        b = bits.get(name)
-        counts.append(LayerCount(name, total, kept, b))
-        linear = is_linear(m)
-        arch.append(int(lm.in_mask.sum()) if linear else int(lm.out_mask.sum()))
-        groups_total = getattr(m, "n_groups", None)
-        per_layer.append({
-            "name": name,
-            "kind": "linear" if linear else "conv2d",
-            "groups_total": groups_total,
-            "groups_kept": None if lm.group_keep is None else int(lm.group_keep.sum()),
-            "threshold": thresholds.get(name),
-            "bits": b,
-            "inputs_total": lm.in_mask.numel(),
-            "inputs_kept": int(lm.in_mask.sum()),
-            "outputs_total": lm.out_mask.numel(),
-            "outputs_kept": int(lm.out_mask.sum()),
-            "weights_total": total,
-            "weights_kept": kept,
-        })
-    report: dict[str, Any] = {
-        "prior": priors[0] if len(priors) == 1 else "+".join(priors),
-        "architecture": "-".join(str(a) for a in arch),
-        "bits": [bits.get(n) for n, _ in originals],
-        "exponent_bits": e_bits,
-        "bit_accounting": accounting,
-        "thresholds": {n: thresholds.get(n) for n, _ in originals if n in thresholds},
-    }
-    report.update(rates(counts, e_bits, accounting))
-    report["layers"] = per_layer
-    return report
+    rows = [(name, m, decision[name], new.weight.numel())
+            for (name, m), new in zip(originals, shrunk_weighted, strict=True)]
+    return summarize(rows, bits, e_bits, thresholds, accounting)
 
 
 __all__ = [

@@ -66,8 +66,8 @@ from ..nn import GroupSparseLayer
 from .chain import CHANNEL_AFFINE, ZERO_PRESERVING
 from .masks import LayerMask, PruneError, _module_const, group_masks, resolve_thresholds
 from .precision import exponent_bits, layer_bits, round_to_bits
-from .rates import LayerCount, rates
 from .shrink import AppendOnes, Select, _constant_inputs, _padded, _slice_batch_norm, effective_params
+from .summary import summarize
 
 # ---- what each op does to channels ------------------------------------------------------------------
 
@@ -831,43 +831,12 @@ def graph_compress(
 
 def _report(an: _Analysis, builder: _Builder, bits: Mapping[str, int], e_bits: int, thresholds: Mapping[str, float],
             accounting: str) -> dict[str, Any]:
-    """The fields of `compress()`'s report; every rate comes from `rates.rates`."""
-    counts, per_layer, arch = [], [], []
-    originals = [(name, an.modules[name]) for name in builder.order]
-    priors = sorted({m.prior for _, m in originals if isinstance(m, GroupSparseLayer)})
-    for name, m in originals:
-        lm, new = builder.masks[name], builder.new_layers[name]
-        total = (m.posterior_mean() if isinstance(m, GroupSparseLayer) else m.weight).numel()
-        kept = 0 if new is None else new.weight.numel()
-        b = bits.get(name)
-        counts.append(LayerCount(name, total, kept, b))
-        linear = hasattr(m, "in_features")
-        arch.append(int(lm.in_mask.sum()) if linear else int(lm.out_mask.sum()))
-        per_layer.append({
-            "name": name,
-            "kind": "linear" if linear else "conv2d",
-            "groups_total": getattr(m, "n_groups", None),
-            "groups_kept": None if lm.group_keep is None else int(lm.group_keep.sum()),
-            "threshold": thresholds.get(name) if isinstance(m, GroupSparseLayer) else None,
-            "bits": b,
-            "inputs_total": lm.in_mask.numel(),
-            "inputs_kept": int(lm.in_mask.sum()),
-            "outputs_total": lm.out_mask.numel(),
-            "outputs_kept": int(lm.out_mask.sum()),
-            "weights_total": total,
-            "weights_kept": kept,
-        })
-    report: dict[str, Any] = {
-        "prior": priors[0] if len(priors) == 1 else "+".join(priors),
-        "architecture": "-".join(str(a) for a in arch),
-        "bits": [bits.get(n) for n, _ in originals],
-        "exponent_bits": e_bits,
-        "bit_accounting": accounting,
-        "thresholds": {n: thresholds.get(n) for n, _ in originals if n in thresholds},
-    }
-    report.update(rates(counts, e_bits, accounting))
-    report["layers"] = per_layer
-    return report
+    """The fields of `compress()`'s report (shared `summary.summarize`; every rate from `rates.rates`)."""
+    rows = []
+    for name in builder.order:
+        new = builder.new_layers[name]
+        rows.append((name, an.modules[name], builder.masks[name], 0 if new is None else new.weight.numel()))
+    return summarize(rows, bits, e_bits, thresholds, accounting)
 
 
 __all__ = ["BARRIER_MODULES", "Realign", "UNARY_MODULES", "graph_compress", "trace"]
