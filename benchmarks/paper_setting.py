@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--thresholds", type=str, default=None, help="as on the command line: -3 or fc1=-2.8,fc2=-3")
+    p.add_argument("--tau0", type=float, default=None, help="horseshoe: global scale of the prior")
+    p.add_argument("--global-kl", choices=["derived", "paper"], default=None, help="horseshoe: global-scale KL")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/<model>_<prior>.json)")
     p.add_argument("--keep-run", default=None, help="also keep the run directory here")
@@ -115,7 +117,8 @@ def main() -> None:
 
     opts = RunOptions(model=args.model, prior=args.prior, epochs=args.epochs, seed=args.seed,
                       batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                      thresholds=_parse_thresholds(args.thresholds), data_dir=args.data_dir)
+                      thresholds=_parse_thresholds(args.thresholds), data_dir=args.data_dir,
+                      tau0=args.tau0, global_kl=args.global_kl)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     speed = step_time_ratio(args.model, args.prior, args.batch_size, args.data_dir)
     print(f"step time: plain {speed['plain_step_seconds'] * 1e3:.2f} ms, bayesian "
