@@ -179,3 +179,20 @@ def test_readme_starts_with_the_two_commands():
     assert "bayescomp compress" in commands[0] and "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pytest" in ci
+
+
+def test_device_option(tmp_path):
+    """--device cpu trains as before; CUDA asked for on a machine without it is a clear error, before any work."""
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet", "--epochs", "1",
+                                  "--train-subset", "200", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["environment"]["device"] == "cpu"
+    r = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "x"), "--data-dir", str(DATA), "--quiet",
+                                  "--device", "tpu"])
+    assert r.exit_code == 1 and "device" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "y"), "--data-dir", str(DATA), "--quiet",
+                                      "--device", "cuda"])
+        assert r.exit_code == 1 and "no CUDA" in r.output
+        assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()

@@ -111,6 +111,7 @@ def main() -> None:
               help="--auto-thresholds validation: share of the training set held out for validation.")
 @click.option("--variance-scale", type=float, default=1.0, show_default=True,
               help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -136,6 +137,7 @@ def compress_cmd(
     pretrain_epochs,
     no_augment,
     no_verify,
+    device,
     auto_thresholds,
     val_budget,
     val_fraction,
@@ -156,6 +158,7 @@ def compress_cmd(
         pretrain_epochs=pretrain_epochs,
         augment=not no_augment,
         verify_data=not no_verify,
+        device=device,
         model=model,
         prior=prior,
         epochs=epochs,

@@ -100,6 +100,7 @@ class RunOptions:
     pretrain_epochs: int = 0  # train the plain twin this long first, then start the Bayesian model from it
     augment: bool = True  # CIFAR-10: random crops and flips during training
     verify_data: bool = True  # check the data files' published checksums (off only for data you made)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
     tau0: float | None = None  # group horseshoe: global scale of the prior (None: the layer default, 1e-5)
     global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
     auto_thresholds: str | None = None  # "histogram" or "validation": choose thresholds after training (compress.thresholds)
@@ -121,6 +122,7 @@ def validate(opts: RunOptions) -> None:
         raise RunError("--tau0 and --global-kl apply to the group horseshoe prior (--prior ghs) only")
     if opts.tau0 is not None and not (opts.tau0 > 0 and opts.tau0 < float("inf")):
         raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
+    resolve_device(opts.device)
     if opts.pretrain_epochs < 0:
         raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if opts.init_from is not None and not Path(opts.init_from).is_file():
@@ -144,6 +146,21 @@ def validate(opts: RunOptions) -> None:
     if opts.batch_size % distributed.world_size():
         raise RunError(f"batch size {opts.batch_size} is the global batch: it must be divisible by the number of "
                        f"processes ({distributed.world_size()})")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a --device value; a clear error where CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise RunError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name!r} asked for, but this machine/PyTorch build has no CUDA")
+    if device.type not in ("cpu", "cuda"):
+        raise RunError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return device
 
 
 def load_data(model: str, data_dir: str | None, train_subset: int | None = None, seed: int = 0, verify: bool = True):
@@ -183,7 +200,9 @@ def _plain_start(opts: RunOptions, train, test, progress: bool) -> tuple[torch.n
         trained = True
     if opts.pretrain_epochs > 0:
         config = TrainConfig(opts.pretrain_epochs, opts.batch_size, opts.lr, 0.0, opts.seed, opts.grad_clip)
+        plain = plain.to(resolve_device(opts.device))
         fit(plain, train, config, test=test, progress=progress, transform=_augmentation(opts))
+        plain = plain.cpu()
         trained = True
     return plain, trained
 
@@ -218,8 +237,9 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     Under torchrun (WORLD_SIZE > 1) every process trains its share of each global batch; rank 0 alone writes
     DIR and returns the report, the others return an empty dict.
     """
-    distributed.init_from_env()  # joins the process group under torchrun (gloo: training is on the CPU)
     validate(opts)
+    device = resolve_device(opts.device)
+    distributed.init_from_env(device)  # joins the process group under torchrun (gloo on CPU, nccl on CUDA)
     rec = recipe(opts.model)
     thresholds: float | Mapping[str, float] | None = opts.thresholds
     if thresholds is None:
@@ -239,7 +259,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     torch.manual_seed(opts.seed)
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
     bmodel = build_bayesian(opts.model, opts.prior, plain=plain, keep_weights=trained, max_var=max_var or None,
-                            tau0=opts.tau0, global_kl=opts.global_kl)
+                            tau0=opts.tau0, global_kl=opts.global_kl).to(device)
     config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
@@ -271,6 +291,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
             "processes": distributed.world_size(),
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "device": str(device),
         },
     }
     if choice is not None:
