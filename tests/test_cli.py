@@ -123,10 +123,21 @@ def test_thresholds_that_prune_everything_fail_cleanly(tmp_path):
 
 
 def test_unwritable_output_fails_before_training(tmp_path):
-    out = tmp_path / "missing-parent" / "out"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "runs" / "out"
     result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
                                        "--epochs", "1", "--train-subset", "100"])
     assert result.exit_code == 1 and "cannot write output directory" in result.output
+    assert blocker.read_text() == "not a directory"
+
+
+def test_missing_parent_folders_are_created(tmp_path):
+    out = tmp_path / "runs" / "nested" / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "100"])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.json").is_file()
 
 
 def test_existing_output_is_not_overwritten(tmp_path):

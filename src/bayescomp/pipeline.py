@@ -214,8 +214,10 @@ def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path
     if final.exists() and not force:
         raise RunError(f"output directory {final} already exists; choose another or pass --force")
     parent = final.parent if str(final.parent) else Path(".")
-    if not parent.is_dir():
-        raise RunError(f"cannot write output directory {final}: parent {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/ on a fresh checkout
+    except OSError as exc:
+        raise RunError(f"cannot write output directory {final}: cannot create {parent} ({exc.strerror or exc})") from exc
     if not os.access(parent, os.W_OK):
         raise RunError(f"cannot write output directory {final}: parent {parent} is not writable")
     if resume:
