@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -159,6 +160,11 @@ def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def _interactive() -> bool:
+    """A live progress bar only on a terminal: in logs and CI it would print every refresh."""
+    return sys.stderr.isatty()
 
 
 def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float) -> float:
@@ -362,8 +368,8 @@ def fit(
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen)
         sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main),
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main and _interactive()),
+                   leave=False, dynamic_ncols=True)  # the per-epoch summary line is printed either way
         for i in bar:
             step = epoch * steps_per_epoch + i
             idx = order[i * config.batch_size : (i + 1) * config.batch_size]
