@@ -35,14 +35,7 @@ from bayescomp.data import load_mnist
 from bayescomp.models import lenet5_caffe, lenet300_100
 from bayescomp.nn import GroupSparseLayer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for these small tensors on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ N_SE = 5.0
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for these small tensors on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _paper_eq9(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,7 @@ from bayescomp.models import build_model
 from bayescomp.models.resnet import concat_net, resnet18, resnet20_cifar, resnet_mnist
 from bayescomp.nn import GroupSparseLayer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model: nn.Module, gen: torch.Generator) -> None:

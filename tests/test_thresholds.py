@@ -22,13 +22,7 @@ from bayescomp.compress.thresholds import (
 from bayescomp.convert import bayesianize
 from bayescomp.train import TrainConfig, evaluate, fit
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bimodal(n_low: int, n_high: int, seed: int = 0, low=-8.0, high=4.0, sd_low=1.0, sd_high=1.0) -> torch.Tensor:

@@ -29,13 +29,7 @@ N_TRAIN = 2000
 HISTORY_KEYS = {"epoch", "loss", "nll", "kl", "beta", "train_error", "seconds", "test_error", "groups_kept"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for these small matrices on a busy 2-core machine, and reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
