@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import randomise as _randomise
 from torch import nn
 
 import bayescomp
@@ -19,19 +20,6 @@ from bayescomp.compress import AppendOnes, apply_masks, compress, compression_ma
 from bayescomp.io import load_plain
 from bayescomp.models import build_model
 from bayescomp.nn import GroupSparseLayer
-
-
-def _randomise(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial batch-norm statistics and posteriors, so that folding errors would show."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-            if isinstance(m, GroupSparseLayer):
-                m.z_mu.copy_(1 + 0.3 * torch.randn(m.n_groups, generator=gen))
 
 
 def _random_keeps(bmodel: nn.Module, gen: torch.Generator, all_but_one: str | None = None) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomise as _randomise
 from torch import fx, nn
 
 import bayescomp
@@ -21,19 +22,6 @@ from bayescomp.models.resnet import concat_net, resnet18, resnet20_cifar, resnet
 from bayescomp.nn import GroupSparseLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _randomise(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial batch-norm statistics and posteriors, so that folding errors would show."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-            if isinstance(m, GroupSparseLayer):
-                m.z_mu.copy_(1 + 0.3 * torch.randn(m.n_groups, generator=gen))
 
 
 def _random_keeps(bmodel: nn.Module, gen: torch.Generator, p: float = 0.6) -> dict[str, torch.Tensor]:
