@@ -133,6 +133,9 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"auto thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
     if opts.auto_thresholds is not None and opts.thresholds is not None:
         raise RunError("--thresholds and --auto-thresholds exclude each other: give one of them")
+    if opts.auto_thresholds == "validation" and not isinstance(build_model(opts.model), torch.nn.Sequential):
+        raise RunError(f"--auto-thresholds validation compresses nn.Sequential chains only; {opts.model} is a graph "
+                       "model (use --auto-thresholds histogram or --thresholds)")
     if not 0.0 < opts.val_fraction < 1.0:
         raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
     if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):

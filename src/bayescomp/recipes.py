@@ -22,6 +22,11 @@ RECIPES: dict[str, Recipe] = {
     "lenet300": Recipe("mnist", {"gnj": {"fc1": -2.8, "fc2": -3.0, "fc3": -5.0}}, {"fc1": 0.04}),
     "lenet5": Recipe("mnist", {}, {"conv1": 0.04}),
     "vgg16": Recipe("cifar10", {}, {}),
+    # graph models (residual sums, concatenation): the priors' default thresholds, no variance clamp
+    "resnet20": Recipe("cifar10", {}, {}),
+    "resnet18_cifar": Recipe("cifar10", {}, {}),
+    "resnet_mnist": Recipe("mnist", {}, {}),
+    "concat_net": Recipe("cifar10", {}, {}),
 }
 
 

@@ -1,13 +1,14 @@
 """The packed model file (``.bcz``): pruned weights, sparse and entropy-coded at their inferred precision.
 
 >>> info = save(result, "lenet5.bcz")          # doctest: +SKIP   result: a CompressedModel
->>> model = load("lenet5.bcz")                 # doctest: +SKIP   a plain nn.Sequential in eval mode
+>>> model = load("lenet5.bcz")                 # doctest: +SKIP   a plain nn.Sequential (or GraphModule), eval mode
 >>> packed_report(result, "lenet5.bcz")        # doctest: +SKIP   cr_max, file_bytes, cr_file, entropy_bits, …
 
 What goes in (byte layout in docs/format.md):
 
-* the architecture as the JSON layer list of `io.plain.model_spec` (zlib-compressed), plus a little
-  metadata (per-layer bits, the original weight count);
+* the architecture as the JSON layer list of `io.plain.model_spec` (zlib-compressed), or for a
+  residual/concatenating network compressed by `graph_compress` the JSON graph of `io.plain.graph_spec`
+  (flag bit 0 set), plus a little metadata (per-layer bits, the original weight count);
 * each weight of a quantised layer (one with a bit count T in `CompressedModel.bits`) as integers
   q = w·2^T in Deep Compression's sparse format: the non-zero q's and their relative-index gaps
   (with filler entries), two streams each coded with ANS, canonical Huffman or fixed width;
@@ -15,11 +16,11 @@ What goes in (byte layout in docs/format.md):
   unquantised layers) or int64; a `Select`'s sorted index as a bitmask over its inputs;
 * a CRC-32 of everything before it.
 
-Nothing is unpickled: the model is rebuilt from a whitelist of plain layer types
-(`io.plain.build_from_spec`) and its tensors filled from the decoded streams. The loader checks every
-length and count against the bytes that remain and against the architecture's shapes before it
-allocates anything, caps the model at `MAX_ELEMENTS` numbers, and reports any problem as a
-`PackedFileError` naming it.
+Nothing is unpickled: the model is rebuilt from a whitelist of plain layer types, functions and tensor
+methods (`io.plain.build_from_spec`, `io.plain.build_graph`) and its tensors filled from the decoded
+streams. The loader checks every length and count against the bytes that remain and against the
+architecture's shapes before it allocates anything, caps the model at `MAX_ELEMENTS` numbers, and
+reports any problem as a `PackedFileError` naming it.
 """
 
 from __future__ import annotations
@@ -35,20 +36,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..compress.rates import CodedBits, cr_file, cr_max
 from ..compress.shrink import Select
 from ..train.checkpoint import atomic_write_bytes
 from . import codec
 from .codec import CodecError
-from .plain import _LAYERS, build_from_spec, model_spec
+from .plain import _LAYERS, EXTRA_ARGS, ModelFileError, build_from_spec, build_graph, graph_spec, model_spec
 
 MAGIC = b"\x89BCZ\r\n\x1a\n"
 VERSION = 1
 EXTENSION = ".bcz"
-#: flag bits defined by this version (none): a reader refuses a file with any other flag set
-KNOWN_FLAGS = 0
+#: flag bit 0: the architecture is a graph (`io.plain.graph_spec`), not a layer list. Readers from before
+#: graphs could be stored know no flag, so they refuse such a file ("features this bayescomp does not know").
+FLAG_GRAPH = 0x0001
+#: flag bits defined by this version: a reader refuses a file with any other flag set
+KNOWN_FLAGS = FLAG_GRAPH
 #: default cap on the numbers (parameters and buffers) a loaded model may hold: 2^28 ≈ 268 M (1 GiB of float32)
 MAX_ELEMENTS = 1 << 28
 MAX_SPEC_BYTES = 1 << 20
@@ -70,12 +74,10 @@ _MIN_FILE = _HEADER.size + 4 + 4 + _TRAILER
 _TENSORLESS = {
     "ReLU", "ReLU6", "LeakyReLU", "ELU", "GELU", "SiLU", "Tanh", "Hardtanh", "Softsign", "Identity",
     "Dropout", "Dropout1d", "Dropout2d", "Flatten", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d",
-    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AppendOnes",
+    "Sigmoid", "Hardswish", "Hardsigmoid", "Mish", "Softplus", "LogSigmoid", "SELU", "CELU", "ZeroPad2d",
+    "ConstantPad2d", "Softmax", "LogSoftmax",
 }  # fmt: skip
-
-
-#: arguments model_spec adds beyond the constructor arguments listed in io.plain
-_EXTRA_ARGS = {"Linear": {"bias"}, "Conv2d": {"bias"}, "Select": {"index_size"}}
 
 
 class PackedFileError(ValueError):
@@ -124,7 +126,7 @@ class LayerCoding:
         }
 
 
-def _unpack(compressed: Any) -> tuple[nn.Sequential, dict[str, int], dict[str, Any]]:
+def _unpack(compressed: Any) -> tuple[nn.Module, dict[str, int], dict[str, Any]]:
     if isinstance(compressed, nn.Module):
         return compressed, {}, {}
     model = getattr(compressed, "model", None)
@@ -133,17 +135,20 @@ def _unpack(compressed: Any) -> tuple[nn.Sequential, dict[str, int], dict[str, A
     return model, dict(getattr(compressed, "bits", None) or {}), dict(getattr(compressed, "report", None) or {})
 
 
-def _quantised_keys(model: nn.Sequential, bits: Mapping[str, int]) -> dict[str, tuple[str, int]]:
-    """state_dict key of each quantised weight → (original layer name, bits). Shrunk names are original with '.'→'_'."""
-    children = dict(model.named_children())
+def _quantised_keys(model: nn.Module, bits: Mapping[str, int]) -> dict[str, tuple[str, int]]:
+    """state_dict key of each quantised weight → (original layer name, bits).
+
+    In a chain the shrunk names are the original ones with '.'→'_'; a GraphModule keeps the original paths.
+    """
+    modules = dict(model.named_modules())
     out = {}
     for layer, b in bits.items():
         if b is None:
             continue
-        safe = layer.replace(".", "_")
-        if not isinstance(children.get(safe), (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"bits given for layer {layer!r}, but the model has no Linear/Conv2d named {safe!r}")
-        out[f"{safe}.weight"] = (layer, int(b))
+        path = layer if isinstance(model, fx.GraphModule) else layer.replace(".", "_")
+        if not path or not isinstance(modules.get(path), (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"bits given for layer {layer!r}, but the model has no Linear/Conv2d named {path!r}")
+        out[f"{path}.weight"] = (layer, int(b))
     return out
 
 
@@ -178,7 +183,7 @@ def coded_bits(compressed: Any, codings: list[LayerCoding] | None = None) -> lis
     codings = layer_codings(compressed) if codings is None else codings
     by_key = {c.key: c for c in codings}
     out = []
-    for name, m in model.named_children():
+    for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
         c = by_key.get(f"{name}.weight")
@@ -233,14 +238,19 @@ def pack(compressed: Any, coder: str = "auto", index_bits: Mapping[str, int] | N
         raise ValueError("coder='ans' needs the 'constriction' package (pip install constriction)")
     model, bits, report = _unpack(compressed)
     codings = {c.key: c for c in layer_codings(compressed, index_bits)}
-    spec = model_spec(model)
+    try:
+        graph = isinstance(model, fx.GraphModule)
+        spec = graph_spec(model) if graph else model_spec(model)
+    except ModelFileError as exc:
+        raise ValueError(f"this model cannot be packed: {exc}") from exc
     meta = {
         "bits": {k: int(v) for k, v in bits.items() if v is not None},
         "architecture": report.get("architecture"),
         "weights_total": int(report.get("weights_total") or _weights(model)),
         "coder": coder,
     }
-    spec_blob = zlib.compress(json.dumps({"spec": spec, "meta": meta}, separators=(",", ":")).encode(), 9)
+    doc = {"graph" if graph else "spec": spec, "meta": meta}
+    spec_blob = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
     modules = dict(model.named_modules())
     body = bytearray()
     records: list[dict[str, Any]] = []
@@ -286,7 +296,7 @@ def pack(compressed: Any, coder: str = "auto", index_bits: Mapping[str, int] | N
         records.append(rec)
     head_len = _HEADER.size + 4 + len(spec_blob) + 4
     total = head_len + len(body) + _TRAILER
-    out = bytearray(_HEADER.pack(MAGIC, VERSION, KNOWN_FLAGS, total))
+    out = bytearray(_HEADER.pack(MAGIC, VERSION, FLAG_GRAPH if graph else 0, total))
     out += struct.pack("<I", len(spec_blob)) + spec_blob + struct.pack("<I", len(records)) + body
     out += struct.pack("<I", zlib.crc32(out))
     assert len(out) == total
@@ -298,7 +308,7 @@ def _weights(model: nn.Module) -> int:
 
 
 def save(compressed: Any, path: str | os.PathLike, coder: str = "auto") -> dict[str, Any]:
-    """Write the packed file of a CompressedModel (or a plain nn.Sequential) atomically; returns `pack`'s summary."""
+    """Write the packed file of a CompressedModel (or a plain chain / GraphModule) atomically; returns `pack`'s summary."""
     data, info = pack(compressed, coder)
     atomic_write_bytes(path, data)
     return info
@@ -345,7 +355,7 @@ def _spec_elements(entry: Any) -> int:
         raise PackedFileError(f"architecture: layer {name!r} has no argument table")
     if kind not in _LAYERS:
         raise PackedFileError(f"architecture: layer type {kind!r} is not supported in packed files")
-    extra = set(args) - set(_LAYERS[kind][1]) - _EXTRA_ARGS.get(kind, set())
+    extra = set(args) - set(_LAYERS[kind][1]) - EXTRA_ARGS.get(kind, set())
     if extra:  # only the arguments model_spec writes: no device=, dtype= or other surprises
         raise PackedFileError(f"architecture: layer {name!r} has unexpected arguments {sorted(extra)}")
     if kind in _TENSORLESS:
@@ -368,6 +378,11 @@ def _spec_elements(entry: Any) -> int:
         return n_in * n_out * _int_arg(ks[0], f"{name}.kernel_size") * _int_arg(ks[1], f"{name}.kernel_size") + n_out
     if kind in ("BatchNorm1d", "BatchNorm2d"):
         return 4 * _int_arg(args.get("num_features"), f"{name}.num_features") + 1
+    if kind == "GroupNorm":
+        return 2 * _int_arg(args.get("num_channels"), f"{name}.num_channels")
+    if kind == "Realign":
+        return 2 * _int_arg(args.get("n_carried"), f"{name}.n_carried") + _int_arg(
+            args.get("n_channels"), f"{name}.n_channels")
     if kind == "Select":
         if args.get("n_in") is not None:
             _int_arg(args.get("n_in"), f"{name}.n_in")
@@ -375,7 +390,8 @@ def _spec_elements(entry: Any) -> int:
     raise PackedFileError(f"architecture: layer type {kind!r} is not supported in packed files")
 
 
-def _read_spec(blob: memoryview, max_elements: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _read_spec(blob: memoryview, max_elements: int, graph: bool) -> tuple[Any, dict[str, Any]]:
+    """The architecture (a layer list, or a graph description if `graph`) and the metadata, checked and bounded."""
     try:
         d = zlib.decompressobj()
         text = d.decompress(blob, MAX_SPEC_BYTES)
@@ -388,9 +404,15 @@ def _read_spec(blob: memoryview, max_elements: int) -> tuple[list[dict[str, Any]
         raise
     except (zlib.error, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PackedFileError(f"architecture description is corrupt: {exc}") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), list) or not isinstance(doc.get("meta", {}), dict):
+    if not isinstance(doc, dict) or not isinstance(doc.get("meta", {}), dict):
         raise PackedFileError("architecture description has the wrong structure")
+    if graph != ("graph" in doc) or graph == ("spec" in doc):
+        raise PackedFileError("architecture description does not match the file's graph flag")
+    if graph:
+        return _check_graph(doc["graph"], max_elements), doc.get("meta", {})
     spec = doc["spec"]
+    if not isinstance(spec, list):
+        raise PackedFileError("architecture description has the wrong structure")
     if len(spec) > MAX_LAYERS:
         raise PackedFileError(f"architecture lists {len(spec)} layers (at most {MAX_LAYERS})")
     total, names = 0, set()
@@ -407,10 +429,40 @@ def _read_spec(blob: memoryview, max_elements: int) -> tuple[list[dict[str, Any]
     return spec, doc.get("meta", {})
 
 
-def _build(spec: list[dict[str, Any]]) -> nn.Sequential:
+def _check_graph(spec: Any, max_elements: int) -> dict[str, Any]:
+    """Bound a graph description before anything is built: layer count, layer and buffer sizes.
+
+    (The node count is bounded by the 1 MiB cap on the description.)
+    """
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), list) for k in ("modules", "buffers", "nodes")):
+        raise PackedFileError("architecture: the graph description has the wrong structure")
+    if len(spec["modules"]) + len(spec["buffers"]) > MAX_LAYERS:
+        raise PackedFileError(f"architecture lists more than {MAX_LAYERS} layers and tensors")
+    total = 0
+    entries = [(e, False) for e in spec["modules"]] + [(e, True) for e in spec["buffers"]]
+    for entry, is_buffer in entries:
+        if is_buffer:
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+                raise PackedFileError("architecture: every buffer needs a shape of at most 8 dimensions")
+            n = 1
+            for dim in shape:
+                n *= _int_arg(dim, f"{str(entry.get('name'))[:80]}.shape")
+            total += n
+        else:
+            total += _spec_elements(entry)
+        if total > max_elements:
+            raise PackedFileError(
+                f"architecture claims more than {max_elements} numbers ({str(entry.get('name'))[:80]!r}); "
+                "refusing to allocate it (raise max_elements to load a model this large)"
+            )
+    return spec
+
+
+def _build(spec: Any, graph: bool = False) -> nn.Module:
     try:
         with torch.random.fork_rng(devices=[]):  # layer initialisation must not disturb the caller's RNG
-            return build_from_spec(spec)
+            return build_graph(spec) if graph else build_from_spec(spec)
     except Exception as exc:  # noqa: BLE001 - untrusted arguments can make any constructor fail
         raise PackedFileError(f"architecture cannot be built: {type(exc).__name__}: {exc}") from exc
 
@@ -495,8 +547,11 @@ def _read_record(r: _Reader, state: dict[str, torch.Tensor], seen: set[str], sta
 
 def unpack(
     data: bytes | bytearray | memoryview, *, max_elements: int = MAX_ELEMENTS
-) -> tuple[nn.Sequential, dict[str, Any]]:
-    """The plain model (eval mode) and the file's metadata from packed bytes; `PackedFileError` if anything is wrong."""
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The plain model (eval mode) and the file's metadata from packed bytes; `PackedFileError` if anything is wrong.
+
+    The model is an `nn.Sequential` for a chain, a `torch.fx.GraphModule` for a graph file (flag bit 0).
+    """
     buf = memoryview(bytes(data))
     size = len(buf)
     if size < len(MAGIC):
@@ -527,8 +582,9 @@ def unpack(
         raise PackedFileError(f"file uses features this bayescomp does not know (flags {flags:#06x})")
     r = _Reader(buf, _HEADER.size, size - _TRAILER)
     (spec_len,) = r.unpack("I", "architecture length")
-    spec, meta = _read_spec(r.take(spec_len, "architecture"), max_elements)
-    model = _build(spec)
+    graph = bool(flags & FLAG_GRAPH)
+    spec, meta = _read_spec(r.take(spec_len, "architecture"), max_elements, graph)
+    model = _build(spec, graph)
     state = model.state_dict()
     (n_records,) = r.unpack("I", "tensor count")
     if n_records != len(state):
@@ -544,7 +600,7 @@ def unpack(
     return model.eval(), meta
 
 
-def read_packed(path: str | os.PathLike, *, max_elements: int = MAX_ELEMENTS) -> tuple[nn.Sequential, dict[str, Any]]:
+def read_packed(path: str | os.PathLike, *, max_elements: int = MAX_ELEMENTS) -> tuple[nn.Module, dict[str, Any]]:
     """`unpack` the file at `path`."""
     path = Path(path)
     if not path.is_file():
@@ -559,8 +615,11 @@ def read_packed(path: str | os.PathLike, *, max_elements: int = MAX_ELEMENTS) ->
         raise PackedFileError(f"{path}: {exc}") from None
 
 
-def load(path: str | os.PathLike, *, max_elements: int = MAX_ELEMENTS) -> nn.Sequential:
-    """The plain nn.Sequential (eval mode) stored in a packed file; `PackedFileError` names any problem."""
+def load(path: str | os.PathLike, *, max_elements: int = MAX_ELEMENTS) -> nn.Module:
+    """The plain model (eval mode) stored in a packed file; `PackedFileError` names any problem.
+
+    An `nn.Sequential` for a chain, a `torch.fx.GraphModule` for a residual or concatenating network.
+    """
     return read_packed(path, max_elements=max_elements)[0]
 
 
@@ -612,6 +671,7 @@ def packed_report(compressed: Any, path: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = [
     "EXTENSION",
+    "FLAG_GRAPH",
     "MAGIC",
     "MAX_ELEMENTS",
     "VERSION",
