@@ -11,7 +11,7 @@ Forward pass:
 
 * training: z is sampled per example; the pre-activation's mean m and variance v are computed
   with two affine maps (means μ, variances σ²), and one Gaussian sample m + √v·ε is returned
-  (Kingma et al.'s local reparameterisation trick);
+  (Kingma et al.'s local reparameterisation trick; `lrt.py` holds it with its gradient written out);
 * evaluation: z is its posterior mean and the output is the posterior-mean network's output,
   i.e. exactly what the compressed plain layer computes with weights `posterior_mean()`.
 
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kl import kl_gaussian_std_normal
+from .lrt import conv2d_lrt, conv2d_lrt_reference, linear_lrt
 
 _LOGVAR_INIT = -9.0
 _INIT_STD = 1e-2
-_TINY = 1e-16
 
 
 class GroupSparseLayer(nn.Module):
@@ -152,7 +152,7 @@ class GroupSparseLayer(nn.Module):
             z = self.sample_z(n)
         else:
             z = self.z_mean()
-        return z * self.group_mask.to(z.dtype)
+        return z * self.group_mask
 
     def forward(self, x: Tensor) -> Tensor:
         z = self._gate(x.shape[0])
@@ -188,14 +188,16 @@ class _LinearKind(GroupSparseLayer):
         return z
 
     def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
-        xz = x * self._expand_z(x, z)
-        mean = F.linear(xz, self.weight_mu, self.bias_mu)
-        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
-        var = F.linear(xz * xz, self.weight_logvar.exp(), bias_var)
-        return mean + torch.sqrt(var + _TINY) * torch.randn_like(mean)
+        if x.dim() == 2:
+            return linear_lrt(x, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
+        # (n, ..., in): one z per example, shared along the middle axes; flatten them into the batch
+        zx = self._expand_z(x, z).expand_as(x).reshape(-1, x.shape[-1])
+        out = linear_lrt(x.reshape(-1, x.shape[-1]), zx, self.weight_mu, self.weight_logvar, self.bias_mu,
+                         self.bias_logvar)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:
-        return F.linear(x * z, self.weight_mu, self.bias_mu)
+        return F.linear(x * self._expand_z(x, z), self.weight_mu, self.bias_mu)
 
     def posterior_bias(self) -> Tensor | None:
         return None if self.bias_mu is None else self.bias_mu.detach().clone()
@@ -249,11 +251,11 @@ class _ConvKind(GroupSparseLayer):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
-        mean = self._conv(x, self.weight_mu, self.bias_mu)
-        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
-        var = self._conv(x * x, self.weight_logvar.exp(), bias_var)
-        z = z.view(z.shape[0], -1, 1, 1)
-        return z * mean + z.abs() * torch.sqrt(var + _TINY) * torch.randn_like(mean)
+        args = (x, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
+        if isinstance(self.padding, str):  # "same"/"valid": the autograd expressions handle the arithmetic
+            eps = torch.randn_like(self._conv(x, self.weight_mu.detach(), None))
+            return conv2d_lrt_reference(*args, eps, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d_lrt(*args, None, self.stride, self.padding, self.dilation, self.groups)
 
     def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:
         return self._conv(x, self.weight_mu, self.bias_mu) * z.view(1, -1, 1, 1)

@@ -27,7 +27,8 @@ class _GaussianKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         mu, var = ctx.saved_tensors
-        return grad * mu, (0.5 * grad) * (var - 1.0)
+        half = 0.5 * grad
+        return mu * grad, (var * half).sub_(half)
 
 
 def kl_gaussian_std_normal(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -40,6 +41,22 @@ def kl_gaussian_std_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     return _GaussianKL.apply(mu, logvar)
 
 
+class _LogUniformKL(torch.autograd.Function):
+    """Σ_i [k1 − k1·σ(k2 + k3·a_i) + ½·softplus(−a_i)] with its gradient
+    −k1·k3·σ(t)(1 − σ(t)) − ½·σ(−a) (t = k2 + k3·a; softplus′ = σ): two passes instead of a dozen."""
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor) -> Tensor:  # type: ignore[override]
+        s = torch.sigmoid(_K2 + _K3 * log_alpha)
+        ctx.save_for_backward(log_alpha, s)
+        return (0.5 * torch.nn.functional.softplus(-log_alpha) - _K1 * s).sum() + _K1 * log_alpha.numel()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        log_alpha, s = ctx.saved_tensors
+        return grad * ((-_K1 * _K3) * s * (1.0 - s) - 0.5 * torch.sigmoid(-log_alpha))
+
+
 def kl_log_uniform(log_alpha: Tensor) -> Tensor:
     """KL( q(z) || p(z) ∝ 1/|z| ) for the group normal-Jeffreys scale, summed over groups.
 
@@ -48,5 +65,10 @@ def kl_log_uniform(log_alpha: Tensor) -> Tensor:
     quantity as if it were the KL; we return its negation, which is ≥ 0, decreasing in log α and
     → 0 as log α → ∞ (so minimising it drives groups toward pruning).
     """
+    return _LogUniformKL.apply(log_alpha)
+
+
+def kl_log_uniform_reference(log_alpha: Tensor) -> Tensor:
+    """`kl_log_uniform` as the plain expression, for tests of the written-out gradient."""
     neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - _K1
     return -torch.sum(neg_kl)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..convert import group_layers, kl_divergence
 from . import distributed
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .memory import keep_freed_memory
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -327,6 +328,8 @@ def fit(
         raise ValueError(f"training set must be non-empty with as many labels as inputs ({n} vs {len(y)})")
     layers = group_layers(model)  # none: a plain model (pre-training), the loss is the cross-entropy alone
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()  # ~540 page faults per LeNet-300-100 step otherwise (train/memory.py)
     if resume and checkpoint is None:
         raise ValueError("resume needs a checkpoint path")
     world = distributed.init_from_env(device)
