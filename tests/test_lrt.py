@@ -13,7 +13,7 @@ from torch.autograd import gradcheck
 
 from bayescomp.nn import Conv2dGroupHS, Conv2dGroupNJ, LinearGroupHS, LinearGroupNJ
 from bayescomp.nn import horseshoe_kl as hkl
-from bayescomp.nn.kl import kl_log_uniform, kl_log_uniform_reference
+from bayescomp.nn.kl import kl_group_nj, kl_log_uniform, kl_log_uniform_reference
 from bayescomp.nn.lrt import conv2d_lrt, conv2d_lrt_reference, linear_lrt, linear_lrt_reference
 from bayescomp.train import memory
 
@@ -133,3 +133,16 @@ def test_keep_freed_memory_is_idempotent_and_can_be_disabled(monkeypatch):
     monkeypatch.delenv("BAYESCOMP_KEEP_FREED_MEMORY")
     first = memory.keep_freed_memory()
     assert memory.keep_freed_memory() is first
+
+
+def test_group_nj_kl_matches_the_log_alpha_expression():
+    torch.manual_seed(7)
+    z_mu, z_lv = _leaf(40), _leaf(40, scale=3.0, shift=-2.0)
+
+    def reference(m, v):
+        return kl_log_uniform_reference(v - torch.log(m * m + 1e-8))
+
+    _same(lambda m, v: kl_group_nj(m, v, 1e-8), reference, (z_mu, z_lv))
+    assert gradcheck(lambda m, v: kl_group_nj(m, v, 1e-8), (z_mu, z_lv))
+    layer = LinearGroupNJ(6, 2)
+    torch.testing.assert_close(layer.kl_z(), kl_log_uniform(layer.log_alpha()))

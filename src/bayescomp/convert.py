@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from .nn import Conv2dGroupHS, Conv2dGroupNJ, GroupSparseLayer, LinearGroupHS, LinearGroupNJ
@@ -126,4 +127,5 @@ def kl_divergence(model: nn.Module) -> Tensor:
     layers = group_layers(model)
     if not layers:
         raise ValueError("the model has no group-sparse layer; call bayescomp.bayesianize first")
-    return sum(layer.kl() for layer in layers.values())  # type: ignore[return-value]
+    kls = [layer.kl() for layer in layers.values()]
+    return kls[0] if len(kls) == 1 else torch.stack(kls).sum()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind
-from .kl import kl_log_uniform
+from .kl import kl_group_nj
 
 _EPS = 1e-8
 
@@ -46,7 +46,7 @@ class _GroupNJ:
         return self.z_logvar - torch.log(self.z_mu.pow(2) + _EPS)
 
     def kl_z(self) -> Tensor:
-        return kl_log_uniform(self.log_alpha())
+        return kl_group_nj(self.z_mu, self.z_logvar, _EPS)
 
 
 class LinearGroupNJ(_GroupNJ, _LinearKind):

@@ -68,6 +68,35 @@ def kl_log_uniform(log_alpha: Tensor) -> Tensor:
     return _LogUniformKL.apply(log_alpha)
 
 
+class _GroupNJKL(torch.autograd.Function):
+    """`kl_log_uniform(z_logvar − log(z_mu² + ε))` from (z_mu, z_logvar) in one function.
+
+    With a = log α = z_logvar − log(z_mu² + ε) and f′(a) the gradient of `_LogUniformKL`:
+    ∂/∂z_logvar = f′(a), ∂/∂z_mu = −f′(a)·2z_mu/(z_mu² + ε). The scale KL runs every step on a few
+    hundred groups, where each tensor operation costs its dispatch, not its arithmetic; this is
+    about a third of the operations autograd records for the expression.
+    """
+
+    @staticmethod
+    def forward(ctx, z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        m2 = z_mu * z_mu + eps
+        la = z_logvar - m2.log()
+        s = torch.sigmoid(la * _K3 + _K2)
+        ctx.save_for_backward(z_mu, m2, la, s)
+        return (torch.nn.functional.softplus(-la) * 0.5 - s * _K1).sum() + _K1 * la.numel()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        z_mu, m2, la, s = ctx.saved_tensors
+        d = (s * (1.0 - s)).mul_(-_K1 * _K3).sub_(torch.sigmoid(-la), alpha=0.5).mul_(grad)
+        return (z_mu * d).div_(m2).mul_(-2.0), d, None
+
+
+def kl_group_nj(z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:
+    """KL of the normal-Jeffreys scales from their parameters: `kl_log_uniform` of log α = z_logvar − log(z_mu² + eps)."""
+    return _GroupNJKL.apply(z_mu, z_logvar, eps)
+
+
 def kl_log_uniform_reference(log_alpha: Tensor) -> Tensor:
     """`kl_log_uniform` as the plain expression, for tests of the written-out gradient."""
     neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - _K1

@@ -1,0 +1,248 @@
+"""Speed of training and of the result, side by side in one process, written as ratios.
+
+    python benchmarks/speed.py                       # lenet300 and lenet5, both priors
+    python benchmarks/speed.py --models lenet300 --run lenet300=/tmp/bench/lenet300_gnj
+
+writes benchmarks/results/speed.json. Per model:
+
+* `train_step_ratio` per prior: Bayesian step time / plain step time. One step is what `fit` does:
+  forward, cross-entropy (+ KL/N for the Bayesian net), zero_grad, backward, fused Adam, the
+  variance clamps of the recipe. Same batches of 128 real MNIST examples, same threads, same
+  optimizer settings; rounds interleaved (plain, gnj, ghs, plain, …) and the median of the rounds
+  taken, so load that comes and goes hits all of them alike. Both wall-clock time and the thread's
+  CPU time are recorded; the ratio is given for both.
+* `floor`: the same ratio counted in multiply-adds of the matrix products and convolutions
+  (`step_macs`): the plain layer does its forward product, its weight gradient and, unless it is the
+  first layer, its input gradient; the Bayesian layer does each of these twice (means and
+  variances), and a layer whose gates sit on its inputs (Linear) needs its input gradient even when
+  it is the first layer (for the gates' gradient).
+* `inference_speedup` per batch size: original plain model latency / compressed model latency
+  (evaluation mode, inference_mode, median of interleaved rounds); `throughput` in examples/s;
+  `flop_ratio`: original multiply-adds / compressed multiply-adds per example.
+
+The compressed model of a model comes from a trained run (`--run model=DIR`, its model.pt) when
+one is given; otherwise from a fresh Bayesian network whose groups are pruned down to the paper's
+reported architecture (`PAPER_ARCH`; latency depends on the shapes only, not on the values) — the
+results file says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bayescomp
+from bayescomp.compress import compress
+from bayescomp.convert import group_layers
+from bayescomp.data import load_mnist
+from bayescomp.io.plain import load_plain
+from bayescomp.models import build_model
+from bayescomp.nn.base import _LinearKind
+from bayescomp.recipes import recipe
+from bayescomp.train.memory import keep_freed_memory
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: groups kept per layer in the paper's Table 1 (BC-GNJ rows; method notes, "recalled")
+PAPER_ARCH = {"lenet300": {"fc1": 278, "fc2": 98, "fc3": 13}, "lenet5": {"conv1": 8, "conv2": 13, "fc1": 88, "fc2": 13}}
+
+
+def _input_shape(model: str) -> tuple[int, ...]:
+    return (784,) if model == "lenet300" else (1, 28, 28)
+
+
+def layer_macs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int, bool]]:
+    """(name, multiply-adds per example, gates-on-inputs) of every Linear/Conv2d-like layer, in call order."""
+    out: list[tuple[str, int, bool]] = []
+    hooks = []
+    for name, m in model.named_modules():
+        kind = None
+        if isinstance(m, nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "weight_mu")):
+            kind = "linear"
+        elif isinstance(m, nn.Conv2d) or (hasattr(m, "in_channels") and hasattr(m, "weight_mu")):
+            kind = "conv"
+        if kind is None:
+            continue
+
+        def hook(mod, inp, res, name=name, kind=kind):
+            per = res.numel() // res.shape[0]
+            if kind == "linear":
+                macs = per * (inp[0].shape[-1])
+            else:
+                w = mod.weight if hasattr(mod, "weight") and isinstance(mod.weight, torch.Tensor) else mod.weight_mu
+                macs = per * w.shape[1] * w.shape[2] * w.shape[3]
+            out.append((name, macs, isinstance(mod, (nn.Linear, _LinearKind))))
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def step_macs(bayes: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Multiply-adds of one training step, plain and Bayesian (see the module docstring)."""
+    plain = bayes_total = 0
+    for i, (_, m, gates_on_inputs) in enumerate(layer_macs(bayes, x)):
+        first = i == 0
+        plain += m * (2 if first else 3)
+        bayes_total += m * (4 if (first and not gates_on_inputs) else 6)
+    return {"plain_macs": plain, "bayesian_macs": bayes_total, "floor": bayes_total / plain}
+
+
+def _median_rounds(fns: dict, rounds: int, reps: int) -> dict[str, dict[str, float]]:
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(reps):
+                fn()
+            wall[k].append((time.perf_counter() - w0) / reps)
+            cpu[k].append((time.thread_time() - c0) / reps)
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in fns}
+
+
+def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds: int, reps: int) -> dict:
+    x, y = load_mnist("train", data_dir)
+    x = x.view(-1, *_input_shape(model_name))
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(x), (128,), generator=gen) for _ in range(reps)]
+    n = len(x)
+    torch.manual_seed(0)
+    models = {"plain": build_model(model_name).train()}
+    max_var = recipe(model_name).max_var or None
+    for prior in priors:
+        models[prior] = bayescomp.bayesianize(build_model(model_name), prior, keep_weights=False, max_var=max_var).train()
+
+    def make(model: nn.Module):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        layers = list(group_layers(model).values())
+        it = iter(range(10**9))
+
+        def step():
+            idx = batches[next(it) % len(batches)]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if layers:
+                loss = loss + bayescomp.kl_divergence(model) / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for layer in layers:
+                layer.clamp_variances()
+        return step
+
+    times = _median_rounds({k: make(m) for k, m in models.items()}, rounds, reps)
+    out = {"plain_step_ms": {k: v * 1e3 for k, v in times["plain"].items()}, "step_ms": {}, "train_step_ratio": {},
+           "train_step_ratio_cpu": {}}
+    for prior in priors:
+        out["step_ms"][prior] = {k: v * 1e3 for k, v in times[prior].items()}
+        out["train_step_ratio"][prior] = times[prior]["wall"] / times["plain"]["wall"]
+        out["train_step_ratio_cpu"][prior] = times[prior]["cpu"] / times["plain"]["cpu"]
+    out.update(step_macs(models[priors[0]], x[:1]))
+    return out
+
+
+def _paper_compressed(model_name: str) -> nn.Module:
+    """A fresh GNJ network pruned to the paper's architecture, compressed (float32 weights)."""
+    torch.manual_seed(0)
+    bmodel = bayescomp.bayesianize(build_model(model_name), "gnj", keep_weights=False)
+    layers = group_layers(bmodel)
+    keep = PAPER_ARCH[model_name]
+    with torch.no_grad():
+        for name, layer in layers.items():
+            # keep the first k groups. After a conv, a Linear's groups are its flattened inputs, channel
+            # by channel, so its first k inputs lie in the conv's first kept channels (k ≤ kept × pixels)
+            prune = torch.ones(layer.n_groups, dtype=torch.bool)
+            prune[: keep[name]] = False
+            layer.z_logvar[prune] = 10.0  # log α ≈ 10: pruned at the default threshold −3
+    return compress(bmodel, round_weights=False).model
+
+
+def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
+    torch.manual_seed(0)
+    original = build_model(model_name).eval()
+    if run_dir is not None:
+        compressed, _ = load_plain(Path(run_dir) / "model.pt")
+        source = f"trained run {run_dir} (its model.pt)"
+    else:
+        compressed = _paper_compressed(model_name)
+        source = f"fresh network pruned to the paper's architecture {PAPER_ARCH[model_name]}"
+    compressed.eval()
+    x1 = torch.randn(1, *_input_shape(model_name))
+    orig_macs = sum(m for _, m, _ in layer_macs(original, x1))
+    comp_macs = sum(m for _, m, _ in layer_macs(compressed, x1))
+    res: dict = {"compressed_from": source, "original_macs": orig_macs, "compressed_macs": comp_macs,
+                 "flop_ratio": orig_macs / comp_macs, "inference_speedup": {}, "latency_ms": {}, "throughput": {}}
+    for batch in (1, 256):
+        xb = torch.randn(batch, *_input_shape(model_name))
+        reps = 400 if batch == 1 else 20
+
+        def runner(m):
+            def f():
+                with torch.inference_mode():
+                    m(xb)
+            return f
+        t = _median_rounds({"original": runner(original), "compressed": runner(compressed)}, rounds, reps)
+        res["latency_ms"][str(batch)] = {k: v["wall"] * 1e3 for k, v in t.items()}
+        res["throughput"][str(batch)] = {k: batch / v["wall"] for k, v in t.items()}
+        res["inference_speedup"][str(batch)] = t["original"]["wall"] / t["compressed"]["wall"]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="lenet300,lenet5")
+    p.add_argument("--priors", default="gnj,ghs")
+    p.add_argument("--run", action="append", default=[], help="model=RUN_DIR: take the compressed model of a trained run")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--reps", type=int, default=0, help="steps per round (default: 30 for lenet300, 6 for lenet5)")
+    p.add_argument("--out", default=str(RESULTS / "speed.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # what fit does on the CPU; it applies to the plain steps as well
+    runs = dict(r.split("=", 1) for r in args.run)
+    result: dict = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+                    "torch": torch.__version__, "python": platform.python_version(), "keep_freed_memory": kept,
+                    "load_average_at_start": os.getloadavg()},
+    }
+    priors = args.priors.split(",")
+    for name in args.models.split(","):
+        reps = args.reps or (30 if name == "lenet300" else 6)
+        print(f"{name}: training steps ({', '.join(['plain', *priors])}) ...", flush=True)
+        entry = train_steps(name, priors, args.data_dir, args.rounds, reps)
+        print(f"  ratio {entry['train_step_ratio']} (cpu {entry['train_step_ratio_cpu']}), floor {entry['floor']:.2f}", flush=True)
+        print(f"{name}: inference ...", flush=True)
+        entry.update(inference(name, runs.get(name), args.rounds))
+        print(f"  speedup {entry['inference_speedup']}, flop ratio {entry['flop_ratio']:.1f}", flush=True)
+        result[name] = entry
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
