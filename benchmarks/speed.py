@@ -193,7 +193,7 @@ def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
         xb = torch.randn(batch, *_input_shape(model_name))
         reps = 400 if batch == 1 else 20
 
-        def runner(m):
+        def runner(m, xb=xb):
             def f():
                 with torch.inference_mode():
                     m(xb)
