@@ -158,18 +158,79 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
     return out
 
 
+def step_breakdown(model_name: str, prior: str, rounds: int, reps: int) -> dict:
+    """Where the Bayesian step's time goes: the step with one part removed at a time (thread CPU ms).
+
+    `no_kl`: the KL term left out of the loss; `no_rng`: every normal draw replaced by a cached
+    tensor of the same shape (what the random numbers cost); `no_optimizer`: no Adam step. The
+    differences to `bayesian` are the parts' costs in the context of a whole step (cache effects
+    included), which is what a profile of one operation at a time misses.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(128, *_input_shape(model_name))
+    y = torch.randint(0, 10, (128,))
+    plain = build_model(model_name).train()
+    bayes = bayescomp.bayesianize(build_model(model_name), prior, keep_weights=False).train()
+
+    def make(model, kl=True, opt_on=True):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            if kl:
+                loss = loss + bayescomp.kl_divergence(model) / 60000
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_on:
+                opt.step()
+        return step
+
+    fns = {"plain": make(plain, kl=False), "bayesian": make(bayes), "no_kl": make(bayes, kl=False),
+           "no_optimizer": make(bayes, opt_on=False)}
+    times = {k: v["cpu"] * 1e3 for k, v in _median_rounds(fns, rounds, reps).items()}
+    cache: dict = {}
+    randn, randn_like = torch.randn, torch.randn_like
+
+    def cached(*shape, **kw):
+        key = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return cache.setdefault(key, randn(*shape, **kw))
+
+    def cached_like(t, **kw):
+        return cache.setdefault(tuple(t.shape), randn_like(t))
+    torch.randn, torch.randn_like = cached, cached_like
+    try:
+        both = _median_rounds({"plain": fns["plain"], "no_rng": fns["bayesian"]}, rounds, reps)
+    finally:
+        torch.randn, torch.randn_like = randn, randn_like
+    times["no_rng"] = both["no_rng"]["cpu"] * 1e3 * times["plain"] / (both["plain"]["cpu"] * 1e3)  # same plain scale
+    cost = {part: times["bayesian"] - times[k] for part, k in
+            (("kl", "no_kl"), ("random_numbers", "no_rng"), ("optimizer_step", "no_optimizer"))}
+    return {"step_cpu_ms": times, "part_cost_ms": cost,
+            "part_cost_in_plain_steps": {k: v / times["plain"] for k, v in cost.items()}}
+
+
 def _paper_compressed(model_name: str) -> nn.Module:
     """A fresh GNJ network pruned to the paper's architecture, compressed (float32 weights)."""
     torch.manual_seed(0)
     bmodel = bayescomp.bayesianize(build_model(model_name), "gnj", keep_weights=False)
     layers = group_layers(bmodel)
     keep = PAPER_ARCH[model_name]
+    names = list(layers)
     with torch.no_grad():
-        for name, layer in layers.items():
-            # keep the first k groups. After a conv, a Linear's groups are its flattened inputs, channel
-            # by channel, so its first k inputs lie in the conv's first kept channels (k ≤ kept × pixels)
+        for i, (name, layer) in enumerate(layers.items()):
             prune = torch.ones(layer.n_groups, dtype=torch.bool)
-            prune[: keep[name]] = False
+            prev = layers[names[i - 1]] if i else None
+            if prev is not None and prev.group_dim == 0 and layer.group_dim == 1:
+                # a Linear after a conv: its groups are the flattened conv outputs, channel by channel.
+                # Spread the k kept inputs over all the channels kept upstream, or those channels would
+                # feed nothing and be removed too.
+                channels, per = keep[names[i - 1]], layer.n_groups // prev.n_groups
+                k = keep[name]
+                for c in range(channels):
+                    take = k // channels + (1 if c < k % channels else 0)
+                    prune[c * per : c * per + take] = False
+            else:
+                prune[: keep[name]] = False
             layer.z_logvar[prune] = 10.0  # log α ≈ 10: pruned at the default threshold −3
     return compress(bmodel, round_weights=False).model
 
@@ -189,6 +250,9 @@ def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
     comp_macs = sum(m for _, m, _ in layer_macs(compressed, x1))
     res: dict = {"compressed_from": source, "original_macs": orig_macs, "compressed_macs": comp_macs,
                  "flop_ratio": orig_macs / comp_macs, "inference_speedup": {}, "latency_ms": {}, "throughput": {}}
+    conv = len(_input_shape(model_name)) == 3
+    if conv:  # the same two models in channels-last memory layout (CPU max-pooling is ~4x faster in it)
+        res["channels_last"] = {"inference_speedup": {}, "latency_ms": {}}
     for batch in (1, 256):
         xb = torch.randn(batch, *_input_shape(model_name))
         reps = 400 if batch == 1 else 20
@@ -202,6 +266,15 @@ def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
         res["latency_ms"][str(batch)] = {k: v["wall"] * 1e3 for k, v in t.items()}
         res["throughput"][str(batch)] = {k: batch / v["wall"] for k, v in t.items()}
         res["inference_speedup"][str(batch)] = t["original"]["wall"] / t["compressed"]["wall"]
+        if conv:
+            cl = torch.channels_last
+            xc = xb.contiguous(memory_format=cl)
+            t = _median_rounds({"original": runner(original.to(memory_format=cl), xc),
+                                "compressed": runner(compressed.to(memory_format=cl), xc)}, rounds, reps)
+            original.to(memory_format=torch.contiguous_format)
+            compressed.to(memory_format=torch.contiguous_format)
+            res["channels_last"]["latency_ms"][str(batch)] = {k: v["wall"] * 1e3 for k, v in t.items()}
+            res["channels_last"]["inference_speedup"][str(batch)] = t["original"]["wall"] / t["compressed"]["wall"]
     return res
 
 
@@ -231,6 +304,9 @@ def main() -> None:
         print(f"{name}: training steps ({', '.join(['plain', *priors])}) ...", flush=True)
         entry = train_steps(name, priors, args.data_dir, args.rounds, reps)
         print(f"  ratio {entry['train_step_ratio']} (cpu {entry['train_step_ratio_cpu']}), floor {entry['floor']:.2f}", flush=True)
+        entry["breakdown"] = {prior: step_breakdown(name, prior, args.rounds, reps) for prior in priors}
+        print(f"  breakdown {json.dumps({k: v['part_cost_in_plain_steps'] for k, v in entry['breakdown'].items()})}",
+              flush=True)
         print(f"{name}: inference ...", flush=True)
         entry.update(inference(name, runs.get(name), args.rounds))
         print(f"  speedup {entry['inference_speedup']}, flop ratio {entry['flop_ratio']:.1f}", flush=True)
