@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
+from bayescomp.data.paths import md5_hex
 from bayescomp.nn import GroupSparseLayer
 
 
@@ -19,3 +24,21 @@ def randomise(model: nn.Module, gen: torch.Generator) -> None:
                 m.bias.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
             if isinstance(m, GroupSparseLayer):
                 m.z_mu.copy_(1 + 0.3 * torch.randn(m.n_groups, generator=gen))
+
+
+def write_cifar(root: Path, n_train: int = 16, n_test: int = 20, seed: int = 0) -> dict[str, str]:
+    """Synthetic CIFAR-10 under root/cifar10 in the official python-pickle batches (random pixels and labels);
+    returns each file's MD5 (for tests that point the checksum table at these files)."""
+    folder = root / "cifar10"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        n = n_test if name == "test_batch" else n_train
+        obj = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
+               b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+               b"filenames": [f"img{i}_{j}.png".encode() for j in range(n)]}
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+    meta = {b"label_names": [f"class{k}".encode() for k in range(10)], b"num_cases_per_batch": n_train,
+            b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return {p.name: md5_hex(p.read_bytes()) for p in folder.iterdir()}

@@ -212,7 +212,8 @@ def _load_any(path: Path):
 @click.argument("run_dir", type=click.Path())
 @click.option("--data-dir", default=None, help="Data root holding mnist/ (or cifar10/).")
 @click.option("--model", "model_name", default=None, help="Zoo model the file was made from (for a bare file).")
-def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None) -> None:
+@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
+def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_verify: bool) -> None:
     """Reload a compressed model (run folder, .bcz or .pt; plain PyTorch) and print its test error."""
     from .pipeline import load_data
     from .train import evaluate
@@ -225,7 +226,7 @@ def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None) -> 
         name = model_name or meta.get("model")
         if name is None:
             raise ValueError(f"{run_dir}: cannot tell which model/dataset this is; pass --model")
-        _, (x, y) = load_data(name, data_dir, 1)
+        _, (x, y) = load_data(name, data_dir, 1, verify=not no_verify)
         err = evaluate(model, x, y)
     except _USER_ERRORS as exc:
         _fail(exc)
@@ -272,6 +273,7 @@ def pack_cmd(run_dir: str, coder: str, out: str | None) -> None:
               help="File to write (default RUN_DIR/model.onnx or RUN_DIR/model.safetensors).")
 def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
     """Export the compressed model of a run as ONNX (runs in onnxruntime) or safetensors."""
+    from .data import input_shape
     from .io.export import export_onnx, export_safetensors
     from .recipes import recipe
 
@@ -282,8 +284,7 @@ def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
         target = Path(out) if out else folder / f"model.{fmt}"
         if fmt == "onnx":
             name = report.get("model") or meta.get("model")
-            shape = (1, 28, 28) if recipe(name).dataset == "mnist" else (3, 32, 32)
-            export_onnx(model, target, shape)
+            export_onnx(model, target, input_shape(recipe(name).dataset))
         else:
             export_safetensors(model, target, {k: report.get(k) for k in ("model", "prior", "architecture", "bits")})
     except _USER_ERRORS as exc:
@@ -317,9 +318,10 @@ def unpack_cmd(file: str, out: str) -> None:
 @click.option("--variance-scale", type=float, default=1.0, show_default=True,
               help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 def prune_cmd(
     run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str, variance_scale: float,
-    force: bool,
+    force: bool, no_verify: bool,
 ) -> None:
     """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining)."""
     from .pipeline import recompress
@@ -327,7 +329,7 @@ def prune_cmd(
     try:
         report = recompress(
             run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force,
-            variance_scale=variance_scale,
+            variance_scale=variance_scale, verify=not no_verify,
         )
     except _USER_ERRORS as exc:
         _fail(exc)
@@ -341,12 +343,14 @@ def prune_cmd(
 @click.option("--sensitivity", is_flag=True, help="Also measure each layer's precision sensitivity on the test set.")
 @click.option("--method", type=click.Choice(["otsu", "gmm"]), default="otsu", show_default=True,
               help="How the page suggests thresholds from each layer's log α histogram.")
-def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: str) -> None:
+@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
+def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: str, no_verify: bool) -> None:
     """Write RUN_DIR/report.md with its figures (PNG) for a run folder or a sweep folder."""
     from .report.page import write_report
 
     try:
-        page = write_report(run_dir, data_dir=data_dir, sensitivity=sensitivity, method=method)
+        page = write_report(run_dir, data_dir=data_dir, sensitivity=sensitivity, method=method,
+                            verify=not no_verify)
     except (*_USER_ERRORS, ImportError) as exc:
         _fail(exc)
     click.echo(f"wrote {page}")
@@ -374,9 +378,10 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--train-subset", type=int, default=None, help="Train on N random training examples.")
 @click.option("--force", is_flag=True, help="Retrain runs that already exist in OUT.")
 @click.option("--report", "write_pages", is_flag=True, help="Also write report.md for every run and the sweep.")
+@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, auto_thresholds,
-              val_budget, val_fraction, clip_var, global_kl, train_subset, force, write_pages, quiet) -> None:
+              val_budget, val_fraction, clip_var, global_kl, train_subset, force, write_pages, no_verify, quiet) -> None:
     """Train one horseshoe (ghs) run per τ0 into OUT/, and compare: Pareto front and the ELBO's choice."""
     from .pipeline import RunOptions
     from .sweep import sweep
@@ -384,7 +389,8 @@ def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_
     opts = RunOptions(model=model, prior="ghs", epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                       warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
                       train_subset=train_subset, data_dir=data_dir, global_kl=global_kl,
-                      auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction)
+                      auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction,
+                      verify_data=not no_verify)
     try:
         result = sweep(opts, list(tau0s), out, progress=not quiet, force=force)
         if write_pages and result:
@@ -413,8 +419,9 @@ def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_
 @click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default=None,
               help="Bits per stored weight (default: the run's own).")
 @click.option("--variance-scale", type=float, default=None, help="Variance scale for the bits (default: the run's own).")
+@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, data_dir: str | None, bit_accounting: str | None,
-                        variance_scale: float | None) -> None:
+                        variance_scale: float | None, no_verify: bool) -> None:
     """Compress RUN_DIR's posterior at several thresholds (no retraining); write RUN_DIR/threshold_sweep.json."""
     from .sweep import THRESHOLD_SWEEP_FILE, threshold_sweep
 
@@ -425,7 +432,8 @@ def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, data_dir: str
     target = Path(run_dir) / THRESHOLD_SWEEP_FILE
     try:
         points = threshold_sweep(run_dir, numbers, data_dir=data_dir, relative=relative,
-                                 bit_accounting=bit_accounting, variance_scale=variance_scale, out=target)
+                                 bit_accounting=bit_accounting, variance_scale=variance_scale, out=target,
+                                 verify=not no_verify)
     except _USER_ERRORS as exc:
         _fail(exc)
     rows = []
@@ -444,8 +452,11 @@ def models_cmd() -> None:
     """List the models of the zoo."""
     from .models import MODELS
 
+    width = max(map(len, MODELS))
+    data_width = max(len(dataset) for _, dataset in MODELS.values())
     for name, (ctor, dataset) in MODELS.items():
-        click.echo(f"{name:10s} {dataset:8s} {(ctor.__doc__ or '').strip().splitlines()[0]}")
+        doc = (ctor.__doc__ or "").strip().splitlines()
+        click.echo(f"{name:{width}s}  {dataset:{data_width}s}  {doc[0] if doc else ''}".rstrip())
 
 
 @main.group("data")

@@ -23,7 +23,7 @@ from . import __version__
 from .compress import compress
 from .compress.thresholds import histogram_thresholds, validation_split, validation_thresholds
 from .convert import PRIORS, bayesianize
-from .data import cifar10_augment, load_cifar10, load_mnist
+from .data import cifar10_augment, input_shape, load_cifar10, load_mnist
 from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import MODELS, build_model
@@ -64,14 +64,28 @@ def load_posterior(path: str | os.PathLike) -> torch.nn.Module:
     return bmodel.eval()
 
 
+def example_input(model: str, batch: int = 2, device: torch.device | str | None = None) -> torch.Tensor:
+    """The example input for compressing a zoo model's posterior: zeros shaped like a batch of its dataset.
+
+    A model that is not an `nn.Sequential` chain is compressed through its torch.fx graph, which needs
+    a batch the model accepts; only the shapes matter (the values are never read). `model` is the zoo
+    name a run records (report.json, posterior.pt). Every command that compresses a run's posterior
+    takes its example input from here.
+    """
+    return torch.zeros(batch, *input_shape(recipe(model).dataset), device=device)
+
+
 def evaluate_compression(bmodel: torch.nn.Module, test, thresholds, bit_accounting: str = "code",
-                         variance_scale: float = 1.0):
-    """Compress a trained model and measure it: (CompressedModel, figures for report.json)."""
+                         variance_scale: float = 1.0, *, example: torch.Tensor | None = None):
+    """Compress a trained model and measure it: (CompressedModel, figures for report.json).
+
+    `example`: the example input (`example_input`) that a model other than an `nn.Sequential` chain
+    is compressed with, through its torch.fx graph.
+    """
     t0 = time.perf_counter()
     err_uncompressed = evaluate(bmodel, *test)
-    example = test[0][:2].to(next(bmodel.parameters()).device)  # a model that is not a chain is compressed
     compressed = compress(bmodel, thresholds, bit_accounting=bit_accounting, variance_scale=variance_scale,
-                          example_input=example)  # through its torch.fx graph
+                          example_input=example)
     preds = predict(compressed.model, test[0])
     err = 100.0 * float((preds != test[1]).float().mean())
     figures = {"test_error": err, "test_error_uncompressed": err_uncompressed,
@@ -133,9 +147,6 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"auto thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
     if opts.auto_thresholds is not None and opts.thresholds is not None:
         raise RunError("--thresholds and --auto-thresholds exclude each other: give one of them")
-    if opts.auto_thresholds == "validation" and not isinstance(build_model(opts.model), torch.nn.Sequential):
-        raise RunError(f"--auto-thresholds validation compresses nn.Sequential chains only; {opts.model} is a graph "
-                       "model (use --auto-thresholds histogram or --thresholds)")
     if not 0.0 < opts.val_fraction < 1.0:
         raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
     if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):
@@ -271,13 +282,16 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     if not distributed.is_main():
         return {}  # rank 0 compresses, evaluates and writes DIR
     choice = None
+    example = example_input(opts.model, device=device)
     if opts.auto_thresholds == "histogram":
         choice = histogram_thresholds(bmodel)
     elif opts.auto_thresholds == "validation":
-        choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale)
+        choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale,
+                                       example_input=example)
     if choice is not None:
         thresholds = {name: c.value for name, c in choice.items()}
-    compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale)
+    compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
+                                               example=example)
     report: dict[str, Any] = {
         "model": opts.model,
         "prior": opts.prior,
@@ -329,10 +343,11 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
 
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
-               variance_scale: float = 1.0) -> dict[str, Any]:
+               variance_scale: float = 1.0, verify: bool = True) -> dict[str, Any]:
     """Compress a finished run's posterior again (other thresholds), evaluate it, write a new run folder.
 
-    `thresholds=None` keeps the thresholds the run used (its report's `thresholds`).
+    `thresholds=None` keeps the thresholds the run used (its report's `thresholds`); `verify=False` skips
+    the data files' checksum check (data you made yourself).
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
@@ -344,12 +359,13 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
         previous = json.loads((run_dir / REPORT).read_text())
     except (OSError, json.JSONDecodeError):
         previous = {"model": state["model"], "prior": state["prior"]}
-    _, test = load_data(state["model"], data_dir, 1)
+    _, test = load_data(state["model"], data_dir, 1, verify=verify)
     final, work = prepare_out(out, False, force)
     try:
         if thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds = previous.get("thresholds") or None
-        compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale)
+        compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
+                                                   example=example_input(state["model"]))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
-from .pipeline import POSTERIOR_FILE, REPORT, RunError, RunOptions, load_data, load_posterior, run
+from .pipeline import POSTERIOR_FILE, REPORT, RunError, RunOptions, example_input, load_data, load_posterior, run
 from .train import distributed, evaluate, predict
 from .train.checkpoint import atomic_write_bytes, load_checkpoint
 
@@ -242,6 +242,7 @@ def threshold_sweep(
     bit_accounting: str | None = None,
     variance_scale: float | None = None,
     out: str | os.PathLike | None = None,
+    verify: bool = True,
 ) -> list[dict[str, Any]]:
     """Compress one trained run at each threshold setting and measure it (no retraining).
 
@@ -254,7 +255,9 @@ def threshold_sweep(
 
     Errors are on the test set (this reports; it chooses nothing). `bit_accounting` and
     `variance_scale` default to the run's own (report.json), else "code" and 1. `out`: also write
-    {"kind": "threshold", ...} there as JSON (atomically).
+    {"kind": "threshold", ...} there as JSON (atomically). `verify=False` skips the data files'
+    checksum check (data you made yourself). A graph run (residual, concatenating model) is compressed
+    through its torch.fx graph, as `pipeline.run` compressed it.
     """
     run_dir = Path(run_dir)
     posterior = run_dir / POSTERIOR_FILE
@@ -275,7 +278,8 @@ def threshold_sweep(
         variance_scale = float(previous.get("variance_scale") or 1.0)
     if relative and not base:
         raise RunError(f"{run_dir / REPORT} gives no thresholds to be relative to")
-    _, test = load_data(model_name, data_dir, 1)
+    _, test = load_data(model_name, data_dir, 1, verify=verify)
+    example = example_input(model_name)
     err_uncompressed = evaluate(bmodel, *test)
     points: list[dict[str, Any]] = []
     for v in values:
@@ -287,7 +291,8 @@ def threshold_sweep(
             th = dict(v) if isinstance(v, Mapping) else float(v)
         label = dict(v) if isinstance(v, Mapping) else float(v)
         try:
-            c = compress(bmodel, th, bit_accounting=bit_accounting, variance_scale=variance_scale)
+            c = compress(bmodel, th, bit_accounting=bit_accounting, variance_scale=variance_scale,
+                         example_input=example)
         except PruneError as exc:
             points.append({"threshold": label, "skipped": str(exc), "test_error": None, "weights_kept": None,
                            "weights_kept_pct": None})

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..nn import GroupSparseLayer
 from .chain import WEIGHTED, chain, is_linear
-from .graph import Realign, graph_compress
+from .graph import Realign, graph_compress, graph_shrinker
 from .masks import (
     LayerMask,
     PruneError,
@@ -43,9 +43,15 @@ class CompressedModel:
 
 
 def kept_weights(module: nn.Module, lm: LayerMask) -> torch.Tensor:
-    """Boolean mask over a layer's weight of the entries the shrunk layer stores with gate on."""
+    """Boolean mask over a layer's weight of the entries the shrunk layer stores with gate on.
+
+    `lm` is a chain's decision (`compression_masks`) or a graph's (`graph_compress(...).masks`); a
+    depthwise convolution's kernel has one input per output channel, so only its outputs are masked.
+    """
     w = module.posterior_mean() if isinstance(module, GroupSparseLayer) else module.weight
-    keep = lm.out_mask.view(-1, *([1] * (w.dim() - 1))) & lm.in_mask.view(1, -1, *([1] * (w.dim() - 2)))
+    keep = lm.out_mask.view(-1, *([1] * (w.dim() - 1)))
+    if getattr(module, "groups", 1) == 1:
+        keep = keep & lm.in_mask.view(1, -1, *([1] * (w.dim() - 2)))
     if lm.group_keep is not None and not is_linear(module):
         keep = keep & lm.group_keep.view(-1, *([1] * (w.dim() - 1)))
     return keep.expand_as(w)
@@ -127,6 +133,7 @@ __all__ = [
     "compression_masks",
     "exponent_bits",
     "graph_compress",
+    "graph_shrinker",
     "group_masks",
     "kept_weights",
     "layer_bits",

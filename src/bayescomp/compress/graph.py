@@ -52,7 +52,7 @@ import copy
 import dataclasses
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -829,6 +829,34 @@ def graph_compress(
         model.train(was_training)
 
 
+@torch.no_grad()
+def graph_shrinker(
+    model: nn.Module,
+    keeps: Mapping[str, Tensor],
+    *,
+    example_input: Tensor | tuple[Tensor, ...],
+) -> Callable[[Mapping[str, int] | None], fx.GraphModule]:
+    """The graph counterpart of `shrink(model, masks, bits)`, for rebuilding one decision at many precisions.
+
+    Traces and analyses `model` once under the decision `keeps` ({layer name: bool mask over its groups},
+    e.g. `group_masks(model, thresholds)`), and returns ``build(bits)``: the plain GraphModule with each
+    layer's weights rounded to ``bits[layer]`` mantissa bits (a layer left out is not rounded; None: no
+    rounding). ``build(compressed.bits)`` is the model `graph_compress(model, keeps=keeps, ...)` returns.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        an = _Analysis(model, trace(model, example_input), keeps)
+    finally:
+        model.train(was_training)
+
+    @torch.no_grad()
+    def build(bits: Mapping[str, int] | None) -> fx.GraphModule:
+        return _Builder(an, None if bits is None else dict(bits), {}).build()
+
+    return build
+
+
 def _report(an: _Analysis, builder: _Builder, bits: Mapping[str, int], e_bits: int, thresholds: Mapping[str, float],
             accounting: str) -> dict[str, Any]:
     """The fields of `compress()`'s report (shared `summary.summarize`; every rate from `rates.rates`)."""
@@ -839,4 +867,4 @@ def _report(an: _Analysis, builder: _Builder, bits: Mapping[str, int], e_bits: i
     return summarize(rows, bits, e_bits, thresholds, accounting)
 
 
-__all__ = ["BARRIER_MODULES", "Realign", "UNARY_MODULES", "graph_compress", "trace"]
+__all__ = ["BARRIER_MODULES", "Realign", "UNARY_MODULES", "graph_compress", "graph_shrinker", "trace"]

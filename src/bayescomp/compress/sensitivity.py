@@ -14,8 +14,9 @@ Verdict per layer (tolerance 0.1 percentage points by default):
   the rule gave more bits than needed;
 * "tight" otherwise.
 
-Every setting is built by `shrink` from the same masks with its own bits dict (a layer left out of
-it is not rounded), so each model is exactly the one `compress` would produce at those bits.
+Every setting is built by `shrink` (a chain) or `graph_shrinker` (any other model, given an example
+input) from the same decision with its own bits dict (a layer left out of it is not rounded), so each
+model is exactly the one `compress` would produce at those bits.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from .graph import graph_shrinker
 from .precision import MAX_BITS
 from .shrink import shrink
 from .thresholds import _error
@@ -48,10 +50,12 @@ def precision_sensitivity(
     tolerance: float = 0.1,
     bits_reduce: str = "mean",
     variance_scale: float = 1.0,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
 ) -> dict[str, Any]:
     """Per-layer error when that layer alone is rounded to its inferred bits − k and + k.
 
-    `model`: a trained Bayesian model; `thresholds`: as for `compress`. Bits are clamped to
+    `model`: a trained Bayesian model; `thresholds`, `example_input`: as for `compress` (a model that
+    is not an `nn.Sequential` chain needs the example input). Bits are clamped to
     0..23 (`clamped` says when). Returns a JSON-ready dict::
 
         {"ks": [...], "tolerance": 0.1, "error_unrounded": e, "error_inferred": e,
@@ -69,11 +73,18 @@ def precision_sensitivity(
         raise ValueError(f"ks must be positive integers, got {ks}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be ≥ 0, got {tolerance}")
-    base = compress(model, thresholds, round_weights=False, bits_reduce=bits_reduce, variance_scale=variance_scale)
+    base = compress(model, thresholds, round_weights=False, bits_reduce=bits_reduce, variance_scale=variance_scale,
+                    example_input=example_input)
     inferred = dict(base.bits)
+    if isinstance(base.model, fx.GraphModule):  # compressed through its graph: rebuild that decision
+        keeps = {n: lm.group_keep for n, lm in base.masks.items() if lm.group_keep is not None}
+        build = graph_shrinker(model, keeps, example_input=example_input)
+    else:
+        def build(bits: Mapping[str, int]) -> nn.Module:
+            return shrink(model, base.masks, bits)
 
     def error(bits: Mapping[str, int]) -> float:
-        return _error(shrink(model, base.masks, dict(bits)), x, y)
+        return _error(build(dict(bits)), x, y)
 
     err_unrounded = _error(base.model, x, y)
     err_inferred = error(inferred)

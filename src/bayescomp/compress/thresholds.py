@@ -262,6 +262,7 @@ def validation_thresholds(
     round_weights: bool = True,
     bits_reduce: str = "mean",
     variance_scale: float = 1.0,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
 ) -> dict[str, ThresholdChoice]:
     """Per-layer thresholds with the fewest weights kept whose validation error is within `budget` points.
 
@@ -280,7 +281,8 @@ def validation_thresholds(
 
     `candidates`: None (each layer's `default_candidates`, `n_candidates` of them), one list for every
     layer, or {layer name: list}; a keep-all value (max + 1) is always added. A setting that
-    `compress` refuses (a layer left empty) counts as infeasible.
+    `compress` refuses (a layer left empty) counts as infeasible. `example_input`: as for `compress`, a
+    batch the model accepts (on its device); a model that is not an `nn.Sequential` chain needs it.
 
     Only `val_x`, `val_y` and the model are read: the caller holds the split out of the training set
     (`validation_split`) and the test set never enters this function.
@@ -321,7 +323,7 @@ def validation_thresholds(
         if key not in cache:
             try:
                 c = compress(model, th, round_weights=round_weights, bits_reduce=bits_reduce,
-                             variance_scale=variance_scale)
+                             variance_scale=variance_scale, example_input=example_input)
             except PruneError:
                 cache[key] = None
             else:

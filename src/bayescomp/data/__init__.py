@@ -12,18 +12,20 @@ from .cifar10 import (
     load_cifar10,
 )
 from .mnist import fetch_mnist, load_mnist
-from .paths import DATASETS, DataError, resolve_data_dir
+from .paths import DATASETS, INPUT_SHAPES, DataError, input_shape, resolve_data_dir
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DATASETS",
+    "INPUT_SHAPES",
     "DataError",
     "cifar10_augment",
     "cifar10_label_names",
     "fetch_cifar10",
     "fetch_mnist",
+    "input_shape",
     "load_cifar10",
     "load_mnist",
     "resolve_data_dir",

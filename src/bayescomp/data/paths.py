@@ -18,9 +18,11 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-__all__ = ["DATASETS", "ENV_VAR", "DataError", "resolve_data_dir"]
+__all__ = ["DATASETS", "ENV_VAR", "INPUT_SHAPES", "DataError", "input_shape", "resolve_data_dir"]
 
 DATASETS: tuple[str, ...] = ("mnist", "cifar10")
+#: the shape of one example of each dataset, as its reader returns it (channels, height, width)
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 ENV_VAR = "BAYESCOMP_DATA"
 
 #: Opens a URL; module-level so tests (and offline deployments) can replace it and never touch the network.
@@ -31,6 +33,14 @@ _CHUNK = 1 << 20
 
 class DataError(ValueError):
     """A user-fixable data problem: missing directory or file, checksum mismatch, or malformed contents."""
+
+
+def input_shape(dataset: str) -> tuple[int, ...]:
+    """The shape of one example of `dataset` (e.g. (1, 28, 28) for MNIST), as its reader returns it."""
+    try:
+        return INPUT_SHAPES[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}") from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:

@@ -1,6 +1,11 @@
 """Export a compressed model for use without bayescomp: ONNX (the graph and weights) and safetensors (weights).
 
 Both need optional packages (``pip install bayescomp[export]``): onnx for ONNX, safetensors for safetensors.
+
+A safetensors file holds the tensors, and in its string metadata the architecture as `io.plain` describes it:
+``"spec"`` (the layer list, `model_spec`) for an `nn.Sequential` chain, or ``"graph"`` (`graph_spec`) for the
+`torch.fx.GraphModule` of a residual or concatenating network; ``"version"`` is the matching model-file version.
+`load_safetensors` rebuilds either from the whitelists, without unpickling anything.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import nn
 
 from ..train.checkpoint import atomic_write_bytes
-from .plain import model_spec
+from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, _any_spec, build_from_spec, build_graph
 
 
 class ExportError(RuntimeError):
@@ -44,12 +49,55 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Write the model's tensors as safetensors; the layer spec (io.plain) and `meta` go into its metadata."""
+    """Write the model's tensors as safetensors; the architecture (io.plain: a chain's layer list or a
+    GraphModule's graph) and `meta` go into its metadata."""
     try:
         from safetensors.torch import save
     except ImportError as exc:
         raise ExportError("safetensors export needs the safetensors package: pip install 'bayescomp[export]'") from exc
+    version, key, spec = _any_spec(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "bayescomp-plain", "spec": json.dumps(model_spec(model)), "meta": json.dumps(meta or {})}
+    metadata = {"format": FORMAT, "version": str(version), key: json.dumps(spec), "meta": json.dumps(meta or {})}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
     return Path(path)
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The plain model (eval mode) and its `meta` from a file written by `export_safetensors`.
+
+    An `nn.Sequential` for a chain, a `torch.fx.GraphModule` for a graph model; raises `ModelFileError`
+    for a file that is not such an export or whose architecture does not fit its tensors.
+    """
+    try:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise ExportError("reading safetensors needs the safetensors package: pip install 'bayescomp[export]'") from exc
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"safetensors file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot read safetensors file {path}: {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a bayescomp safetensors export")
+    key = "graph" if "graph" in metadata else "spec"
+    version = metadata.get("version", str(GRAPH_VERSION if key == "graph" else VERSION))  # early exports: none
+    if version != str(GRAPH_VERSION if key == "graph" else VERSION):
+        raise ModelFileError(f"{path}: model version {version[:20]!r} with a {key!r} architecture is not one this "
+                             "bayescomp reads")
+    try:
+        if key not in metadata:
+            raise ModelFileError("no architecture (spec or graph) in its metadata")
+        spec = json.loads(metadata[key])
+        model: nn.Module = build_graph(spec) if key == "graph" else build_from_spec(spec)
+        model.load_state_dict(tensors)
+        meta = json.loads(metadata.get("meta", "{}"))
+    except ModelFileError as exc:
+        raise ModelFileError(f"safetensors file {path}: {exc}") from exc
+    except (KeyError, TypeError, RuntimeError, ValueError, RecursionError) as exc:
+        raise ModelFileError(f"safetensors file {path} is inconsistent: {exc}") from exc
+    return model.eval(), meta

@@ -109,10 +109,10 @@ def _layer_rows(report: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method: str) -> list[str]:
-    from ..compress.masks import compression_masks
+def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method: str, verify: bool) -> list[str]:
+    from ..compress import PruneError, compress
     from ..compress.thresholds import histogram_thresholds
-    from ..pipeline import POSTERIOR_FILE, load_data, load_posterior
+    from ..pipeline import POSTERIOR_FILE, example_input, load_data, load_posterior
     from .plots import plot_log_alpha_histograms, plot_pareto, plot_training_curves, plot_weights
 
     report = json.loads((run_dir / "report.json").read_text())
@@ -139,6 +139,7 @@ def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method:
     thresholds = report.get("thresholds") or None
     if posterior.is_file():
         bmodel = load_posterior(posterior)
+        test = load_data(report["model"], data_dir, 1, verify=verify)[1] if sensitivity else None  # fail early
         suggested = histogram_thresholds(bmodel, method)
         used = {lay["name"]: lay.get("threshold") for lay in report.get("layers") or []}
         lines += ["## log α: thresholds used and what the histogram says", "",
@@ -149,16 +150,22 @@ def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method:
                         [[n, used.get(n), c.value, f"{c.kept}/{c.total}", c.reason] for n, c in suggested.items()])
         plot_log_alpha_histograms(bmodel, thresholds, run_dir / FIG_LOG_ALPHA, suggested=suggested)
         lines += [f"![log α histograms per layer]({FIG_LOG_ALPHA})", ""]
-        masks = compression_masks(bmodel, thresholds)
-        plot_weights(bmodel, masks, run_dir / FIG_WEIGHTS)
-        lines += ["## Weights before and after pruning", "",
-                  "Per layer, the magnitudes |E[w]| of the posterior means (dark = large); on the right, pruned rows and columns are blank.", "",
-                  f"![weights before and after pruning]({FIG_WEIGHTS})", ""]
+        # the run's decision, made as the run made it (a graph model through its torch.fx graph)
+        example = example_input(report["model"])
+        lines += ["## Weights before and after pruning", ""]
+        try:
+            masks = compress(bmodel, thresholds, round_weights=False, example_input=example).masks
+        except PruneError as exc:
+            lines += [f"_No weights figure: the run's thresholds cannot be applied to this posterior ({exc})._", ""]
+        else:
+            plot_weights(bmodel, masks, run_dir / FIG_WEIGHTS)
+            lines += ["Per layer, the magnitudes |E[w]| of the posterior means (dark = large); on the right, pruned "
+                      "rows and columns are blank.", "",
+                      f"![weights before and after pruning]({FIG_WEIGHTS})", ""]
         if sensitivity:
             from ..compress.sensitivity import precision_sensitivity
 
-            _, test = load_data(report["model"], data_dir, 1)
-            sens = precision_sensitivity(bmodel, *test, thresholds)
+            sens = precision_sensitivity(bmodel, *test, thresholds, example_input=example)
             lines += ["## Precision sensitivity (test set)", "",
                       f"Error with every layer at its inferred bits: {_fmt(sens['error_inferred'])}% "
                       f"(unrounded {_fmt(sens['error_unrounded'])}%). Each row moves one layer's bits; "
@@ -222,18 +229,19 @@ def _sweep_page(sweep_dir: Path) -> list[str]:
 
 
 def write_report(run_dir: str | os.PathLike, *, data_dir: str | None = None, sensitivity: bool = False,
-                 method: str = "otsu") -> Path:
+                 method: str = "otsu", verify: bool = True) -> Path:
     """Write run_dir/report.md and its PNG figures; return the page's path.
 
     `run_dir`: a run folder (report.json) or a sweep folder (sweep.json). `sensitivity`: also measure
     the precision sensitivity on the test set (loads the data from `data_dir`; a few dozen test-set
-    passes). `method`: how the histogram suggestion is made ("otsu" or "gmm").
+    passes; `verify=False` skips the data files' checksum check). `method`: how the histogram suggestion
+    is made ("otsu" or "gmm"). Chain and graph runs (residual, concatenating models) get the same page.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     if (run_dir / "report.json").is_file():
-        lines = _run_page(run_dir, data_dir=data_dir, sensitivity=sensitivity, method=method)
+        lines = _run_page(run_dir, data_dir=data_dir, sensitivity=sensitivity, method=method, verify=verify)
     elif (run_dir / "sweep.json").is_file():
         lines = _sweep_page(run_dir)
     else:

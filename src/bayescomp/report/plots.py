@@ -106,13 +106,23 @@ def plot_weights(model: nn.Module, masks: Mapping[str, LayerMask] | None, path: 
     output channel); when the first layer is a Linear layer with 784 inputs, also the kept input
     pixels as a 28×28 image.
 
-    `masks`: a decision from `compression_masks` (None: the priors' default thresholds).
+    `masks`: the decision, `compress(...).masks` — for a chain also `compression_masks` (None: the
+    priors' default thresholds); for a model that is not an `nn.Sequential` chain, the masks of its
+    graph compression (`graph_compress(...).masks`), whose layers are drawn in the graph's order.
     """
     from ..compress import kept_weights
 
-    if masks is None:
-        masks = compression_masks(model, None)
-    layers = [(n, m) for n, m in chain(model) if isinstance(m, WEIGHTED)]
+    if isinstance(model, nn.Sequential):
+        if masks is None:
+            masks = compression_masks(model, None)
+        layers = [(n, m) for n, m in chain(model) if isinstance(m, WEIGHTED)]
+    else:
+        if masks is None:
+            raise ValueError(f"{type(model).__name__} is not an nn.Sequential chain: pass masks=, the decision of "
+                             "compress(model, thresholds, example_input=...)")
+        layers = [(n, model.get_submodule(n)) for n in masks]
+    if not layers:
+        raise ValueError("the model has no weighted layer to draw")
     first_name, first = layers[0]
     pixels = is_linear(first) and masks[first_name].in_mask.numel() == 784
     ncols = 3 if pixels else 2
