@@ -1,9 +1,12 @@
-"""A user-style residual network on real MNIST: bayesianize, train, compress through torch.fx, evaluate.
+"""A user-style residual network on real MNIST, through the same pipeline as `bayescomp compress`.
 
-    python benchmarks/resnet_mnist.py --epochs 4 --train-subset 20000
+    python benchmarks/resnet_mnist.py --epochs 10 --train-subset 20000 --pretrain-epochs 2
 
-Writes benchmarks/results/resnet_mnist_gnj.json: test errors (uncompressed posterior mean; shrunk and
-rounded graph model), architecture, weights kept, bits and rates, with the command.
+Bayesianizes `resnet_mnist` (3×3 stem, residual blocks 16→16, 16→32 with a strided 1×1 shortcut,
+32→32, average pool, linear), trains it, compresses it through its torch.fx graph (channels tied by
+the residual sums are kept or removed together), writes the packed file, and records in
+benchmarks/results/resnet_mnist_<prior>.json: test errors (uncompressed posterior mean; shrunk and
+rounded graph model), architecture, weights kept, bits, every rate, the file size and the command.
 """
 
 from __future__ import annotations
@@ -12,45 +15,39 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
-import torch
-
-import bayescomp
-from bayescomp.data import load_mnist
-from bayescomp.models import resnet_mnist
-from bayescomp.train import TrainConfig, evaluate, fit
+from bayescomp.pipeline import RunOptions, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--prior", default="gnj", choices=["gnj", "ghs"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="train the plain network first (the paper's VGG recipe)")
     p.add_argument("--train-subset", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--thresholds", type=float, default=None, help="one log α threshold (default: the prior's)")
+    p.add_argument("--auto-thresholds", choices=["histogram", "validation"], default="histogram")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--keep-run", default=None, help="also keep the run folder here")
     args = p.parse_args()
-    torch.manual_seed(args.seed)
-    x, y = load_mnist("train")
-    xt, yt = load_mnist("test")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.train_subset]
-    bmodel = bayescomp.bayesianize(resnet_mnist(), "gnj", keep_weights=False)
-    result = fit(bmodel, (x[idx], y[idx]), TrainConfig(epochs=args.epochs, seed=args.seed), test=(xt, yt),
-                 progress=sys.stderr.isatty())
-    err_uncompressed = evaluate(bmodel, xt, yt)
-    compressed = bayescomp.graph_compress(bmodel.eval(), args.thresholds, example_input=xt[:2])
-    err = evaluate(compressed.model, xt, yt)
-    report = {"model": "resnet_mnist", "prior": "gnj", "epochs": args.epochs, "train_examples": len(idx),
-              "test_error": err, "test_error_uncompressed": err_uncompressed, "train_seconds": result.seconds,
-              **{k: v for k, v in compressed.report.items() if k != "prior"},
-              "history": result.history, "threads": torch.get_num_threads(),
-              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    opts = RunOptions(model="resnet_mnist", prior=args.prior, epochs=args.epochs, seed=args.seed,
+                      train_subset=args.train_subset, pretrain_epochs=args.pretrain_epochs,
+                      auto_thresholds=args.auto_thresholds, data_dir=args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.keep_run) if args.keep_run else Path(tmp) / "run"
+        report = run(opts, run_dir, force=True, progress=sys.stderr.isatty(), command=command)
+    report["command"] = command
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "resnet_mnist_gnj.json"
+    out = RESULTS / f"resnet_mnist_{args.prior}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"resnet_mnist: test error {err:.2f}% (uncompressed {err_uncompressed:.2f}%), architecture "
-          f"{report['architecture']}, weights kept {report['weights_kept_pct']:.1f}%, bits {report['bits']}; wrote {out}")
+    print(f"resnet_mnist: test error {report['test_error']:.2f}% (uncompressed {report['test_error_uncompressed']:.2f}%), "
+          f"architecture {report['architecture']}, weights kept {report['weights_kept_pct']:.1f}%, bits {report['bits']}, "
+          f"file {report.get('file_bytes')} B; wrote {out}")
 
 
 if __name__ == "__main__":
