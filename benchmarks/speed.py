@@ -6,8 +6,8 @@
 writes benchmarks/results/speed.json. Per model:
 
 * `train_step_ratio` per prior: Bayesian step time / plain step time. One step is what `fit` does:
-  forward, cross-entropy (+ KL/N for the Bayesian net), zero_grad, backward, fused Adam, the
-  variance clamps of the recipe. Same batches of 128 real MNIST examples, same threads, same
+  forward (with `fuse_weight_kl`), cross-entropy (+ KL/N for the Bayesian net), zero_grad, backward,
+  fused Adam, the variance clamps of the recipe. Same batches of 128 real MNIST examples, same threads, same
   optimizer settings; rounds interleaved (plain, gnj, ghs, plain, …) and the median of the rounds
   taken, so load that comes and goes hits all of them alike. Both wall-clock time and the thread's
   CPU time are recorded; the ratio is given for both.
@@ -48,7 +48,7 @@ from bayescomp.convert import group_layers
 from bayescomp.data import load_mnist
 from bayescomp.io.plain import load_plain
 from bayescomp.models import build_model
-from bayescomp.nn.base import _LinearKind
+from bayescomp.nn.base import _LinearKind, fuse_weight_kl
 from bayescomp.recipes import recipe
 from bayescomp.train.memory import keep_freed_memory
 
@@ -137,9 +137,10 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
 
         def step():
             idx = batches[next(it) % len(batches)]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if layers:
-                loss = loss + bayescomp.kl_divergence(model) / n
+            with fuse_weight_kl(model):  # as fit does
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                if layers:
+                    loss = loss + bayescomp.kl_divergence(model) / n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,9 +177,10 @@ def step_breakdown(model_name: str, prior: str, rounds: int, reps: int) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
         def step():
-            loss = F.cross_entropy(model(x), y)
-            if kl:
-                loss = loss + bayescomp.kl_divergence(model) / 60000
+            with fuse_weight_kl(model):
+                loss = F.cross_entropy(model(x), y)
+                if kl:
+                    loss = loss + bayescomp.kl_divergence(model) / 60000
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if opt_on:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from bayescomp.nn import Conv2dGroupHS, Conv2dGroupNJ, LinearGroupHS, LinearGroupNJ
+from bayescomp.nn import Conv2dGroupHS, Conv2dGroupNJ, LinearGroupHS, LinearGroupNJ, fuse_weight_kl
 from bayescomp.nn import horseshoe_kl as hkl
 from bayescomp.nn.kl import kl_group_nj, kl_log_uniform, kl_log_uniform_reference
 from bayescomp.nn.lrt import conv2d_lrt, conv2d_lrt_reference, linear_lrt, linear_lrt_reference
@@ -146,3 +146,69 @@ def test_group_nj_kl_matches_the_log_alpha_expression():
     assert gradcheck(lambda m, v: kl_group_nj(m, v, 1e-8), (z_mu, z_lv))
     layer = LinearGroupNJ(6, 2)
     torch.testing.assert_close(layer.kl_z(), kl_log_uniform(layer.log_alpha()))
+
+
+def _step_grads(model, x, y, fused: bool, seed: int = 0):
+    import bayescomp
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    if fused:
+        with fuse_weight_kl(model):
+            loss = torch.nn.functional.cross_entropy(model(x), y) + bayescomp.kl_divergence(model) / 100
+    else:
+        loss = torch.nn.functional.cross_entropy(model(x), y) + bayescomp.kl_divergence(model) / 100
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("prior", ["gnj", "ghs"])
+@pytest.mark.parametrize("model_name", ["lenet300", "lenet5"])
+def test_fused_weight_kl_gives_the_same_loss_and_gradients(prior, model_name):
+    import bayescomp
+    from bayescomp.models import build_model
+
+    torch.manual_seed(8)
+    model = bayescomp.bayesianize(build_model(model_name), prior).double().train()
+    for layer in bayescomp.convert.group_layers(model).values():  # weights far from the prior: a KL that matters
+        with torch.no_grad():
+            layer.weight_logvar.uniform_(-6.0, 0.5)
+    shape = (6, 784) if model_name == "lenet300" else (6, 1, 28, 28)
+    x, y = torch.randn(shape, dtype=F64), torch.randint(0, 10, (6,))
+    loss_a, grads_a = _step_grads(model, x, y, fused=False)
+    loss_b, grads_b = _step_grads(model, x, y, fused=True)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-10, atol=1e-14, msg=name)
+    assert all(layer._kl_stash is None and not layer._fuse_kl
+               for layer in bayescomp.convert.group_layers(model).values())
+
+
+def test_stashed_kl_is_not_used_after_the_parameters_change():
+    layer = LinearGroupNJ(5, 3).train()
+    with fuse_weight_kl(layer):
+        layer(torch.randn(4, 5))
+        assert layer._kl_stash is not None
+        with torch.no_grad():
+            layer.weight_logvar.add_(1.0)  # as an optimiser step would
+        fresh = layer.kl()
+    torch.testing.assert_close(fresh, LinearGroupNJ.kl(layer))
+    assert layer._kl_stash is None
+    with fuse_weight_kl(layer):  # the stash is used once, then the KL is computed afresh
+        layer(torch.randn(4, 5))
+        first, second = layer.kl(), layer.kl()
+    torch.testing.assert_close(first, second)
+    layer.eval()
+    with fuse_weight_kl(layer):
+        layer(torch.randn(4, 5))  # evaluation forward: nothing stashed
+        assert layer._kl_stash is None
+
+
+def test_kl_output_alone_backpropagates():
+    torch.manual_seed(9)
+    x, z = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    mu, lv = _leaf(2, 4), _leaf(2, 4)
+    _, kl = linear_lrt(x, z, mu, lv, None, None, None, with_kl=True)
+    kl.backward()
+    torch.testing.assert_close(mu.grad, mu.detach())
+    torch.testing.assert_close(lv.grad, 0.5 * (lv.detach().exp() - 1.0))

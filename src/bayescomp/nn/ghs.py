@@ -32,6 +32,7 @@ from .horseshoe_kl import (
     kl_lognormal_gamma_half_logscale,
     kl_lognormal_invgamma_half,
 )
+from .scalars import const
 
 GLOBAL_KL_VARIANTS = ("derived", "paper")
 
@@ -116,26 +117,27 @@ class _GroupHS:
     # ---- the log-normal marginal of z ---------------------------------------------------------
     def log_z_mean(self) -> Tensor:
         """μ_zi = E_q[log z_i] = ½(sa_mu + sb_mu + a_mu_i + b_mu_i), shape (n_groups,)."""
-        return 0.5 * (self.sa_mu + self.sb_mu + self.a_mu + self.b_mu)
+        return (self.a_mu + self.b_mu + (self.sa_mu + self.sb_mu)) * const(0.5, self.a_mu)
 
     def log_z_variance(self) -> Tensor:
         """σ²_zi = Var_q[log z_i] = ¼ Σ of the four log-variances' exponentials, shape (n_groups,)."""
-        return 0.25 * (self.sa_logvar.exp() + self.sb_logvar.exp() + self.a_logvar.exp() + self.b_logvar.exp())
+        total = self.a_logvar.exp() + self.b_logvar.exp() + (self.sa_logvar.exp() + self.sb_logvar.exp())
+        return total * const(0.25, total)
 
     def z_mean(self) -> Tensor:
         """E_q[z_i] = exp(μ_zi + σ²_zi/2)."""
-        return torch.exp(self.log_z_mean() + 0.5 * self.log_z_variance())
+        return torch.exp(torch.add(self.log_z_mean(), self.log_z_variance(), alpha=0.5))
 
     def z_variance(self) -> Tensor:
         """Var_q[z_i] = (exp(σ²_zi) − 1)·exp(2μ_zi + σ²_zi)."""
         var = self.log_z_variance()
-        return torch.expm1(var) * torch.exp(2.0 * self.log_z_mean() + var)
+        return torch.expm1(var) * torch.exp(torch.add(var, self.log_z_mean(), alpha=2.0))
 
     def sample_z(self, n: int) -> Tensor:
         """z_{k,i} = exp(μ_zi + σ_zi·ε_{k,i}), one per example k and group i: shape (n, n_groups)."""
         mu = self.log_z_mean()
         eps = torch.randn(n, self.n_groups, device=mu.device, dtype=mu.dtype)
-        return torch.exp(mu + self.log_z_variance().sqrt() * eps)
+        return torch.exp(torch.addcmul(mu, self.log_z_variance().sqrt(), eps))
 
     def log_alpha(self) -> Tensor:
         """Pruning score σ²_zi − μ_zi = −log(mode of q(z_i)): high means prunable.

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind
 from .kl import kl_group_nj
+from .scalars import const
 
 _EPS = 1e-8
 
@@ -39,7 +40,7 @@ class _GroupNJ:
 
     def sample_z(self, n: int) -> Tensor:
         eps = torch.randn(n, self.n_groups, device=self.z_mu.device, dtype=self.z_mu.dtype)
-        return torch.addcmul(self.z_mu, torch.exp(0.5 * self.z_logvar), eps)
+        return torch.addcmul(self.z_mu, torch.exp(self.z_logvar * const(0.5, self.z_logvar)), eps)
 
     def log_alpha(self) -> Tensor:
         """log α_i = log σ_zi² − log μ_zi²: the log dropout rate of group i."""

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from .scalars import const as _c
+
 _HALF_LOG_2 = 0.5 * math.log(2.0)
 
 
@@ -38,17 +40,21 @@ class _LogNormalKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu: Tensor, logvar: Tensor, sign: float, c: float, const: float) -> Tensor:  # type: ignore[override]
         var = logvar.exp()
-        e = torch.exp((0.5 * var).add_(mu, alpha=sign).add_(-c))
+        arg = torch.add(var * _c(0.5, var), mu, alpha=sign)
+        if c:
+            arg = arg.sub_(_c(c, arg))
+        e = torch.exp(arg)
         ctx.sign = sign
         ctx.save_for_backward(var, e)
-        value = e.sum() - 0.5 * (sign * mu.sum() + logvar.sum())
-        return value + (const - 0.5 - _HALF_LOG_2) * mu.numel()
+        value = e.sum().sub_(torch.add(logvar.sum(), mu.sum(), alpha=sign), alpha=0.5)
+        return value.add_(_c((const - 0.5 - _HALF_LOG_2) * mu.numel(), value))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         var, e = ctx.saved_tensors
-        g_mu = (e - 0.5).mul_(grad * ctx.sign)
-        g_lv = (e * var).sub_(1.0).mul_(0.5 * grad)
+        half = _c(0.5, e)
+        g_mu = (torch.sub(e, half) if ctx.sign > 0 else torch.sub(half, e)).mul_(grad)
+        g_lv = torch.mul(e, var).sub_(_c(1.0, e)).mul_(grad * half)
         return g_mu, g_lv, None, None, None
 
 

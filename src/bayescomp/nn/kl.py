@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .scalars import const
+
 # Molchanov et al. (2017), Eq. 14: a fit of -KL(q(w|θ,α) || log-uniform) as a function of log α.
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
 
@@ -22,12 +24,14 @@ class _GaussianKL(torch.autograd.Function):
     def forward(ctx, mu: Tensor, logvar: Tensor) -> Tensor:  # type: ignore[override]
         var = logvar.exp()
         ctx.save_for_backward(mu, var)
-        return 0.5 * (var.sum() - logvar.sum() + torch.dot(mu.reshape(-1), mu.reshape(-1)) - mu.numel())
+        flat = mu.reshape(-1)
+        total = torch.sub(var.sum(), logvar.sum()).add_(torch.dot(flat, flat)).sub_(const(mu.numel(), mu))
+        return total.mul_(const(0.5, mu))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         mu, var = ctx.saved_tensors
-        half = 0.5 * grad
+        half = grad * const(0.5, grad)
         return mu * grad, (var * half).sub_(half)
 
 
@@ -79,17 +83,20 @@ class _GroupNJKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        m2 = z_mu * z_mu + eps
+        m2 = torch.mul(z_mu, z_mu).clamp_min_(0.0).add_(const(eps, z_mu))
         la = z_logvar - m2.log()
-        s = torch.sigmoid(la * _K3 + _K2)
+        s = torch.sigmoid(torch.add(const(_K2, la), la, alpha=_K3))
         ctx.save_for_backward(z_mu, m2, la, s)
-        return (torch.nn.functional.softplus(-la) * 0.5 - s * _K1).sum() + _K1 * la.numel()
+        # Σ ½·softplus(−a) − k1·σ(t) + k1
+        per = torch.add(torch.nn.functional.softplus(la.neg()).mul_(const(0.5, la)), s, alpha=-_K1)
+        return per.sum().add_(const(_K1 * la.numel(), la))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         z_mu, m2, la, s = ctx.saved_tensors
-        d = (s * (1.0 - s)).mul_(-_K1 * _K3).sub_(torch.sigmoid(-la), alpha=0.5).mul_(grad)
-        return (z_mu * d).div_(m2).mul_(-2.0), d, None
+        # f′(a) = −k1·k3·σ(t)(1 − σ(t)) − ½·σ(−a), times the incoming gradient
+        d = torch.sub(s, s * s).mul_(const(-_K1 * _K3, s)).sub_(torch.sigmoid(la.neg()), alpha=0.5).mul_(grad)
+        return (z_mu * d).div_(m2).mul_(const(-2.0, d)), d, None
 
 
 def kl_group_nj(z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:

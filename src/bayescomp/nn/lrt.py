@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: added to the pre-activation variance before the square root (keeps ∂√v finite at v = 0)
+from .scalars import const
+
+#: floor of the pre-activation variance before the square root (keeps 1/√v finite at v = 0)
 TINY = 1e-16
 
 
@@ -40,32 +42,55 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
+def _weight_kl(mu: Tensor, logvar: Tensor, var_w: Tensor) -> Tensor:
+    """½ Σ(σ² − log σ² + μ² − 1): the weights' KL from N(0, 1), from the σ² the forward already has."""
+    flat = mu.reshape(-1)
+    total = torch.sub(var_w.sum(), logvar.sum()).add_(torch.dot(flat, flat)).sub_(const(mu.numel(), mu))
+    return total.mul_(const(0.5, mu))
+
+
+def _add_weight_kl_grads(gmu: Tensor | None, glv_pre: Tensor | None, mu: Tensor, var_w: Tensor,
+                         g_kl: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Finish the weight gradients: ∂/∂log σ² = σ²·(∂L/∂σ²) and, when the weights' KL was an output too,
+    + g_kl·μ and + ½g_kl(σ² − 1), in place ((M + ½g)·σ² − ½g for the second)."""
+    if g_kl is None:
+        return gmu, None if glv_pre is None else glv_pre.mul_(var_w)
+    half = g_kl * const(0.5, g_kl)
+    if gmu is not None:
+        gmu.add_(mu * g_kl)
+    glv = None if glv_pre is None else glv_pre.add_(half).mul_(var_w).sub_(half)
+    return gmu, glv
+
+
 class _LinearLRT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
-                b_logvar: Tensor | None, eps: Tensor | None) -> Tensor:  # type: ignore[override]
+                b_logvar: Tensor | None, eps: Tensor | None, with_kl: bool = False):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
         u = x * z
         var_w = logvar.exp()
         b_var = None if b_logvar is None else b_logvar.exp()
         u2 = u * u
-        std = F.linear(u2, var_w, b_var).add_(TINY).sqrt_()
+        std = F.linear(u2, var_w, b_var).clamp_min_(TINY).sqrt_()
         if eps is None:
             eps = torch.randn_like(std)
         out = F.linear(u, mu, b_mu).addcmul_(std, eps)
         ctx.save_for_backward(x, z, u, u2, mu, var_w, b_var, std, eps)
+        if with_kl:
+            return out, _weight_kl(mu, logvar, var_w)
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
         x, z, u, u2, mu, var_w, b_var, std, eps = ctx.saved_tensors
-        nx, nz, nmu, nlv, nbm, nbl, _ = ctx.needs_input_grad
-        g_var = (0.5 * g) * eps
-        g_var.div_(std)
-        gx = gz = gmu = glv = gbm = gbl = None
-        if nmu:
-            gmu = g.t().mm(u)
-        if nlv:
-            glv = g_var.t().mm(u2).mul_(var_w)
+        nx, nz, nmu, nlv, nbm, nbl = ctx.needs_input_grad[:6]
+        if g is None:  # only the KL output is used
+            g = torch.zeros_like(std)
+        g_var = torch.mul(g, eps).div_(std).mul_(const(0.5, g))
+        gx = gz = gbm = gbl = None
+        gmu = g.t().mm(u) if nmu else None
+        glv = g_var.t().mm(u2) if nlv else None
+        gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl)
         if nx or nz:
             gu = torch.addcmul(g.mm(mu), u, g_var.mm(var_w), value=2.0)
             gx = gu * z if nx else None
@@ -74,16 +99,18 @@ class _LinearLRT(torch.autograd.Function):
             gbm = g.sum(0)
         if nbl:
             gbl = g_var.sum(0).mul_(b_var)
-        return gx, gz, gmu, glv, gbm, gbl, None
+        return gx, gz, gmu, glv, gbm, gbl, None, None
 
 
 def linear_lrt(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
-               eps: Tensor | None = None) -> Tensor:
+               eps: Tensor | None = None, with_kl: bool = False):
     """One local-reparameterisation sample of a gated linear layer: x (n, in), z (n, in), ε (n, out).
 
-    ε = None draws it here (standard normal, from torch's generator).
+    ε = None draws it here (standard normal, from torch's generator). `with_kl=True` also returns
+    the weights' KL from N(0, 1), ½Σ(σ² − log σ² + μ² − 1), whose gradient is then added inside the
+    same backward pass (no second pass over the weights for σ², no separate gradient buffers).
     """
-    return _LinearLRT.apply(x, z, mu, logvar, b_mu, b_logvar, eps)
+    return _LinearLRT.apply(x, z, mu, logvar, b_mu, b_logvar, eps, with_kl)
 
 
 def linear_lrt_reference(x, z, mu, logvar, b_mu, b_logvar, eps) -> Tensor:
@@ -91,17 +118,19 @@ def linear_lrt_reference(x, z, mu, logvar, b_mu, b_logvar, eps) -> Tensor:
     u = x * z
     mean = F.linear(u, mu, b_mu)
     var = F.linear(u * u, logvar.exp(), None if b_logvar is None else b_logvar.exp())
-    return mean + torch.sqrt(var + TINY) * eps
+    return mean + torch.sqrt(var.clamp_min(TINY)) * eps
 
 
 class _Conv2dLRT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
-                b_logvar: Tensor | None, eps: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:  # type: ignore[override]
+                b_logvar: Tensor | None, eps: Tensor | None, stride, padding, dilation, groups: int,
+                with_kl: bool = False):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
         var_w = logvar.exp()
         b_var = None if b_logvar is None else b_logvar.exp()
         x2 = x * x
-        std = F.conv2d(x2, var_w, b_var, stride, padding, dilation, groups).add_(TINY).sqrt_()
+        std = F.conv2d(x2, var_w, b_var, stride, padding, dilation, groups).clamp_min_(TINY).sqrt_()
         if eps is None:
             eps = torch.randn_like(std)
         pre = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups).addcmul_(std, eps)
@@ -109,42 +138,44 @@ class _Conv2dLRT(torch.autograd.Function):
         out = pre * zz
         ctx.conf = (_pair(stride), _pair(padding), _pair(dilation), int(groups), b_mu is not None, b_logvar is not None)
         ctx.save_for_backward(x, x2, zz, mu, var_w, b_var, std, eps, pre)
+        if with_kl:
+            return out, _weight_kl(mu, logvar, var_w)
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
         x, x2, zz, mu, var_w, b_var, std, eps, pre = ctx.saved_tensors
         stride, padding, dilation, groups, has_bm, has_bl = ctx.conf
         nx, nz, nmu, nlv, nbm, nbl = ctx.needs_input_grad[:6]
+        if g is None:
+            g = torch.zeros_like(pre)
         gz = (g * pre).sum((2, 3)) if nz else None
         g_mean = g * zz
-        g_var = (0.5 * g_mean) * eps
-        g_var.div_(std)
+        g_var = torch.mul(g_mean, eps).div_(std).mul_(const(0.5, g))
         conv_bw = torch.ops.aten.convolution_backward
         gx_m, gmu, gbm = conv_bw(g_mean, x, mu, [mu.shape[0]] if has_bm else None, stride, padding, dilation,
                                  False, [0, 0], groups, [nx, nmu, nbm and has_bm])
         gx_v, glv, gbl = conv_bw(g_var, x2, var_w, [mu.shape[0]] if has_bl else None, stride, padding, dilation,
                                  False, [0, 0], groups, [nx, nlv, nbl and has_bl])
         gx = gx_m.addcmul_(x, gx_v, value=2.0) if nx else None
-        if glv is not None:
-            glv = glv.mul_(var_w)
+        gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl)
         if gbl is not None:
             gbl = gbl.mul_(b_var)
-        return gx, gz, gmu, glv, gbm, gbl, None, None, None, None, None
+        return gx, gz, gmu, glv, gbm, gbl, None, None, None, None, None, None
 
 
 def conv2d_lrt(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
-               eps: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+               eps: Tensor | None, stride, padding, dilation, groups: int, with_kl: bool = False):
     """One local-reparameterisation sample of a gated convolution: z (n, out_channels), ε the output's shape
     (None: drawn here).
 
     `padding` must be numeric (an int or a pair); the layers take the autograd path for "same"/"valid".
     """
-    return _Conv2dLRT.apply(x, z, mu, logvar, b_mu, b_logvar, eps, stride, padding, dilation, groups)
+    return _Conv2dLRT.apply(x, z, mu, logvar, b_mu, b_logvar, eps, stride, padding, dilation, groups, with_kl)
 
 
 def conv2d_lrt_reference(x, z, mu, logvar, b_mu, b_logvar, eps, stride, padding, dilation, groups) -> Tensor:
     """`conv2d_lrt` as plain autograd expressions."""
     mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
     var = F.conv2d(x * x, logvar.exp(), None if b_logvar is None else b_logvar.exp(), stride, padding, dilation, groups)
-    return z.view(z.shape[0], -1, 1, 1) * (mean + torch.sqrt(var + TINY) * eps)
+    return z.view(z.shape[0], -1, 1, 1) * (mean + torch.sqrt(var.clamp_min(TINY)) * eps)

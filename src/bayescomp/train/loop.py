@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..convert import group_layers, kl_divergence
+from ..nn.base import fuse_weight_kl
 from . import distributed
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .memory import keep_freed_memory
@@ -367,139 +368,140 @@ def fit(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net.train()
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)
-        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main and _interactive()),
-                   leave=False, dynamic_ncols=True)  # the per-epoch summary line is printed either way
-        for i in bar:
-            step = epoch * steps_per_epoch + i
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            if world == 1:
-                xb, yb = x[idx], y[idx]
-                if transform is not None:
-                    xb = transform(xb, gen)
-            else:
-                # This rank's contiguous share of the global batch. The whole batch is augmented, as on one
-                # process, so augmentations match a single-process run and the generator stays in step.
-                lo, hi = _shard(len(idx), world, rank)
-                xb = transform(x[idx], gen)[lo:hi] if transform is not None else x[idx[lo:hi]]
-                yb = y[idx[lo:hi]]
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            out = net(xb)
-            kl = kl_divergence(model) if layers else out.new_zeros(())
-            beta = kl_beta(step, steps_per_epoch, config.warmup_epochs)
-            if world == 1:
-                nll = F.cross_entropy(out, yb)
-                loss = nll + beta * kl / n
-                if not torch.isfinite(loss):
-                    bad = _non_finite_layer(model, grads=False)
-                    where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
-                    raise TrainingDivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}{where}")
-            else:
-                # DDP averages gradients over the W ranks. Cross-entropy: each rank contributes its sum over
-                # its share times W/B (B = this global batch, which may be short at the end of an epoch);
-                # the average is the mean over the global batch, as on one process, whatever the shares' sizes.
-                # KL: every rank adds the same β·KL/N (N the GLOBAL training-set size), so its gradient is
-                # W·(∇KL/N)/W = ∇KL/N after averaging: counted once, as on one process.
-                nll_sum = F.cross_entropy(out, yb, reduction="sum")
-                loss = nll_sum * (world / len(idx)) + beta * kl / n
-                finite = bool(torch.isfinite(loss))
-                flags = [0.0] * world
-                flags[rank] = 0.0 if finite else 1.0
-                flags = distributed.all_reduce(flags, device)  # every rank stops together, none hangs in backward
-                if any(flags):
-                    bad = _non_finite_layer(model, grads=False)
-                    where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
-                    ranks = ", ".join(str(r) for r, f in enumerate(flags) if f)
-                    raise TrainingDivergedError(f"loss became non-finite on rank {ranks} at epoch {epoch + 1}, step {i + 1}{where}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.check_grads:
-                bad = _non_finite_layer(model, grads=True)
-                if bad is not None:
-                    raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
-            if config.grad_clip is not None:
-                _clip_gradients(model, config.grad_clip, epoch, i)
-            # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
-            optimizer.step()
-            for layer in layers.values():
-                layer.clamp_variances()
-            if world == 1:
-                sums["loss"] += loss.item() * len(idx)
-                sums["nll"] += nll.item() * len(idx)
-            else:
-                local_nll = nll_sum.item()
-                sums["loss"] += local_nll + beta * kl.item() / n * len(yb)
-                sums["nll"] += local_nll
-            sums["kl"] = kl.item()
-            sums["wrong"] += int((out.detach().argmax(1) != yb).sum())
-            if progress and main and i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", beta=f"{beta:.2f}")
-        bar.close()
-        if world > 1:
-            distributed.broadcast_buffers(model)  # identical models everywhere (batch-norm statistics: rank 0's)
-            total = distributed.all_reduce([sums["loss"], sums["nll"], sums["wrong"]], device)
-            sums["loss"], sums["nll"], sums["wrong"] = total[0], total[1], int(round(total[2]))
-        bad = _non_finite_layer(model, grads=False)
-        if bad is not None:
-            raise TrainingDivergedError(f"parameter {bad} became non-finite during epoch {epoch + 1}")
-        seconds = time.perf_counter() - t0
-        result.seconds += seconds
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": sums["loss"] / n,
-            "nll": sums["nll"] / n,
-            "kl": sums["kl"],
-            "beta": kl_beta((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, config.warmup_epochs),
-            "train_error": 100.0 * sums["wrong"] / n,
-            "seconds": seconds,
-        }
-        if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            if world == 1:
-                row["test_error"] = evaluate(model, *test)
-            else:  # each rank counts the errors on its share of the test set
-                lo, hi = _shard(len(test[0]), world, rank)
-                wrong = distributed.all_reduce([_count_wrong(model, test[0][lo:hi], test[1][lo:hi])], device)[0]
-                row["test_error"] = 100.0 * round(wrong) / max(len(test[0]), 1)
-        if layers:
-            row["groups_kept"] = {name: int((m.log_alpha() < m.default_threshold).sum()) for name, m in layers.items()}
-        result.history.append(row)
-        if metrics_file is not None and main:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if progress and main:
-            msg = f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  train err {row['train_error']:.2f}%"
-            if "test_error" in row:
-                msg += f"  test err {row['test_error']:.2f}%"
-            tqdm.write(msg)
-        if on_epoch is not None:
-            on_epoch(row)
-        if checkpoint is not None:
-            cpu_rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            ranks_rng = distributed.all_gather_object((cpu_rng, cuda_rng)) if world > 1 else None
-            if main:
-                saved: dict[str, Any] = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": cpu_rng,
-                    "epoch": epoch + 1,
-                    "history": json.dumps(result.history),
-                    "seconds": result.seconds,
-                    "config": json.dumps(asdict(config)),
-                    "n_train": n,
-                    "world_size": world,
-                }
-                if cuda_rng is not None:
-                    saved["cuda_rng"] = cuda_rng
-                if ranks_rng is not None:
-                    saved["torch_rng_ranks"] = torch.stack([r[0] for r in ranks_rng])
+    with fuse_weight_kl(model):  # each layer's weight KL computed in its forward (nn/base.py)
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            order = torch.randperm(n, generator=gen)
+            sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0}
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main and _interactive()),
+                       leave=False, dynamic_ncols=True)  # the per-epoch summary line is printed either way
+            for i in bar:
+                step = epoch * steps_per_epoch + i
+                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+                if world == 1:
+                    xb, yb = x[idx], y[idx]
+                    if transform is not None:
+                        xb = transform(xb, gen)
+                else:
+                    # This rank's contiguous share of the global batch. The whole batch is augmented, as on one
+                    # process, so augmentations match a single-process run and the generator stays in step.
+                    lo, hi = _shard(len(idx), world, rank)
+                    xb = transform(x[idx], gen)[lo:hi] if transform is not None else x[idx[lo:hi]]
+                    yb = y[idx[lo:hi]]
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                out = net(xb)
+                kl = kl_divergence(model) if layers else out.new_zeros(())
+                beta = kl_beta(step, steps_per_epoch, config.warmup_epochs)
+                if world == 1:
+                    nll = F.cross_entropy(out, yb)
+                    loss = nll + beta * kl / n
+                    if not torch.isfinite(loss):
+                        bad = _non_finite_layer(model, grads=False)
+                        where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
+                        raise TrainingDivergedError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}{where}")
+                else:
+                    # DDP averages gradients over the W ranks. Cross-entropy: each rank contributes its sum over
+                    # its share times W/B (B = this global batch, which may be short at the end of an epoch);
+                    # the average is the mean over the global batch, as on one process, whatever the shares' sizes.
+                    # KL: every rank adds the same β·KL/N (N the GLOBAL training-set size), so its gradient is
+                    # W·(∇KL/N)/W = ∇KL/N after averaging: counted once, as on one process.
+                    nll_sum = F.cross_entropy(out, yb, reduction="sum")
+                    loss = nll_sum * (world / len(idx)) + beta * kl / n
+                    finite = bool(torch.isfinite(loss))
+                    flags = [0.0] * world
+                    flags[rank] = 0.0 if finite else 1.0
+                    flags = distributed.all_reduce(flags, device)  # every rank stops together, none hangs in backward
+                    if any(flags):
+                        bad = _non_finite_layer(model, grads=False)
+                        where = f"; parameter {bad} is non-finite" if bad else "; all parameters are finite (the data or the loss overflowed)"
+                        ranks = ", ".join(str(r) for r, f in enumerate(flags) if f)
+                        raise TrainingDivergedError(f"loss became non-finite on rank {ranks} at epoch {epoch + 1}, step {i + 1}{where}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.check_grads:
+                    bad = _non_finite_layer(model, grads=True)
+                    if bad is not None:
+                        raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
+                if config.grad_clip is not None:
+                    _clip_gradients(model, config.grad_clip, epoch, i)
+                # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
+                optimizer.step()
+                for layer in layers.values():
+                    layer.clamp_variances()
+                if world == 1:
+                    sums["loss"] += loss.item() * len(idx)
+                    sums["nll"] += nll.item() * len(idx)
+                else:
+                    local_nll = nll_sum.item()
+                    sums["loss"] += local_nll + beta * kl.item() / n * len(yb)
+                    sums["nll"] += local_nll
+                sums["kl"] = kl.item()
+                sums["wrong"] += int((out.detach().argmax(1) != yb).sum())
+                if progress and main and i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", beta=f"{beta:.2f}")
+            bar.close()
+            if world > 1:
+                distributed.broadcast_buffers(model)  # identical models everywhere (batch-norm statistics: rank 0's)
+                total = distributed.all_reduce([sums["loss"], sums["nll"], sums["wrong"]], device)
+                sums["loss"], sums["nll"], sums["wrong"] = total[0], total[1], int(round(total[2]))
+            bad = _non_finite_layer(model, grads=False)
+            if bad is not None:
+                raise TrainingDivergedError(f"parameter {bad} became non-finite during epoch {epoch + 1}")
+            seconds = time.perf_counter() - t0
+            result.seconds += seconds
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": sums["loss"] / n,
+                "nll": sums["nll"] / n,
+                "kl": sums["kl"],
+                "beta": kl_beta((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, config.warmup_epochs),
+                "train_error": 100.0 * sums["wrong"] / n,
+                "seconds": seconds,
+            }
+            if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+                if world == 1:
+                    row["test_error"] = evaluate(model, *test)
+                else:  # each rank counts the errors on its share of the test set
+                    lo, hi = _shard(len(test[0]), world, rank)
+                    wrong = distributed.all_reduce([_count_wrong(model, test[0][lo:hi], test[1][lo:hi])], device)[0]
+                    row["test_error"] = 100.0 * round(wrong) / max(len(test[0]), 1)
+            if layers:
+                row["groups_kept"] = {name: int((m.log_alpha() < m.default_threshold).sum()) for name, m in layers.items()}
+            result.history.append(row)
+            if metrics_file is not None and main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if progress and main:
+                msg = f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  train err {row['train_error']:.2f}%"
+                if "test_error" in row:
+                    msg += f"  test err {row['test_error']:.2f}%"
+                tqdm.write(msg)
+            if on_epoch is not None:
+                on_epoch(row)
+            if checkpoint is not None:
+                cpu_rng = torch.get_rng_state()
+                cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+                ranks_rng = distributed.all_gather_object((cpu_rng, cuda_rng)) if world > 1 else None
+                if main:
+                    saved: dict[str, Any] = {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "generator": gen.get_state(),
+                        "torch_rng": cpu_rng,
+                        "epoch": epoch + 1,
+                        "history": json.dumps(result.history),
+                        "seconds": result.seconds,
+                        "config": json.dumps(asdict(config)),
+                        "n_train": n,
+                        "world_size": world,
+                    }
                     if cuda_rng is not None:
-                        saved["cuda_rng_ranks"] = torch.stack([r[1] for r in ranks_rng])
-                _save_rotating(checkpoint, saved)
+                        saved["cuda_rng"] = cuda_rng
+                    if ranks_rng is not None:
+                        saved["torch_rng_ranks"] = torch.stack([r[0] for r in ranks_rng])
+                        if cuda_rng is not None:
+                            saved["cuda_rng_ranks"] = torch.stack([r[1] for r in ranks_rng])
+                    _save_rotating(checkpoint, saved)
     if world > 1:
         distributed.barrier()  # when fit returns on any rank, rank 0's files are complete (a resume may follow)
     model.eval()
