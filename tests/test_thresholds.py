@@ -275,3 +275,29 @@ def test_pipeline_validation_thresholds_hold_out_training_examples(tmp_path, mon
         pipeline.run(pipeline.RunOptions(auto_thresholds="histogram", thresholds=-3.0, data_dir=data), tmp_path / "x")
     with pytest.raises(pipeline.RunError, match="fraction"):
         pipeline.run(pipeline.RunOptions(auto_thresholds="validation", val_fraction=1.5, data_dir=data), tmp_path / "y")
+
+
+def test_two_modes_below_the_noise_floor_are_not_split():
+    torch.manual_seed(0)
+    low, high = torch.randn(40) * 0.2 - 8.0, torch.randn(20) * 0.2 - 5.0  # both "signal" for GNJ (floor −3)
+    scores = torch.cat([low, high])
+    assert split_modes(scores).kept == 40  # without a floor: a clean split
+    kept_all = split_modes(scores, noise_floor=-3.0)
+    assert kept_all.kept == 60 and "noise floor" in kept_all.reason
+    above = torch.cat([low, torch.randn(20) * 0.2 + 1.0])  # upper mode noise-dominated: split
+    assert split_modes(above, noise_floor=-3.0).kept == 40
+
+
+def test_histogram_thresholds_use_each_prior_default_as_noise_floor():
+    from bayescomp.nn import LinearGroupNJ
+
+    layer = LinearGroupNJ(60, 4)
+    with torch.no_grad():  # log α = z_logvar − log z_mu² with z_mu = 1
+        layer.z_mu.fill_(1.0)
+        layer.z_logvar.copy_(torch.cat([torch.full((40,), -8.0), torch.full((20,), -5.0)]) + torch.randn(60) * 0.1)
+    model = torch.nn.Sequential(layer)
+    assert histogram_thresholds(model)["0"].kept == 60
+    assert histogram_thresholds(model, use_noise_floor=False)["0"].kept == 40
+    with torch.no_grad():
+        layer.z_logvar[40:] = 1.0
+    assert histogram_thresholds(model)["0"].kept == 40
