@@ -50,9 +50,12 @@ def _weight_kl(mu: Tensor, logvar: Tensor, var_w: Tensor) -> Tensor:
 
 
 def _add_weight_kl_grads(gmu: Tensor | None, glv_pre: Tensor | None, mu: Tensor, var_w: Tensor,
-                         g_kl: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+                         g_kl: Tensor | None, pre_scale: float = 1.0) -> tuple[Tensor | None, Tensor | None]:
     """Finish the weight gradients: ∂/∂log σ² = σ²·(∂L/∂σ²) and, when the weights' KL was an output too,
-    + g_kl·μ and + ½g_kl(σ² − 1), in place ((M + ½g)·σ² − ½g for the second)."""
+    + g_kl·μ and + ½g_kl(σ² − 1), in place ((M + ½g)·σ² − ½g for the second). `glv_pre` holds
+    `pre_scale`·∂L/∂σ² (the convolution passes 2·∂L/∂v down, which spares a pass over its output)."""
+    if glv_pre is not None and pre_scale != 1.0:
+        glv_pre.mul_(const(1.0 / pre_scale, glv_pre))
     if g_kl is None:
         return gmu, None if glv_pre is None else glv_pre.mul_(var_w)
     half = g_kl * const(0.5, g_kl)
@@ -151,16 +154,16 @@ class _Conv2dLRT(torch.autograd.Function):
             g = torch.zeros_like(pre)
         gz = (g * pre).sum((2, 3)) if nz else None
         g_mean = g * zz
-        g_var = torch.mul(g_mean, eps).div_(std).mul_(const(0.5, g))
+        g_var2 = torch.mul(g_mean, eps).div_(std)  # 2·∂L/∂v: the ½ is applied to the (smaller) results
         conv_bw = torch.ops.aten.convolution_backward
         gx_m, gmu, gbm = conv_bw(g_mean, x, mu, [mu.shape[0]] if has_bm else None, stride, padding, dilation,
                                  False, [0, 0], groups, [nx, nmu, nbm and has_bm])
-        gx_v, glv, gbl = conv_bw(g_var, x2, var_w, [mu.shape[0]] if has_bl else None, stride, padding, dilation,
+        gx_v, glv, gbl = conv_bw(g_var2, x2, var_w, [mu.shape[0]] if has_bl else None, stride, padding, dilation,
                                  False, [0, 0], groups, [nx, nlv, nbl and has_bl])
-        gx = gx_m.addcmul_(x, gx_v, value=2.0) if nx else None
-        gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl)
+        gx = gx_m.addcmul_(x, gx_v) if nx else None  # + 2x·(½·gx_v)
+        gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl, pre_scale=2.0)
         if gbl is not None:
-            gbl = gbl.mul_(b_var)
+            gbl = gbl.mul_(b_var).mul_(const(0.5, gbl))
         return gx, gz, gmu, glv, gbm, gbl, None, None, None, None, None, None
 
 
