@@ -163,33 +163,19 @@ def step_breakdown(model_name: str, prior: str, rounds: int, reps: int) -> dict:
     """Where the Bayesian step's time goes: the step with one part removed at a time (thread CPU ms).
 
     `no_kl`: the KL term left out of the loss; `no_rng`: every normal draw replaced by a cached
-    tensor of the same shape (what the random numbers cost); `no_optimizer`: no Adam step. The
-    differences to `bayesian` are the parts' costs in the context of a whole step (cache effects
-    included), which is what a profile of one operation at a time misses.
+    tensor of the same shape (what the random numbers cost); `no_optimizer`: no Adam step. All
+    variants run interleaved in the same rounds, so the differences to `bayesian` are the parts' costs
+    in the context of a whole step (cache effects included). `aten_ops_per_step` counts the
+    dispatched tensor operations of one step (deterministic, unlike times): on small layers the cost
+    of a step follows this count more than its arithmetic.
     """
+    from torch.profiler import profile
+
     torch.manual_seed(0)
     x = torch.randn(128, *_input_shape(model_name))
     y = torch.randint(0, 10, (128,))
     plain = build_model(model_name).train()
     bayes = bayescomp.bayesianize(build_model(model_name), prior, keep_weights=False).train()
-
-    def make(model, kl=True, opt_on=True):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-
-        def step():
-            with fuse_weight_kl(model):
-                loss = F.cross_entropy(model(x), y)
-                if kl:
-                    loss = loss + bayescomp.kl_divergence(model) / 60000
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt_on:
-                opt.step()
-        return step
-
-    fns = {"plain": make(plain, kl=False), "bayesian": make(bayes), "no_kl": make(bayes, kl=False),
-           "no_optimizer": make(bayes, opt_on=False)}
-    times = {k: v["cpu"] * 1e3 for k, v in _median_rounds(fns, rounds, reps).items()}
     cache: dict = {}
     randn, randn_like = torch.randn, torch.randn_like
 
@@ -199,16 +185,39 @@ def step_breakdown(model_name: str, prior: str, rounds: int, reps: int) -> dict:
 
     def cached_like(t, **kw):
         return cache.setdefault(tuple(t.shape), randn_like(t))
-    torch.randn, torch.randn_like = cached, cached_like
-    try:
-        both = _median_rounds({"plain": fns["plain"], "no_rng": fns["bayesian"]}, rounds, reps)
-    finally:
-        torch.randn, torch.randn_like = randn, randn_like
-    times["no_rng"] = both["no_rng"]["cpu"] * 1e3 * times["plain"] / (both["plain"]["cpu"] * 1e3)  # same plain scale
+
+    def make(model, kl=True, opt_on=True, rng=True):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+        def step():
+            if not rng:
+                torch.randn, torch.randn_like = cached, cached_like
+            try:
+                with fuse_weight_kl(model):
+                    loss = F.cross_entropy(model(x), y)
+                    if kl:
+                        loss = loss + bayescomp.kl_divergence(model) / 60000
+            finally:
+                torch.randn, torch.randn_like = randn, randn_like
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt_on:
+                opt.step()
+        return step
+
+    fns = {"plain": make(plain, kl=False), "bayesian": make(bayes), "no_kl": make(bayes, kl=False),
+           "no_rng": make(bayes, rng=False), "no_optimizer": make(bayes, opt_on=False)}
+    times = {k: v["cpu"] * 1e3 for k, v in _median_rounds(fns, rounds, reps).items()}
     cost = {part: times["bayesian"] - times[k] for part, k in
             (("kl", "no_kl"), ("random_numbers", "no_rng"), ("optimizer_step", "no_optimizer"))}
+    ops = {}
+    for k in ("plain", "bayesian"):
+        with profile() as prof:
+            fns[k]()
+        ops[k] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return {"step_cpu_ms": times, "part_cost_ms": cost,
-            "part_cost_in_plain_steps": {k: v / times["plain"] for k, v in cost.items()}}
+            "part_cost_in_plain_steps": {k: v / times["plain"] for k, v in cost.items()},
+            "aten_ops_per_step": ops}
 
 
 def _paper_compressed(model_name: str) -> nn.Module:

@@ -45,11 +45,13 @@ class GroupSparseLayer(nn.Module):
     prior: str
     #: the log_alpha() threshold used when the user gives none, set by subclasses
     default_threshold: float
+    #: scores below this are signal: a histogram mode below it is never pruned (set by subclasses)
+    noise_floor: float
 
     #: set by `fuse_weight_kl`: the training forward also returns the weights' KL (see there)
     _fuse_kl: bool = False
-    #: (KL tensor, versions of weight_mu and weight_logvar) left by the last fused forward
-    _kl_stash: tuple[Tensor, tuple[int, int]] | None = None
+    #: (KL tensor of weights and bias, versions of those parameters) left by the last fused forward
+    _kl_stash: tuple[Tensor, tuple[int, ...]] | None = None
 
     weight_mu: nn.Parameter
     weight_logvar: nn.Parameter
@@ -115,23 +117,28 @@ class GroupSparseLayer(nn.Module):
     # ---- the shared part ----------------------------------------------------------------------
     def kl(self) -> Tensor:
         """KL(q || p) of the whole layer: scales, weights and bias. Non-negative."""
-        total = self.kl_z() + self._weight_kl()
-        if self.bias_mu is not None:
-            total = total + kl_gaussian_std_normal(self.bias_mu, self.bias_logvar)
-        return total
+        return self.kl_z() + self._params_kl()
 
-    def _weight_kl(self) -> Tensor:
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in (self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
+                     if p is not None)
+
+    def _params_kl(self) -> Tensor:
+        """KL of the weights and the bias from N(0, 1)."""
         stash, self._kl_stash = self._kl_stash, None
-        if stash is not None and stash[1] == (self.weight_mu._version, self.weight_logvar._version):
+        if stash is not None and stash[1] == self._versions():
             return stash[0]  # computed by this step's forward, on the same parameter values
-        return kl_gaussian_std_normal(self.weight_mu, self.weight_logvar)
+        kl = kl_gaussian_std_normal(self.weight_mu, self.weight_logvar)
+        if self.bias_mu is not None:
+            kl = kl + kl_gaussian_std_normal(self.bias_mu, self.bias_logvar)
+        return kl
 
     def _keep_kl(self, result):
         """The output of a fused training forward: stash the KL, return the sample."""
         if not self._fuse_kl:
             return result
         out, kl = result
-        self._kl_stash = (kl, (self.weight_mu._version, self.weight_logvar._version))
+        self._kl_stash = (kl, self._versions())
         return out
 
     def _z_shape(self) -> list[int]:
@@ -190,7 +197,8 @@ class GroupSparseLayer(nn.Module):
 
 @contextmanager
 def fuse_weight_kl(model: nn.Module) -> Iterator[None]:
-    """Within this block, each training forward of a group-sparse layer also computes its weights' KL.
+    """Within this block, each training forward of a group-sparse layer also computes the KL of its
+    weights and bias.
 
     The next `kl()` of the layer then returns that value, and its gradient is added inside the layer's
     own backward pass: the σ² = exp(log σ²) of the forward is reused, and no second set of weight-sized

@@ -24,6 +24,9 @@ class _GroupNJ:
     prior = "gnj"
     #: keep group i while log α_i < this, unless told otherwise (the tutorial's visualisation uses −3)
     default_threshold = -3.0
+    #: a mode of the log α histogram below this is a mode of groups that carry signal (α < 0.05): the
+    #: histogram split (`compress.thresholds`) never prunes it
+    noise_floor = -3.0
     z_mu: nn.Parameter
     z_logvar: nn.Parameter
     n_groups: int

@@ -83,7 +83,7 @@ class _GroupNJKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        m2 = torch.mul(z_mu, z_mu).clamp_min_(0.0).add_(const(eps, z_mu))
+        m2 = torch.mul(z_mu, z_mu).add_(const(eps, z_mu))
         la = z_logvar - m2.log()
         s = torch.sigmoid(torch.add(const(_K2, la), la, alpha=_K3))
         ctx.save_for_backward(z_mu, m2, la, s)

@@ -42,11 +42,20 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
-def _weight_kl(mu: Tensor, logvar: Tensor, var_w: Tensor) -> Tensor:
-    """½ Σ(σ² − log σ² + μ² − 1): the weights' KL from N(0, 1), from the σ² the forward already has."""
+def _gaussian_kl(mu: Tensor, logvar: Tensor, var: Tensor) -> Tensor:
+    """½ Σ(σ² − log σ² + μ² − 1): KL from N(0, 1), from the σ² the forward already has."""
     flat = mu.reshape(-1)
-    total = torch.sub(var_w.sum(), logvar.sum()).add_(torch.dot(flat, flat)).sub_(const(mu.numel(), mu))
+    total = torch.sub(var.sum(), logvar.sum()).add_(torch.dot(flat, flat)).sub_(const(mu.numel(), mu))
     return total.mul_(const(0.5, mu))
+
+
+def _params_kl(mu: Tensor, logvar: Tensor, var_w: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
+               b_var: Tensor | None) -> Tensor:
+    """The KL of the weights and (if any) the bias: what `with_kl=True` returns."""
+    kl = _gaussian_kl(mu, logvar, var_w)
+    if b_mu is not None and b_logvar is not None:
+        kl = kl + _gaussian_kl(b_mu, b_logvar, b_var)
+    return kl
 
 
 def _add_weight_kl_grads(gmu: Tensor | None, glv_pre: Tensor | None, mu: Tensor, var_w: Tensor,
@@ -78,14 +87,14 @@ class _LinearLRT(torch.autograd.Function):
         if eps is None:
             eps = torch.randn_like(std)
         out = F.linear(u, mu, b_mu).addcmul_(std, eps)
-        ctx.save_for_backward(x, z, u, u2, mu, var_w, b_var, std, eps)
+        ctx.save_for_backward(x, z, u, u2, mu, var_w, b_mu, b_var, std, eps)
         if with_kl:
-            return out, _weight_kl(mu, logvar, var_w)
+            return out, _params_kl(mu, logvar, var_w, b_mu, b_logvar, b_var)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
-        x, z, u, u2, mu, var_w, b_var, std, eps = ctx.saved_tensors
+        x, z, u, u2, mu, var_w, b_mu, b_var, std, eps = ctx.saved_tensors
         nx, nz, nmu, nlv, nbm, nbl = ctx.needs_input_grad[:6]
         if g is None:  # only the KL output is used
             g = torch.zeros_like(std)
@@ -98,10 +107,10 @@ class _LinearLRT(torch.autograd.Function):
             gu = torch.addcmul(g.mm(mu), u, g_var.mm(var_w), value=2.0)
             gx = gu * z if nx else None
             gz = gu.mul_(x) if nz else None
-        if nbm:
-            gbm = g.sum(0)
-        if nbl:
-            gbl = g_var.sum(0).mul_(b_var)
+        gbm = g.sum(0) if nbm else None
+        gbl = g_var.sum(0) if nbl else None
+        if b_var is not None:
+            gbm, gbl = _add_weight_kl_grads(gbm, gbl, b_mu, b_var, g_kl)
         return gx, gz, gmu, glv, gbm, gbl, None, None
 
 
@@ -110,8 +119,9 @@ def linear_lrt(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | 
     """One local-reparameterisation sample of a gated linear layer: x (n, in), z (n, in), ε (n, out).
 
     ε = None draws it here (standard normal, from torch's generator). `with_kl=True` also returns
-    the weights' KL from N(0, 1), ½Σ(σ² − log σ² + μ² − 1), whose gradient is then added inside the
-    same backward pass (no second pass over the weights for σ², no separate gradient buffers).
+    the KL of the weights and the bias from N(0, 1), ½Σ(σ² − log σ² + μ² − 1), whose gradient is then
+    added inside the same backward pass (no second pass over the weights for σ², no separate
+    gradient buffers to sum).
     """
     return _LinearLRT.apply(x, z, mu, logvar, b_mu, b_logvar, eps, with_kl)
 
@@ -140,14 +150,14 @@ class _Conv2dLRT(torch.autograd.Function):
         zz = z.view(z.shape[0], -1, 1, 1)
         out = pre * zz
         ctx.conf = (_pair(stride), _pair(padding), _pair(dilation), int(groups), b_mu is not None, b_logvar is not None)
-        ctx.save_for_backward(x, x2, zz, mu, var_w, b_var, std, eps, pre)
+        ctx.save_for_backward(x, x2, zz, mu, var_w, b_mu, b_var, std, eps, pre)
         if with_kl:
-            return out, _weight_kl(mu, logvar, var_w)
+            return out, _params_kl(mu, logvar, var_w, b_mu, b_logvar, b_var)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
-        x, x2, zz, mu, var_w, b_var, std, eps, pre = ctx.saved_tensors
+        x, x2, zz, mu, var_w, b_mu, b_var, std, eps, pre = ctx.saved_tensors
         stride, padding, dilation, groups, has_bm, has_bl = ctx.conf
         nx, nz, nmu, nlv, nbm, nbl = ctx.needs_input_grad[:6]
         if g is None:
@@ -162,8 +172,8 @@ class _Conv2dLRT(torch.autograd.Function):
                                  False, [0, 0], groups, [nx, nlv, nbl and has_bl])
         gx = gx_m.addcmul_(x, gx_v) if nx else None  # + 2x·(½·gx_v)
         gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl, pre_scale=2.0)
-        if gbl is not None:
-            gbl = gbl.mul_(b_var).mul_(const(0.5, gbl))
+        if b_var is not None:
+            gbm, gbl = _add_weight_kl_grads(gbm, gbl, b_mu, b_var, g_kl, pre_scale=2.0)
         return gx, gz, gmu, glv, gbm, gbl, None, None, None, None, None, None
 
 
