@@ -110,6 +110,16 @@ def have_cifar(data_dir: str | None) -> bool:
     return True
 
 
+def _partial_status(row: str, seed: int, opts: RunOptions, work: Path) -> str:
+    """'not run yet', or how far a stopped run in WORK got and how to continue it."""
+    metrics = work / f"{row}_s{seed}.partial" / "metrics.jsonl"
+    if not metrics.is_file():
+        return "not run yet"
+    done = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    return (f"in progress: {done} of {opts.epochs} epochs in {metrics.parent} "
+            f"(continue: python benchmarks/table1.py --rows {row})")
+
+
 def train_row(row: str, seed: int, opts: RunOptions, work: Path, out: Path, command: str) -> dict:
     run_dir = work / f"{row}_s{seed}"
     partial = run_dir.parent / (run_dir.name + ".partial")
@@ -238,7 +248,7 @@ def main() -> None:
             if out.is_file() and not args.force and _same_setting(json.loads(out.read_text()), opts):
                 continue
             if args.table_only:
-                status[row] = "not run yet"
+                status[row] = _partial_status(row, seed, opts, work)
                 continue
             train_row(row, seed, opts, work, out, command)
     table = build_table(rows, seeds, results, status)
