@@ -126,8 +126,8 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
     n = len(x)
     torch.manual_seed(0)
     models = {"plain": build_model(model_name).train()}
-    max_var = recipe(model_name).max_var or None
     for prior in priors:
+        max_var = recipe(model_name).clamps(prior) or None
         models[prior] = bayescomp.bayesianize(build_model(model_name), prior, keep_weights=False, max_var=max_var).train()
 
     def make(model: nn.Module):

@@ -260,7 +260,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     thresholds: float | Mapping[str, float] | None = opts.thresholds
     if thresholds is None:
         thresholds = rec.thresholds.get(opts.prior)
-    max_var = rec.max_var if opts.max_var is None else opts.max_var
+    max_var = rec.clamps(opts.prior) if opts.max_var is None else opts.max_var
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
     val = None
     if opts.auto_thresholds == "validation":  # hold the validation split out of the TRAINING set (never the test set)
