@@ -94,7 +94,8 @@ def _signature(path: Path):
 
 
 def test_sigkilled_training_resumes_bit_for_bit(tmp_path):
-    epochs, kills_wanted = 12, 5
+    # enough epochs that five kills fit even when an epoch is shorter than the random kill delay (≤ 0.25 s)
+    epochs, kills_wanted = 20, 5
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     ck, final = tmp_path / "ck.pt", tmp_path / "final.pt"
