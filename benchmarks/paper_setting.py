@@ -12,18 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from speed import train_steps  # benchmarks/speed.py, beside this script
 
-import bayescomp
-from bayescomp.data import load_mnist
-from bayescomp.models import build_model
 from bayescomp.pipeline import RunOptions, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,41 +26,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def step_time_ratio(model_name: str, prior: str, batch_size: int, data_dir: str | None, rounds: int = 7,
                     steps: int = 30) -> dict:
-    """Median seconds per training step, plain vs Bayesian, interleaved rounds on the same batches."""
-    x, y = load_mnist("train", data_dir)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, len(x), (batch_size,), generator=gen) for _ in range(steps)]
-    torch.manual_seed(0)
-    plain = build_model(model_name).train()
-    bayes = bayescomp.bayesianize(plain, prior, keep_weights=False).train()
-    n = len(x)
-
-    def make_step(model, with_kl):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def one(idx):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            if with_kl:
-                loss = loss + bayescomp.kl_divergence(model) / n
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return one
-
-    runs = {"plain": make_step(plain, False), "bayesian": make_step(bayes, True)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():  # warm-up
-        for idx in batches[:5]:
-            fn(idx)
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            for idx in batches:
-                fn(idx)
-            times[name].append((time.perf_counter() - t0) / steps)
-    plain_s, bayes_s = statistics.median(times["plain"]), statistics.median(times["bayesian"])
-    return {"plain_step_seconds": plain_s, "bayesian_step_seconds": bayes_s, "train_step_ratio": bayes_s / plain_s,
-            "batch_size": batch_size, "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps}
+    """Seconds per training step, plain vs Bayesian: `speed.train_steps` (the step `fit` takes, interleaved rounds)."""
+    entry = train_steps(model_name, [prior], data_dir, rounds, steps, batch_size=batch_size)
+    return {"plain_step_seconds": entry["plain_step_ms"]["wall"] / 1e3,
+            "bayesian_step_seconds": entry["step_ms"][prior]["wall"] / 1e3,
+            "train_step_ratio": entry["train_step_ratio"][prior], "floor": entry["floor"], "batch_size": batch_size,
+            "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps}
 
 
 def main() -> None:

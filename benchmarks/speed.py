@@ -118,11 +118,13 @@ def _median_rounds(fns: dict, rounds: int, reps: int) -> dict[str, dict[str, flo
     return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in fns}
 
 
-def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds: int, reps: int) -> dict:
+def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds: int, reps: int,
+                batch_size: int = 128) -> dict:
+    """Step times (ms) of the plain model and each prior's Bayesian twin, and their ratios (module docstring)."""
     x, y = load_mnist("train", data_dir)
     x = x.view(-1, *_input_shape(model_name))
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, len(x), (128,), generator=gen) for _ in range(reps)]
+    batches = [torch.randint(0, len(x), (batch_size,), generator=gen) for _ in range(reps)]
     n = len(x)
     torch.manual_seed(0)
     models = {"plain": build_model(model_name).train()}

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from helpers import randomise as _randomise
+from helpers import write_cifar
 from torch import nn
 
 import bayescomp
@@ -118,19 +117,8 @@ def test_vgg16_one_training_step_and_compress():
         assert result.model(x).shape == (4, 10)
 
 
-def _write_cifar(root: Path, n_train: int = 8, n_test: int = 6) -> None:
-    folder = root / "cifar10"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        n = n_test if name == "test_batch" else n_train
-        obj = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
-               b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-               b"filenames": [f"img{i}_{j}.png".encode() for j in range(n)]}
-        (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
-    meta = {b"label_names": [f"class{k}".encode() for k in range(10)], b"num_cases_per_batch": n_train,
-            b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+def _write_cifar(root: Path) -> None:
+    write_cifar(root, n_train=8, n_test=6)
 
 
 def test_vgg16_cifar10_pipeline_on_synthetic_batches(tmp_path):

@@ -307,8 +307,7 @@ class _ConvKind(GroupSparseLayer):
     def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
         args = (x, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
         if isinstance(self.padding, str):  # "same"/"valid": the autograd expressions handle the arithmetic
-            eps = torch.randn_like(self._conv(x, self.weight_mu.detach(), None))
-            return conv2d_lrt_reference(*args, eps, self.stride, self.padding, self.dilation, self.groups)
+            return conv2d_lrt_reference(*args, None, self.stride, self.padding, self.dilation, self.groups)
         return self._keep_kl(conv2d_lrt(*args, None, self.stride, self.padding, self.dilation, self.groups,
                                         with_kl=self._fuse_kl))
 

@@ -58,9 +58,10 @@ def _params_kl(mu: Tensor, logvar: Tensor, var_w: Tensor, b_mu: Tensor | None, b
     return kl
 
 
-def _add_weight_kl_grads(gmu: Tensor | None, glv_pre: Tensor | None, mu: Tensor, var_w: Tensor,
+def _finish_param_grads(gmu: Tensor | None, glv_pre: Tensor | None, mu: Tensor, var_w: Tensor,
                          g_kl: Tensor | None, pre_scale: float = 1.0) -> tuple[Tensor | None, Tensor | None]:
-    """Finish the weight gradients: ∂/∂log σ² = σ²·(∂L/∂σ²) and, when the weights' KL was an output too,
+    """Finish the gradients of a (μ, log σ²) pair — the weights or the bias: ∂/∂log σ² = σ²·(∂L/∂σ²) and, when
+    their KL was an output too,
     + g_kl·μ and + ½g_kl(σ² − 1), in place ((M + ½g)·σ² − ½g for the second). `glv_pre` holds
     `pre_scale`·∂L/∂σ² (the convolution passes 2·∂L/∂v down, which spares a pass over its output)."""
     if glv_pre is not None and pre_scale != 1.0:
@@ -99,10 +100,10 @@ class _LinearLRT(torch.autograd.Function):
         if g is None:  # only the KL output is used
             g = torch.zeros_like(std)
         g_var = torch.mul(g, eps).div_(std).mul_(const(0.5, g))
-        gx = gz = gbm = gbl = None
+        gx = gz = None
         gmu = g.t().mm(u) if nmu else None
         glv = g_var.t().mm(u2) if nlv else None
-        gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl)
+        gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl)
         if nx or nz:
             gu = torch.addcmul(g.mm(mu), u, g_var.mm(var_w), value=2.0)
             gx = gu * z if nx else None
@@ -110,7 +111,7 @@ class _LinearLRT(torch.autograd.Function):
         gbm = g.sum(0) if nbm else None
         gbl = g_var.sum(0) if nbl else None
         if b_var is not None:
-            gbm, gbl = _add_weight_kl_grads(gbm, gbl, b_mu, b_var, g_kl)
+            gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl)
         return gx, gz, gmu, glv, gbm, gbl, None, None
 
 
@@ -171,9 +172,9 @@ class _Conv2dLRT(torch.autograd.Function):
         gx_v, glv, gbl = conv_bw(g_var2, x2, var_w, [mu.shape[0]] if has_bl else None, stride, padding, dilation,
                                  False, [0, 0], groups, [nx, nlv, nbl and has_bl])
         gx = gx_m.addcmul_(x, gx_v) if nx else None  # + 2x·(½·gx_v)
-        gmu, glv = _add_weight_kl_grads(gmu, glv, mu, var_w, g_kl, pre_scale=2.0)
+        gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl, pre_scale=2.0)
         if b_var is not None:
-            gbm, gbl = _add_weight_kl_grads(gbm, gbl, b_mu, b_var, g_kl, pre_scale=2.0)
+            gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl, pre_scale=2.0)
         return gx, gz, gmu, glv, gbm, gbl, None, None, None, None, None, None
 
 
@@ -188,7 +189,9 @@ def conv2d_lrt(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | 
 
 
 def conv2d_lrt_reference(x, z, mu, logvar, b_mu, b_logvar, eps, stride, padding, dilation, groups) -> Tensor:
-    """`conv2d_lrt` as plain autograd expressions."""
+    """`conv2d_lrt` as plain autograd expressions (any padding, "same" included; ε = None: drawn here)."""
     mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
+    if eps is None:
+        eps = torch.randn_like(mean)
     var = F.conv2d(x * x, logvar.exp(), None if b_logvar is None else b_logvar.exp(), stride, padding, dilation, groups)
     return z.view(z.shape[0], -1, 1, 1) * (mean + torch.sqrt(var.clamp_min(TINY)) * eps)
