@@ -5,7 +5,7 @@ A training step of a group-sparse network creates and frees a dozen weight-sized
 glibc serves a block of ≥ 128 KiB with mmap and returns it with munmap when freed, and trims
 the heap top when it exceeds its trim threshold; the next step then maps fresh pages and pays one
 page fault per 4 KiB at first touch. On LeNet-300-100 that was ~540 page faults per Bayesian step
-against ~0 for the plain step (counted with getrusage; `benchmarks/speed.py`).
+against ~0 for the plain step (minor faults counted with getrusage around 50 steps, during development).
 
 `keep_freed_memory()` raises glibc's mmap threshold to its maximum (32 MiB) and its trim threshold
 to 1 GiB (mallopt), so blocks below 32 MiB are reused from the heap. The process's resident memory
