@@ -323,7 +323,11 @@ def prune_cmd(
     run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str, variance_scale: float,
     force: bool, no_verify: bool,
 ) -> None:
-    """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining)."""
+    """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining).
+
+    RUN_DIR may also be a run still training (or stopped): its newest checkpoint in RUN_DIR.partial is
+    compressed, at the thresholds the run would choose (or --thresholds), and the run goes on untouched.
+    """
     from .pipeline import recompress
 
     try:

@@ -2,7 +2,9 @@
 
 The folder appears only when the run succeeds: work happens in ``DIR.partial`` (checkpoint, metrics),
 which is renamed to ``DIR`` at the end. A failed or interrupted run leaves ``DIR.partial`` with its
-last good checkpoint, from which ``resume=True`` continues.
+last good checkpoint and the options it was started with (``options.json``), from which ``resume=True``
+continues (with the same options: others are refused) and which `recompress` can compress while the run
+is still training.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from .io import save as save_packed
 from .models import MODELS, build_model
 from .recipes import recipe
 from .train import TrainConfig, distributed, evaluate, fit, predict
-from .train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from .train.loop import discard_checkpoint, previous_checkpoint
+from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .train.loop import discard_checkpoint, load_newest_checkpoint, previous_checkpoint
 
 REPORT = "report.json"
 MODEL_FILE = "model.pt"
@@ -38,6 +40,13 @@ PACKED_FILE = "model.bcz"
 POSTERIOR_FILE = "posterior.pt"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+OPTIONS = "options.json"  # in DIR.partial only: the options the run was started with
+
+#: options that shape the training trajectory or the trained model: a resumed run must have the same ones
+#: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
+#: where a validation split is held out.
+RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "warmup_epochs", "max_var", "train_subset",
+                "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl")
 
 
 class RunError(RuntimeError):
@@ -245,6 +254,62 @@ def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path
     return final, work
 
 
+def _options_dict(opts: RunOptions) -> dict[str, Any]:
+    return {k: v for k, v in asdict(opts).items()}
+
+
+def check_resume_options(work: Path, opts: RunOptions) -> None:
+    """Refuse to resume the run in `work` with options that would change what it trains (`RESUME_FIXED`).
+
+    A run started by a version that did not record its options (no options.json) is resumed as asked.
+    """
+    path = work / OPTIONS
+    if not path.is_file():
+        return
+    try:
+        started = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read the options the run was started with, {path}: {exc}") from exc
+    now = _options_dict(opts)
+    keys = list(RESUME_FIXED)
+    if "validation" in (started.get("auto_thresholds"), now.get("auto_thresholds")):
+        keys += ["auto_thresholds", "val_fraction"]  # the held-out split changes the training set
+    changed = [f"{k}={started.get(k)!r} (now {now.get(k)!r})" for k in keys if started.get(k) != now.get(k)]
+    if changed:
+        raise RunError(f"the run in {work} was started with other options: {', '.join(changed)}; "
+                       f"resume with the same options, or start afresh with --force")
+
+
+def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Module, int, Path]:
+    """The run still training (or stopped) in RUN_DIR.partial: (its options, the Bayesian model at its newest
+    checkpoint, the epochs trained, the folder).
+
+    `run_dir` may name the run (``DIR``) or its working folder (``DIR.partial``). The checkpoint is read as
+    it stands (checkpoints are written atomically, so a run may go on training meanwhile); if the newest
+    cannot be read, the previous one is used, with a warning.
+    """
+    run_dir = Path(run_dir)
+    work = run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+    if not (work / OPTIONS).is_file():
+        raise RunError(f"no trained posterior at {run_dir / POSTERIOR_FILE}, and no unfinished run at {work} "
+                       f"(it needs {OPTIONS} and {CHECKPOINT})")
+    try:
+        saved = json.loads((work / OPTIONS).read_text())
+        opts = RunOptions(**{k: v for k, v in saved.items() if k in RunOptions.__dataclass_fields__})
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise RunError(f"cannot read the options of the unfinished run, {work / OPTIONS}: {exc}") from exc
+    try:
+        state, _ = load_newest_checkpoint(work / CHECKPOINT, repair=False)
+    except CheckpointError as exc:
+        raise RunError(f"unfinished run {work}: {exc}") from exc
+    try:
+        bmodel = build_bayesian(opts.model, opts.prior, tau0=opts.tau0, global_kl=opts.global_kl)
+        bmodel.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise RunError(f"the checkpoint in {work} does not fit a {opts.prior} {opts.model}: {exc}") from exc
+    return opts, bmodel.eval(), int(state.get("epoch", 0)), work
+
+
 def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force: bool = False,
         progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Train, compress and evaluate one model; write DIR/report.json, model.bcz (packed), model.pt (plain),
@@ -271,6 +336,10 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
         val = (train[0][val_idx], train[1][val_idx])
         train = (train[0][train_idx], train[1][train_idx])
     final, work = prepare_out(out, resume, force)
+    if resume:
+        check_resume_options(work, opts)
+    elif distributed.is_main():
+        atomic_write_bytes(work / OPTIONS, (json.dumps(_options_dict(opts), indent=2) + "\n").encode())
 
     torch.manual_seed(opts.seed)
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
@@ -336,6 +405,7 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     discard_checkpoint(work / CHECKPOINT)  # and its .prev
+    (work / OPTIONS).unlink(missing_ok=True)  # report.json holds them as `config`
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)
@@ -344,25 +414,39 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
                variance_scale: float = 1.0, verify: bool = True) -> dict[str, Any]:
-    """Compress a finished run's posterior again (other thresholds), evaluate it, write a new run folder.
+    """Compress a run's posterior again (other thresholds), evaluate it, write a new run folder.
 
-    `thresholds=None` keeps the thresholds the run used (its report's `thresholds`); `verify=False` skips
-    the data files' checksum check (data you made yourself).
+    A finished run is compressed from its posterior.pt. A run still training (or stopped before the end)
+    is compressed from the newest checkpoint in its ``DIR.partial`` (`unfinished_run`): a look at a long
+    run half way, which leaves the run alone; the report's `unfinished` says at which epoch.
+
+    `thresholds=None` keeps the thresholds the run used (its report's `thresholds`; for an unfinished run,
+    the ones it would choose: its --thresholds, its --auto-thresholds rule, or the recipe's); `verify=False`
+    skips the data files' checksum check (data you made yourself).
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
-    if not posterior_path.is_file():
-        raise RunError(f"no trained posterior at {posterior_path}")
-    state = load_checkpoint(posterior_path)
-    bmodel = load_posterior(posterior_path)
-    try:
-        previous = json.loads((run_dir / REPORT).read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {"model": state["model"], "prior": state["prior"]}
+    unfinished = None
+    if posterior_path.is_file():
+        state = load_checkpoint(posterior_path)
+        bmodel = load_posterior(posterior_path)
+        try:
+            previous = json.loads((run_dir / REPORT).read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {"model": state["model"], "prior": state["prior"]}
+    else:
+        opts, bmodel, epoch, work = unfinished_run(run_dir)
+        state = {"model": opts.model, "prior": opts.prior, "tau0": opts.tau0, "global_kl": opts.global_kl,
+                 "state_dict": bmodel.state_dict()}
+        previous = {"model": opts.model, "prior": opts.prior, "epochs": opts.epochs, "seed": opts.seed,
+                    "config": {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra}
+        unfinished = {"from": str(work), "epochs_trained": epoch, "epochs": opts.epochs}
     _, test = load_data(state["model"], data_dir, 1, verify=verify)
     final, work = prepare_out(out, False, force)
     try:
-        if thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
+        if thresholds is None and unfinished is not None:
+            thresholds = _unfinished_thresholds(opts, bmodel, data_dir, verify)
+        elif thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds = previous.get("thresholds") or None
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]))
@@ -372,6 +456,22 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     report = {k: v for k, v in previous.items() if k not in compressed.report and k not in figures}
     report.update(figures)
     report.update(compressed.report)
-    report["recompressed_from"] = str(run_dir)
+    if unfinished is not None:
+        report["unfinished"] = unfinished
+    else:
+        report["recompressed_from"] = str(run_dir)
     _finish(work, final, report, compressed, state)
     return report
+
+
+def _unfinished_thresholds(opts: RunOptions, bmodel: torch.nn.Module, data_dir: str | None, verify: bool):
+    """The thresholds the unfinished run would use if it ended now (see `run`)."""
+    if opts.auto_thresholds == "histogram":
+        return {name: c.value for name, c in histogram_thresholds(bmodel).items()}
+    if opts.auto_thresholds == "validation":
+        train, _ = load_data(opts.model, data_dir, opts.train_subset, opts.seed, verify)
+        _, val_idx = validation_split(len(train[0]), opts.val_fraction, opts.seed)
+        choice = validation_thresholds(bmodel, train[0][val_idx], train[1][val_idx], opts.val_budget,
+                                       variance_scale=opts.variance_scale, example_input=example_input(opts.model))
+        return {name: c.value for name, c in choice.items()}
+    return opts.thresholds if opts.thresholds is not None else recipe(opts.model).thresholds.get(opts.prior)

@@ -217,7 +217,7 @@ def _remove_stale_temps(path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _load_newest(path: Path, repair: bool) -> tuple[dict[str, Any], Path]:
+def load_newest_checkpoint(path: Path, repair: bool) -> tuple[dict[str, Any], Path]:
     """The newest readable checkpoint: `path`, else (with a warning) `<name>.prev`.
 
     With `repair`, a damaged `path` is replaced by the good previous one, so that the next rotation cannot
@@ -353,7 +353,7 @@ def fit(
         assert checkpoint is not None
         if main:
             _remove_stale_temps(checkpoint)
-        state, source = _load_newest(checkpoint, repair=main)
+        state, source = load_newest_checkpoint(checkpoint, repair=main)
         start_epoch, result.history, result.seconds = _restore(
             state, source, model, optimizer, gen, config, n, device, world, rank)
         del state

@@ -1,0 +1,113 @@
+"""A run that has not finished: its options are recorded, a resume with other options is refused, and
+its newest checkpoint can be compressed (`bayescomp prune DIR.partial`) while it goes on training."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bayescomp
+from bayescomp import pipeline
+from bayescomp.cli import main
+from bayescomp.compress.thresholds import histogram_thresholds
+from bayescomp.pipeline import RunError, RunOptions, recompress, run
+from bayescomp.train import load_checkpoint, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = str(Path(os.environ.get("BAYESCOMP_DATA", ROOT.parent / "shared" / "datasets")))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Stop(Exception):
+    """Stands for the interruption of a run after its training (a kill between two epochs would do the same)."""
+
+
+def _interrupted(tmp_path: Path, monkeypatch, **options) -> tuple[RunOptions, Path]:
+    opts = RunOptions(model="lenet300", epochs=2, train_subset=1000, data_dir=DATA, **options)
+    out = tmp_path / "run"
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "evaluate_compression", stop)
+        with pytest.raises(_Stop):
+            run(opts, out, progress=False)
+    return opts, out
+
+
+def test_unfinished_run_is_compressed_from_its_newest_checkpoint(tmp_path, monkeypatch):
+    opts, out = _interrupted(tmp_path, monkeypatch)
+    work = Path(str(out) + ".partial")
+    assert not out.exists()
+    assert json.loads((work / "options.json").read_text())["model"] == "lenet300"
+    before = (work / "checkpoint.pt").read_bytes()
+
+    report = recompress(out, tmp_path / "peek", None, data_dir=DATA)
+
+    assert report["unfinished"] == {"from": str(work), "epochs_trained": 2, "epochs": 2}
+    assert (work / "checkpoint.pt").read_bytes() == before  # the run is left alone
+    # the same as compressing the checkpoint's model by hand, at the recipe's thresholds
+    state = load_checkpoint(work / "checkpoint.pt")
+    bmodel = bayescomp.bayesianize(bayescomp.models.build_model("lenet300"), "gnj", keep_weights=False)
+    bmodel.load_state_dict(state["model"])
+    by_hand = bayescomp.compress(bmodel.eval(), {"fc1": -2.8, "fc2": -3.0, "fc3": -5.0})
+    assert report["architecture"] == by_hand.report["architecture"]
+    assert report["bits"] == by_hand.report["bits"]
+    x, y = bayescomp.data.load_mnist("test", DATA)
+    err = 100.0 * float((predict(by_hand.model, x) != y).float().mean())
+    assert report["test_error"] == pytest.approx(err, abs=1e-6)
+    # the written folder is a normal run folder that every command reads
+    assert {"report.json", "model.pt", "model.bcz", "posterior.pt"} <= {p.name for p in (tmp_path / "peek").iterdir()}
+    assert not (tmp_path / "peek" / "options.json").exists()
+    again = recompress(tmp_path / "peek", tmp_path / "again", None, data_dir=DATA)
+    assert again["architecture"] == report["architecture"]
+
+
+def test_prune_command_takes_the_partial_folder(tmp_path, monkeypatch):
+    _, out = _interrupted(tmp_path, monkeypatch, prior="ghs", auto_thresholds="histogram")
+    peek = tmp_path / "peek"
+    result = CliRunner().invoke(main, ["prune", str(out) + ".partial", "--out", str(peek), "--data-dir", DATA])
+    assert result.exit_code == 0, result.output
+    report = json.loads((peek / "report.json").read_text())
+    assert report["unfinished"]["epochs_trained"] == 2
+    # the run's own rule (Otsu split per layer) picked the thresholds
+    posterior = pipeline.load_posterior(peek / "posterior.pt")
+    expected = {name: c.value for name, c in histogram_thresholds(posterior).items()}
+    assert [layer["threshold"] for layer in report["layers"]] == pytest.approx(list(expected.values()))
+
+
+def test_resume_with_other_options_is_refused_and_same_options_finish(tmp_path, monkeypatch):
+    opts, out = _interrupted(tmp_path, monkeypatch)
+    with pytest.raises(RunError, match=r"prior='gnj' \(now 'ghs'\)"):
+        run(RunOptions(**{**opts.__dict__, "prior": "ghs"}), out, resume=True, progress=False)
+    with pytest.raises(RunError, match=r"max_var=None \(now 0\.01\)"):
+        run(RunOptions(**{**opts.__dict__, "max_var": 0.01}), out, resume=True, progress=False)
+    # thresholds and a longer run are allowed
+    report = run(RunOptions(**{**opts.__dict__, "epochs": 3, "thresholds": -3.0}), out, resume=True, progress=False)
+    assert [row["epoch"] for row in report["history"]] == [1, 2, 3]
+    assert not (out / "options.json").exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_nothing_to_compress_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="no trained posterior .* and no unfinished run"):
+        recompress(tmp_path / "empty", tmp_path / "out", None, data_dir=DATA)
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--data-dir", DATA])
+    assert result.exit_code != 0 and "no unfinished run" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch):
+    _, out = _interrupted(tmp_path, monkeypatch)
+    work = Path(str(out) + ".partial")
+    assert (work / "checkpoint.pt.prev").is_file()
+    (work / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+        report = recompress(out, tmp_path / "peek", None, data_dir=DATA)
+    assert report["unfinished"]["epochs_trained"] == 1
