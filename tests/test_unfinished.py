@@ -76,6 +76,7 @@ def test_prune_command_takes_the_partial_folder(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads((peek / "report.json").read_text())
     assert report["unfinished"]["epochs_trained"] == 2
+    assert "2 of 2 (unfinished run)" in result.output
     # the run's own rule (Otsu split per layer) picked the thresholds
     posterior = pipeline.load_posterior(peek / "posterior.pt")
     expected = {name: c.value for name, c in histogram_thresholds(posterior).items()}

@@ -17,7 +17,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
     bits = "-".join("32" if b is None else str(b) for b in report.get("bits", []))
     rows: list[tuple[str, Any]] = [
         ("model", f"{report.get('model')} ({report.get('prior')})"),
-        ("epochs", report.get("epochs")),
+        ("epochs", report.get("epochs") if "unfinished" not in report else
+         f"{report['unfinished']['epochs_trained']} of {report['unfinished']['epochs']} (unfinished run)"),
         ("test error (%)", f"{report['test_error']:.2f}  (uncompressed {report['test_error_uncompressed']:.2f})"),
         ("architecture", report.get("architecture")),
         ("weights kept", f"{report['weights_kept']} of {report['weights_total']} ({report['weights_kept_pct']:.2f}%)"),
