@@ -18,7 +18,12 @@ writes benchmarks/results/speed.json. Per model:
   it is the first layer (for the gates' gradient).
 * `inference_speedup` per batch size: original plain model latency / compressed model latency
   (evaluation mode, inference_mode, median of interleaved rounds); `throughput` in examples/s;
-  `flop_ratio`: original multiply-adds / compressed multiply-adds per example.
+  `flop_ratio`: original multiply-adds / compressed multiply-adds per example. The compressed model
+  is the one bayescomp emits, whose 2×2 max-pooling is `FastMaxPool2d`; the original is the model
+  as the user has it, with `nn.MaxPool2d`. For a model with max-pooling,
+  `inference_speedup_same_pooling` isolates what pruning contributes: the original with its
+  `nn.MaxPool2d` swapped to `FastMaxPool2d` as well (`original_same_pooling` in `latency_ms`,
+  timed in the same interleaved rounds).
 
 The compressed model of a model comes from a trained run (`--run model=DIR`, its model.pt) when
 one is given; otherwise from a fresh Bayesian network whose groups are pruned down to the paper's
@@ -44,6 +49,7 @@ from torch import nn
 
 import bayescomp
 from bayescomp.compress import compress
+from bayescomp.compress.shrink import with_pooling
 from bayescomp.convert import group_layers
 from bayescomp.data import load_mnist
 from bayescomp.io.plain import load_plain
@@ -263,9 +269,26 @@ def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
     comp_macs = sum(m for _, m, _ in layer_macs(compressed, x1))
     res: dict = {"compressed_from": source, "original_macs": orig_macs, "compressed_macs": comp_macs,
                  "flop_ratio": orig_macs / comp_macs, "inference_speedup": {}, "latency_ms": {}, "throughput": {}}
+    # the original with the compressed model's pooling kernel: what pruning alone contributes
+    pooled = any(type(m) is nn.MaxPool2d for m in original.modules())
+    same_pooling = with_pooling(original, fast=True) if pooled else None
+    models = {"original": original, "compressed": compressed}
+    if same_pooling is not None:
+        models["original_same_pooling"] = same_pooling
+        res["inference_speedup_same_pooling"] = {}
     conv = len(_input_shape(model_name)) == 3
-    if conv:  # the same two models in channels-last memory layout (CPU max-pooling is ~4x faster in it)
+    if conv:  # the same models in channels-last memory layout (CPU max_pool2d is ~4x faster in it)
         res["channels_last"] = {"inference_speedup": {}, "latency_ms": {}}
+        if same_pooling is not None:
+            res["channels_last"]["inference_speedup_same_pooling"] = {}
+
+    def speedups(entry: dict, t: dict, batch: int) -> None:
+        entry["latency_ms"][str(batch)] = {k: v["wall"] * 1e3 for k, v in t.items()}
+        entry["inference_speedup"][str(batch)] = t["original"]["wall"] / t["compressed"]["wall"]
+        if same_pooling is not None:
+            same = t["original_same_pooling"]["wall"]
+            entry["inference_speedup_same_pooling"][str(batch)] = same / t["compressed"]["wall"]
+
     for batch in (1, 256):
         xb = torch.randn(batch, *_input_shape(model_name))
         reps = 400 if batch == 1 else 20
@@ -275,19 +298,16 @@ def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
                 with torch.inference_mode():
                     m(xb)
             return f
-        t = _median_rounds({"original": runner(original), "compressed": runner(compressed)}, rounds, reps)
-        res["latency_ms"][str(batch)] = {k: v["wall"] * 1e3 for k, v in t.items()}
+        t = _median_rounds({k: runner(m) for k, m in models.items()}, rounds, reps)
+        speedups(res, t, batch)
         res["throughput"][str(batch)] = {k: batch / v["wall"] for k, v in t.items()}
-        res["inference_speedup"][str(batch)] = t["original"]["wall"] / t["compressed"]["wall"]
         if conv:
             cl = torch.channels_last
             xc = xb.contiguous(memory_format=cl)
-            t = _median_rounds({"original": runner(original.to(memory_format=cl), xc),
-                                "compressed": runner(compressed.to(memory_format=cl), xc)}, rounds, reps)
-            original.to(memory_format=torch.contiguous_format)
-            compressed.to(memory_format=torch.contiguous_format)
-            res["channels_last"]["latency_ms"][str(batch)] = {k: v["wall"] * 1e3 for k, v in t.items()}
-            res["channels_last"]["inference_speedup"][str(batch)] = t["original"]["wall"] / t["compressed"]["wall"]
+            t = _median_rounds({k: runner(m.to(memory_format=cl), xc) for k, m in models.items()}, rounds, reps)
+            for m in models.values():
+                m.to(memory_format=torch.contiguous_format)
+            speedups(res["channels_last"], t, batch)
     return res
 
 
@@ -322,7 +342,9 @@ def main() -> None:
               flush=True)
         print(f"{name}: inference ...", flush=True)
         entry.update(inference(name, runs.get(name), args.rounds))
-        print(f"  speedup {entry['inference_speedup']}, flop ratio {entry['flop_ratio']:.1f}", flush=True)
+        same = entry.get("inference_speedup_same_pooling")
+        print(f"  speedup {entry['inference_speedup']}" + (f" (same pooling: {same})" if same else "")
+              + f", flop ratio {entry['flop_ratio']:.1f}", flush=True)
         result[name] = entry
     result["machine"]["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)

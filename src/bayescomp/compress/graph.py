@@ -48,7 +48,6 @@ are accepted as barriers: they read every channel (constants put back) and produ
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import operator
@@ -66,7 +65,16 @@ from ..nn import GroupSparseLayer
 from .chain import CHANNEL_AFFINE, ZERO_PRESERVING
 from .masks import LayerMask, PruneError, _module_const, group_masks, resolve_thresholds
 from .precision import exponent_bits, layer_bits, round_to_bits
-from .shrink import AppendOnes, Select, _constant_inputs, _padded, _slice_batch_norm, effective_params
+from .shrink import (
+    AppendOnes,
+    FastMaxPool2d,
+    Select,
+    _constant_inputs,
+    _copy_layer,
+    _padded,
+    _slice_batch_norm,
+    effective_params,
+)
 from .summary import summarize
 
 # ---- what each op does to channels ------------------------------------------------------------------
@@ -123,10 +131,11 @@ class Realign(nn.Module):
 # ---- tracing ----------------------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
-    """torch.fx tracer that keeps group-sparse layers as leaves and remembers where tracing failed."""
+    """torch.fx tracer that keeps group-sparse layers (and FastMaxPool2d, a pooling with a shape-dependent
+    forward) as leaves and remembers where tracing failed."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, GroupSparseLayer) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (GroupSparseLayer, FastMaxPool2d)) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -719,7 +728,7 @@ class _Builder:
     def _emit_unary(self, node: fx.Node, info: _Info) -> fx.Node:
         x = self._input(node, info)
         if node.op == "call_module":
-            return self._call(copy.deepcopy(info.module), str(node.target), (x,))
+            return self._call(_copy_layer(info.module), str(node.target), (x,))
         if node.op == "call_method":
             return self.graph.call_method(node.target, (x, *node.args[1:]), dict(node.kwargs))
         return self.graph.call_function(node.target, (x, *node.args[1:]), dict(node.kwargs))

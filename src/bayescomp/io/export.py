@@ -6,6 +6,9 @@ A safetensors file holds the tensors, and in its string metadata the architectur
 ``"spec"`` (the layer list, `model_spec`) for an `nn.Sequential` chain, or ``"graph"`` (`graph_spec`) for the
 `torch.fx.GraphModule` of a residual or concatenating network; ``"version"`` is the matching model-file version.
 `load_safetensors` rebuilds either from the whitelists, without unpickling anything.
+
+ONNX export writes each `FastMaxPool2d` of a compressed model as the `nn.MaxPool2d` it computes the
+values of: a standard MaxPool node, not its slices and maxima.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compress.shrink import with_pooling
 from ..train.checkpoint import atomic_write_bytes
 from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, _any_spec, build_from_spec, build_graph
 
@@ -31,13 +35,14 @@ class ExportError(RuntimeError):
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], opset: int = 17) -> Path:
     """Write `model` as an ONNX graph with a dynamic batch axis; input name "input", output "logits".
 
-    `input_shape` is one example's shape, e.g. (1, 28, 28) for MNIST.
+    `input_shape` is one example's shape, e.g. (1, 28, 28) for MNIST. `FastMaxPool2d` modules are exported
+    as plain max pooling (a copy of the model is exported; `model` itself is left as it is).
     """
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as exc:
         raise ExportError("ONNX export needs the onnx package: pip install 'bayescomp[export]'") from exc
-    model = model.eval()
+    model = with_pooling(model, fast=False).eval()
     example = torch.zeros(2, *input_shape)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
