@@ -234,6 +234,22 @@ def test_group_masks_threshold_rule():
     assert bool(group_masks(bm, {"fc3": la + 1e-3})["fc3"][4])
 
 
+def test_groups_switched_off_by_group_mask_stay_pruned():
+    """A group the user switched off (group_mask) is not in the compressed model, whatever its log α: the
+    compressed model computes what the masked one does."""
+    bm = _lenet300_with_pruned(PRUNED)
+    with torch.no_grad():
+        bm.fc2.group_mask[[10, 11]] = False  # log α = −9 there: the threshold alone would keep them
+    keeps = group_masks(bm)
+    assert sorted(torch.nonzero(~keeps["fc2"]).flatten().tolist()) == sorted(PRUNED["fc2"] + [10, 11])
+    result = compress(bm.eval(), round_weights=False)
+    assert result.report["architecture"] == f"{784 - 4}-{300 - 5}-{100 - 1}"
+    masked = copy.deepcopy(bm)
+    apply_masks(masked, keeps)
+    x = torch.randn(16, 784)
+    torch.testing.assert_close(result.model(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
 def test_propagate_lenet300():
     bm = _lenet300_with_pruned(PRUNED)
     keeps = group_masks(bm)

@@ -75,10 +75,11 @@ def resolve_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]
 
 @torch.no_grad()
 def group_masks(model: nn.Module, thresholds: float | Mapping[str, float] | None = None) -> dict[str, Tensor]:
-    """Keep-mask over each group-sparse layer's own groups: log α_i < threshold."""
+    """Keep-mask over each group-sparse layer's own groups: log α_i < threshold, and the group not switched
+    off by its `group_mask` (the masked model computes without it, so the compressed one must too)."""
     resolved = resolve_thresholds(model, thresholds)
     return {
-        name: (m.log_alpha().detach() < resolved[name]).cpu()
+        name: ((m.log_alpha().detach() < resolved[name]) & m.group_mask).cpu()
         for name, m in model.named_modules()
         if isinstance(m, GroupSparseLayer)
     }
