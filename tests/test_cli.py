@@ -122,6 +122,45 @@ def test_thresholds_that_prune_everything_fail_cleanly(tmp_path):
     assert not out.exists()
 
 
+def test_clip_var_per_layer_clamps_those_layers_only(tmp_path, monkeypatch):
+    from bayescomp import pipeline
+    from bayescomp.convert import group_layers
+
+    seen = {}
+    real_fit = pipeline.fit
+
+    def spy(model, *args, **kwargs):
+        seen.update({name: layer.max_var for name, layer in group_layers(model).items()})
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet", "--prior",
+                                       "ghs", "--epochs", "1", "--train-subset", "200", "--clip-var", "fc1=0.2"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"fc1": 0.2, "fc2": None, "fc3": None}  # the recipe's clamps are replaced, not merged
+    assert json.loads((out / "report.json").read_text())["config"]["max_var"] == {"fc1": 0.2}
+    seen.clear()
+    result = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "o2"), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "200", "--clip-var", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"fc1": 0.5, "fc2": 0.5, "fc3": 0.5}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("fc9=0.2", "lenet300 does not have: fc9"),
+    ("fc1=-1", "for fc1 must be a positive finite number"),
+    ("0", "must be a positive finite number"),
+    ("fc1=abc", "expected a number or name=value pairs"),
+])
+def test_bad_clip_var_fails_before_any_folder(tmp_path, value, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "100", "--clip-var", value])
+    assert result.exit_code != 0 and message in result.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
 def test_unwritable_output_fails_before_training(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -16,8 +16,8 @@ from .report.table import format_table, summary_rows
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeError, OSError, FloatingPointError)
 
 
-def _parse_thresholds(text: str | None) -> float | dict[str, float] | None:
-    """ "-3" → every layer; "fc1=-2.8,fc2=-3" → per layer."""
+def _parse_per_layer(text: str | None, hint: str) -> float | dict[str, float] | None:
+    """ "-3" → every layer; "fc1=-2.8,fc2=-3" → per layer (`hint`: the option, for the error)."""
     if text is None:
         return None
     text = text.strip()
@@ -30,9 +30,17 @@ def _parse_thresholds(text: str | None) -> float | dict[str, float] | None:
             out[name.strip()] = float(value)
         return out
     except ValueError:
-        raise click.BadParameter(
-            f"expected a number or name=value pairs, got {text!r}", param_hint="--thresholds"
-        ) from None
+        raise click.BadParameter(f"expected a number or name=value pairs, got {text!r}", param_hint=hint) from None
+
+
+def _parse_thresholds(text: str | None) -> float | dict[str, float] | None:
+    """ "-3" → every layer; "fc1=-2.8,fc2=-3" → per layer."""
+    return _parse_per_layer(text, "--thresholds")
+
+
+def _parse_clip_var(text: str | None) -> float | dict[str, float] | None:
+    """ "0.04" → every layer; "fc1=0.2" → those layers only (the others unclamped)."""
+    return _parse_per_layer(text, "--clip-var")
 
 
 def _fail(exc: BaseException) -> None:
@@ -71,7 +79,9 @@ def main() -> None:
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).")
 @click.option(
-    "--clip-var", type=float, default=None, help="Clamp σ² ≤ this in every layer (default: the model's recipe)."
+    "--clip-var", default=None,
+    help="Clamp σ² ≤ this: one number for every layer, or name=value pairs (fc1=0.2) for those layers only "
+    "(default: the model's recipe).",
 )
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
 @click.option("--train-subset", type=int, default=None, help="Train on N random training examples (quick runs).")
@@ -167,7 +177,7 @@ def compress_cmd(
         lr=lr,
         warmup_epochs=warmup_epochs,
         thresholds=_parse_thresholds(thresholds),
-        max_var=clip_var,
+        max_var=_parse_clip_var(clip_var),
         train_subset=train_subset,
         data_dir=data_dir,
         bit_accounting=bit_accounting,
@@ -377,7 +387,8 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
               help="Choose each run's thresholds after training (see `compress --help`).")
 @click.option("--val-budget", type=float, default=0.5, show_default=True)
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--clip-var", type=float, default=None, help="Clamp σ² ≤ this in every layer (default: the recipe).")
+@click.option("--clip-var", default=None,
+              help="Clamp σ² ≤ this: one number, or name=value pairs for some layers (default: the recipe).")
 @click.option("--global-kl", type=click.Choice(["derived", "paper"]), default=None)
 @click.option("--train-subset", type=int, default=None, help="Train on N random training examples.")
 @click.option("--force", is_flag=True, help="Retrain runs that already exist in OUT.")
@@ -391,7 +402,7 @@ def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_
     from .sweep import sweep
 
     opts = RunOptions(model=model, prior="ghs", epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-                      warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=clip_var,
+                      warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=_parse_clip_var(clip_var),
                       train_subset=train_subset, data_dir=data_dir, global_kl=global_kl,
                       auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction,
                       verify_data=not no_verify)

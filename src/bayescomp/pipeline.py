@@ -146,6 +146,7 @@ def validate(opts: RunOptions) -> None:
     if opts.tau0 is not None and not (opts.tau0 > 0 and opts.tau0 < float("inf")):
         raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
     resolve_device(opts.device)
+    _validate_max_var(opts)
     if opts.pretrain_epochs < 0:
         raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if opts.init_from is not None and not Path(opts.init_from).is_file():
@@ -169,6 +170,23 @@ def validate(opts: RunOptions) -> None:
     if opts.batch_size % distributed.world_size():
         raise RunError(f"batch size {opts.batch_size} is the global batch: it must be divisible by the number of "
                        f"processes ({distributed.world_size()})")
+
+
+def _validate_max_var(opts: RunOptions) -> None:
+    """A variance clamp must be a positive finite number, for layers the model has."""
+    if opts.max_var is None:
+        return
+    per_layer = opts.max_var if isinstance(opts.max_var, Mapping) else {"": opts.max_var}
+    for name, value in per_layer.items():
+        if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+            where = f" for {name}" if name else ""
+            raise RunError(f"variance clamp (--clip-var){where} must be a positive finite number, got {value!r}")
+    if isinstance(opts.max_var, Mapping):
+        layers = {n for n, m in build_model(opts.model).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        unknown = sorted(set(opts.max_var) - layers)
+        if unknown:
+            raise RunError(f"--clip-var names layers that {opts.model} does not have: {', '.join(unknown)} "
+                           f"(its layers: {', '.join(sorted(layers))})")
 
 
 def resolve_device(name: str) -> torch.device:
