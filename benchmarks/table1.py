@@ -116,8 +116,33 @@ def _partial_status(row: str, seed: int, opts: RunOptions, work: Path) -> str:
     if not metrics.is_file():
         return "not run yet"
     done = sum(1 for line in metrics.read_text().splitlines() if line.strip())
-    return (f"in progress: {done} of {opts.epochs} epochs in {metrics.parent} "
-            f"(continue: python benchmarks/table1.py --rows {row})")
+    status = (f"in progress: {done} of {opts.epochs} epochs in {metrics.parent} "
+              f"(continue: python benchmarks/table1.py --rows {row})")
+    return status + _interim(metrics.parent, opts)
+
+
+def _interim(partial: Path, opts: RunOptions) -> str:
+    """'; at epoch E: ...' — the newest checkpoint compressed as the run would compress it now (what
+    `bayescomp prune DIR.partial` does), or '' where the run did not record its options."""
+    from bayescomp.pipeline import (
+        RunError,
+        evaluate_compression,
+        example_input,
+        load_data,
+        unfinished_run,
+        unfinished_thresholds,
+    )
+
+    try:
+        saved, bmodel, epoch, _ = unfinished_run(partial)
+        _, test = load_data(saved.model, opts.data_dir, 1)
+        thresholds = unfinished_thresholds(saved, bmodel, opts.data_dir, True)
+        compressed, figures = evaluate_compression(bmodel, test, thresholds, example=example_input(saved.model))
+    except (RunError, OSError, ValueError, RuntimeError) as exc:
+        return f" (no interim figures: {exc})"
+    r = compressed.report
+    return (f"; at epoch {epoch}: {figures['test_error']:.2f}% error ({figures['test_error_uncompressed']:.2f} "
+            f"unpruned), {r['weights_kept_pct']:.2f}% kept, {r['architecture']}")
 
 
 def train_row(row: str, seed: int, opts: RunOptions, work: Path, out: Path, command: str) -> dict:

@@ -463,7 +463,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     final, work = prepare_out(out, False, force)
     try:
         if thresholds is None and unfinished is not None:
-            thresholds = _unfinished_thresholds(opts, bmodel, data_dir, verify)
+            thresholds = unfinished_thresholds(opts, bmodel, data_dir, verify)
         elif thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds = previous.get("thresholds") or None
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
@@ -482,7 +482,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     return report
 
 
-def _unfinished_thresholds(opts: RunOptions, bmodel: torch.nn.Module, data_dir: str | None, verify: bool):
+def unfinished_thresholds(opts: RunOptions, bmodel: torch.nn.Module, data_dir: str | None, verify: bool):
     """The thresholds the unfinished run would use if it ended now (see `run`)."""
     if opts.auto_thresholds == "histogram":
         return {name: c.value for name, c in histogram_thresholds(bmodel).items()}
