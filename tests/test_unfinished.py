@@ -109,6 +109,6 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypa
     work = Path(str(out) + ".partial")
     assert (work / "checkpoint.pt.prev").is_file()
     (work / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+    with pytest.warns(RuntimeWarning, match="compressing from the previous checkpoint"):
         report = recompress(out, tmp_path / "peek", None, data_dir=DATA)
     assert report["unfinished"]["epochs_trained"] == 1

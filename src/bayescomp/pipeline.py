@@ -317,7 +317,7 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
     except (OSError, json.JSONDecodeError, TypeError) as exc:
         raise RunError(f"cannot read the options of the unfinished run, {work / OPTIONS}: {exc}") from exc
     try:
-        state, _ = load_newest_checkpoint(work / CHECKPOINT, repair=False)
+        state, _ = load_newest_checkpoint(work / CHECKPOINT, repair=False, purpose="compressing")
     except CheckpointError as exc:
         raise RunError(f"unfinished run {work}: {exc}") from exc
     try:

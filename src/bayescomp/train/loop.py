@@ -217,8 +217,9 @@ def _remove_stale_temps(path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def load_newest_checkpoint(path: Path, repair: bool) -> tuple[dict[str, Any], Path]:
-    """The newest readable checkpoint: `path`, else (with a warning) `<name>.prev`.
+def load_newest_checkpoint(path: Path, repair: bool, purpose: str = "resuming") -> tuple[dict[str, Any], Path]:
+    """The newest readable checkpoint: `path`, else (with a warning that says it is `purpose` from it)
+    `<name>.prev`.
 
     With `repair`, a damaged `path` is replaced by the good previous one, so that the next rotation cannot
     push the damaged file into `.prev`. Raises `CheckpointError` naming both files when neither loads.
@@ -233,7 +234,7 @@ def load_newest_checkpoint(path: Path, repair: bool) -> tuple[dict[str, Any], Pa
             state = load_checkpoint(prev)
         except CheckpointError as prev_error:
             raise CheckpointError(f"no usable checkpoint: {newest_error}; and the previous one: {prev_error}") from prev_error
-        warnings.warn(f"{newest_error}; resuming from the previous checkpoint {prev} (one epoch earlier)",
+        warnings.warn(f"{newest_error}; {purpose} from the previous checkpoint {prev} (one epoch earlier)",
                       RuntimeWarning, stacklevel=3)
         if repair:
             _link_over(prev, path)
