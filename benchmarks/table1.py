@@ -243,6 +243,44 @@ def write_markdown(table: list[dict], path: Path, note: str) -> None:
     os.replace(tmp, path)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- table1:begin (written by benchmarks/table1.py) -->", "<!-- table1:end -->"
+
+
+def readme_block(table: list[dict]) -> str:
+    """The MNIST rows of the table in the README's short form (full form: table1.md)."""
+    lines = [BEGIN, "", "| row | test error % (unpruned) | architecture | weights kept % | bits | CR fast | CR max "
+             "(paper acct.) | file bytes (CR file) | paper: error, kept | meets paper |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        if r["row"] not in MNIST_ROWS:
+            continue
+        p = r["paper"]
+        paper = f"{p['test_error'].split()[0]}%, {p['weights_kept_pct'].split()[0]}%"
+        if r["status"] != "run":
+            lines.append(f"| {r['row']} | – | – | – | – | – | – | – | {paper} | {r['status']} |")
+            continue
+        size = f"{r['file_bytes']:,} ({r['cr_file']:.1f})" if r.get("file_bytes") else "–"
+        lines.append(f"| {r['row']} | {_fmt(r['test_error'])} ({_fmt(r.get('test_error_uncompressed'))}) "
+                     f"| {r['architecture']} | {_fmt(r['weights_kept_pct'])} | {_fmt(r['bits'])} "
+                     f"| {_fmt(r['cr_fast'], '.1f')} | {_fmt(r.get('cr_max'), '.1f')} | {size} | {paper} "
+                     f"| {r['meets_paper']} |")
+    return "\n".join([*lines, "", END])
+
+
+def write_readme_block(table: list[dict], readme: Path) -> None:
+    """Replace the block between the table1 markers of the README (atomically); no markers: leave it alone."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"[table1] {readme} has no table1 markers; not updated", file=sys.stderr)
+        return
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(head + readme_block(table) + tail)
+    os.replace(tmp, readme)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for settings.")
     p.add_argument("--rows", default=",".join(MNIST_ROWS + VGG_ROWS), help="comma-separated rows to run")
@@ -263,20 +301,21 @@ def main() -> None:
     results = work / "results" if args.quick else RESULTS
     cifar = have_cifar(args.data_dir)
     status: dict[str, str] = {}
-    for row in rows:
+    every_row = list(MNIST_ROWS + VGG_ROWS)  # the table always shows every row; --rows says which to train
+    for row in every_row:
         if row in VGG_ROWS and not cifar:
             status[row] = "not run: no CIFAR-10 on this machine"
             continue
         for seed in seeds:
             opts = row_options(row, seed, args.quick, args.data_dir)
             out = _result_path(row, seed, results)
-            if out.is_file() and not args.force and _same_setting(json.loads(out.read_text()), opts):
+            if out.is_file() and not (args.force and row in rows) and _same_setting(json.loads(out.read_text()), opts):
                 continue
-            if args.table_only:
+            if args.table_only or row not in rows:
                 status[row] = _partial_status(row, seed, opts, work)
                 continue
             train_row(row, seed, opts, work, out, command)
-    table = build_table(rows, seeds, results, status)
+    table = build_table(every_row, seeds, results, status)
     dest = work if args.quick else RESULTS
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "table1.tmp").write_text(json.dumps(table, indent=1) + "\n")
@@ -284,6 +323,8 @@ def main() -> None:
     note = ("**Smoke test (--quick): 1 epoch on 2,000 training examples; not a reproduction.**" if args.quick
             else f"Written by `{command}` from the results files in benchmarks/results/ (each holds its own command).")
     write_markdown(table, dest / "table1.md", note)
+    if not args.quick:
+        write_readme_block(table, README)
     print((dest / "table1.md").read_text())
     print(f"wrote {dest / 'table1.json'} and {dest / 'table1.md'}", file=sys.stderr)
 
