@@ -1,0 +1,72 @@
+"""benchmarks/table1.py's table logic: the paper comparison and the README block it writes between markers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table1():
+    spec = importlib.util.spec_from_file_location("table1_script", ROOT / "benchmarks" / "table1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table(table1):
+    run = {"row": "lenet300_gnj", "seed": 0, "status": "run", "paper": table1.PAPER["lenet300_gnj"],
+           "test_error": 1.79, "test_error_uncompressed": 1.81, "architecture": "287-102-18",
+           "weights_kept_pct": 11.75, "bits": [5, 5, 11], "cr_fast": 33.9, "cr_max": 48.8, "file_bytes": 20919,
+           "cr_file": 50.9}
+    run["meets_paper"] = table1.meets_paper(run, run["paper"])
+    pending = {"row": "lenet5_gnj", "status": "in progress: 55 of 200 epochs", "paper": table1.PAPER["lenet5_gnj"]}
+    vgg = {"row": "vgg16_gnj", "status": "not run: no CIFAR-10 on this machine", "paper": table1.PAPER["vgg16_gnj"]}
+    return [run, pending, vgg]
+
+
+def test_meets_paper_rule(table1):
+    paper = table1.PAPER["lenet300_gnj"]  # 1.8% at 10.8%
+    assert table1.meets_paper({"test_error": 1.9, "weights_kept_pct": 10.8}, paper) == "yes"
+    assert table1.meets_paper({"test_error": 1.91, "weights_kept_pct": 10.0}, paper) == "no: error 1.91 > 1.9"
+    assert table1.meets_paper({"test_error": 1.79, "weights_kept_pct": 11.75}, paper) == "no: kept 11.75% > 10.8%"
+
+
+def test_readme_block_holds_the_mnist_rows(table1):
+    block = table1.readme_block(_table(table1))
+    assert block.startswith(table1.BEGIN) and block.endswith(table1.END)
+    lines = [line for line in block.splitlines() if line.startswith("| lenet")]
+    assert len(lines) == 2  # VGG rows are in table1.md only
+    assert lines[0] == ("| lenet300_gnj | 1.79 (1.81) | 287-102-18 | 11.75 | 5-5-11 | 33.9 | 48.8 | 20,919 (50.9) "
+                        "| 1.8%, 10.8% | no: kept 11.75% > 10.8% |")
+    assert lines[1].endswith("| 1.0%, 0.9% | in progress: 55 of 200 epochs |")
+
+
+def test_readme_block_replaces_only_what_is_between_the_markers(table1, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{table1.BEGIN}\nold table\n{table1.END}\n\nafter\n")
+    table1.write_readme_block(_table(table1), readme)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n\n" + table1.BEGIN) and text.endswith(table1.END + "\n\nafter\n")
+    assert "old table" not in text and "| lenet300_gnj | 1.79 (1.81)" in text
+    table1.write_readme_block(_table(table1), readme)  # idempotent
+    assert readme.read_text() == text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_readme_without_markers_is_left_alone(table1, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    table1.write_readme_block(_table(table1), readme)
+    assert readme.read_text() == "# no markers here\n"
+    assert "no table1 markers" in capsys.readouterr().err
+
+
+def test_the_real_readme_has_the_markers(table1):
+    text = (ROOT / "README.md").read_text()
+    assert text.count(table1.BEGIN) == 1 and text.count(table1.END) == 1
+    assert text.index(table1.BEGIN) < text.index(table1.END)
