@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,33 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypa
     with pytest.warns(RuntimeWarning, match="compressing from the previous checkpoint"):
         report = recompress(out, tmp_path / "peek", None, data_dir=DATA)
     assert report["unfinished"]["epochs_trained"] == 1
+
+
+def test_show_reports_the_progress_of_an_unfinished_run(tmp_path, monkeypatch):
+    _, out = _interrupted(tmp_path, monkeypatch)
+    for target in (str(out), str(out) + ".partial"):  # the run's name or its working folder
+        result = CliRunner().invoke(main, ["show", target])
+        assert result.exit_code == 0, result.output
+        assert re.search(r"epochs\s+2 of 2\n", result.output)
+        assert "time left (estimate)" in result.output and "0 min" in result.output
+        assert f"bayescomp prune {out}.partial --out PEEK" in result.output
+    progress = pipeline.run_progress(out)
+    lines = (Path(str(out) + ".partial") / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert progress["epochs_done"] == 2 and progress["epochs"] == 2 and progress["last"] == last
+    assert progress["seconds_spent"] == pytest.approx(sum(json.loads(line)["seconds"] for line in lines))
+    assert progress["seconds_left"] == 0
+    result = CliRunner().invoke(main, ["show", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "no unfinished one" in result.output
+
+
+def test_time_left_is_the_recent_epoch_time_times_the_epochs_left(tmp_path):
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    (work / "options.json").write_text(json.dumps({"model": "lenet300", "prior": "gnj", "epochs": 10}))
+    rows = [{"epoch": i + 1, "seconds": s, "test_error": 2.0} for i, s in enumerate([100, 10, 20, 30, 40, 50])]
+    (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    progress = pipeline.run_progress(tmp_path / "run")
+    assert progress["epoch_seconds"] == pytest.approx(30.0)  # the last five epochs: 10..50
+    assert progress["seconds_left"] == pytest.approx(4 * 30.0)
+    assert progress["seconds_spent"] == pytest.approx(250.0)

@@ -497,12 +497,23 @@ def data_fetch_cmd(dataset: str, data_dir: str | None, source: str | None) -> No
 @main.command("show")
 @click.argument("run_dir", type=click.Path())
 def show_cmd(run_dir: str) -> None:
-    """Print the summary table of a finished run."""
+    """Print the summary table of a finished run, or the progress of one still training (RUN_DIR.partial):
+    epochs done, the last epoch's figures, time spent and an estimate of the time left."""
+    from .pipeline import run_progress
+    from .report.table import progress_rows
+
+    report_path = Path(run_dir) / "report.json"
+    if report_path.is_file() and not run_dir.rstrip("/").endswith(".partial"):
+        try:
+            report = json.loads(report_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            _fail(exc)
+        click.echo(format_table(summary_rows(report)))
+        return
     try:
-        report = json.loads((Path(run_dir) / "report.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        click.echo(format_table(progress_rows(run_progress(run_dir))))
+    except _USER_ERRORS as exc:
         _fail(exc)
-    click.echo(format_table(summary_rows(report)))
 
 
 if __name__ == "__main__":  # pragma: no cover

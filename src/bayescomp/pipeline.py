@@ -328,6 +328,31 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
     return opts, bmodel.eval(), int(state.get("epoch", 0)), work
 
 
+def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """How far the unfinished run of RUN_DIR (or RUN_DIR.partial) has got, from its metrics.jsonl and
+    options.json alone (no checkpoint is read): epochs done and planned, the last epoch's figures, the
+    time spent and, from the mean of the last five epochs, the time left."""
+    run_dir = Path(run_dir)
+    work = run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+    metrics = work / METRICS
+    if not metrics.is_file():
+        raise RunError(f"no finished run at {run_dir} (no {REPORT}) and no unfinished one at {work} (no {METRICS})")
+    try:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        options = json.loads((work / OPTIONS).read_text()) if (work / OPTIONS).is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    out: dict[str, Any] = {"folder": str(work), "model": options.get("model"), "prior": options.get("prior"),
+                           "epochs_done": len(rows), "epochs": options.get("epochs")}
+    if rows:
+        seconds = [float(r.get("seconds", 0.0)) for r in rows]
+        recent = seconds[-5:]
+        out.update(last=rows[-1], seconds_spent=sum(seconds), epoch_seconds=sum(recent) / len(recent))
+        if out["epochs"] is not None:
+            out["seconds_left"] = max(0, out["epochs"] - len(rows)) * out["epoch_seconds"]
+    return out
+
+
 def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force: bool = False,
         progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Train, compress and evaluate one model; write DIR/report.json, model.bcz (packed), model.pt (plain),

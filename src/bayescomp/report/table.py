@@ -32,3 +32,34 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
     if "train_seconds" in report:
         rows.append(("training time (s)", f"{report['train_seconds']:.1f}"))
     return rows
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The state of an unfinished run (`pipeline.run_progress`), formatted."""
+    planned = progress.get("epochs")
+    rows: list[tuple[str, Any]] = [
+        ("unfinished run", progress["folder"]),
+        ("model", f"{progress.get('model')} ({progress.get('prior')})"),
+        ("epochs", f"{progress['epochs_done']} of {planned if planned is not None else '?'}"),
+    ]
+    last = progress.get("last")
+    if last:
+        if "loss" in last:
+            rows.append(("last epoch loss", f"{last['loss']:.4f}"))
+        if "train_error" in last:
+            rows.append(("train error (%, sampled)", f"{last['train_error']:.2f}"))
+        if last.get("test_error") is not None:
+            rows.append(("test error (%, unpruned)", f"{last['test_error']:.2f}"))
+        if last.get("groups_kept"):
+            rows.append(("groups kept (default thresholds)", "-".join(str(v) for v in last["groups_kept"].values())))
+        rows.append(("time so far", _duration(progress["seconds_spent"])))
+        rows.append(("epoch time (last 5)", f"{progress['epoch_seconds']:.0f} s"))
+        if "seconds_left" in progress:
+            rows.append(("time left (estimate)", _duration(progress["seconds_left"])))
+    rows.append(("compress it now", f"bayescomp prune {progress['folder']} --out PEEK"))
+    return rows
