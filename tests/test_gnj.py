@@ -322,6 +322,48 @@ def test_group_mask_conv_zeroes_channel_and_bias():
     torch.testing.assert_close(out[:, [0, 2, 3]], full[:, [0, 2, 3]])
 
 
+def _sampled(layer, x, seed=1):
+    torch.manual_seed(seed)
+    return layer(x)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: LinearGroupNJ(6, 3), (4, 6)),
+                                         (lambda: Conv2dGroupNJ(2, 4, 3, padding=1), (3, 2, 5, 5))])
+def test_the_gate_sees_every_change_of_the_mask(make, shape):
+    """An all-on mask is not multiplied in (a cached check); every way of changing it is still seen."""
+    torch.manual_seed(0)
+    layer = _randomise(make(), torch.Generator().manual_seed(11)).train()
+    x = torch.randn(*shape, dtype=F64)
+    group_out = (lambda out: out[:, 1]) if layer.group_dim == 0 else None
+    full = _sampled(layer, x)
+
+    def switched_off(module, out) -> bool:  # group 1 off: its channel is zero (conv), or its input no longer matters
+        if group_out is not None:
+            return bool(torch.all(group_out(out) == 0))
+        x2 = x.clone()
+        x2[:, 1] += 10.0
+        return torch.equal(_sampled(module, x2), out)
+
+    assert not switched_off(layer, full)
+    layer.group_mask[1] = False  # in place
+    assert switched_off(layer, _sampled(layer, x))
+    layer.group_mask.fill_(True)
+    torch.testing.assert_close(_sampled(layer, x), full, rtol=0, atol=0)  # all on again: the very same numbers
+    state = copy.deepcopy(layer.state_dict())
+    state["group_mask"][1] = False
+    layer.load_state_dict(state)  # copied in
+    assert switched_off(layer, _sampled(layer, x))
+    layer.group_mask = torch.ones(layer.n_groups, dtype=torch.bool)  # a new tensor
+    torch.testing.assert_close(_sampled(layer, x), full, rtol=0, atol=0)
+    twin = copy.deepcopy(layer)
+    twin.group_mask[1] = False
+    assert switched_off(twin, _sampled(twin, x)) and not switched_off(layer, _sampled(layer, x))
+    # an all-on mask gives exactly what multiplying by it gives
+    layer.eval()
+    z = layer.z_mean()
+    assert torch.equal(layer._gate(x.shape[0]), z * layer.group_mask.to(z.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # variance clamp
 

@@ -175,11 +175,24 @@ class GroupSparseLayer(nn.Module):
             if self.bias_logvar is not None:
                 self.bias_logvar.clamp_(max=bound)
 
+    def _mask_is_full(self) -> bool:
+        """Whether every group is on: then the gate needs no multiplication by the mask.
+
+        The answer is cached against the mask tensor itself and its version counter, which every in-place
+        change bumps (`apply_masks`, `load_state_dict`, `mask[i] = False`); assigning a new tensor is a
+        different object. So the mask is read (one reduction; a device sync on CUDA) only when it changed.
+        """
+        mask = self.group_mask
+        cached = self.__dict__.get("_full_mask_cache")
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = (mask, mask._version, bool(mask.all()))
+            self.__dict__["_full_mask_cache"] = cached
+        return cached[2]
+
     def _gate(self, n: int) -> Tensor:
-        if self.training:
-            z = self.sample_z(n)
-        else:
-            z = self.z_mean()
+        z = self.sample_z(n) if self.training else self.z_mean()
+        if self._mask_is_full():
+            return z  # (training: spares a pass over the (n, groups) samples, and its backward)
         return z * self.group_mask.to(z.dtype)  # (an explicit cast of the n-vector: cheaper than promoting z)
 
     def forward(self, x: Tensor) -> Tensor:
