@@ -272,10 +272,6 @@ def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path
     return final, work
 
 
-def _options_dict(opts: RunOptions) -> dict[str, Any]:
-    return {k: v for k, v in asdict(opts).items()}
-
-
 def check_resume_options(work: Path, opts: RunOptions) -> None:
     """Refuse to resume the run in `work` with options that would change what it trains (`RESUME_FIXED`).
 
@@ -288,7 +284,7 @@ def check_resume_options(work: Path, opts: RunOptions) -> None:
         started = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RunError(f"cannot read the options the run was started with, {path}: {exc}") from exc
-    now = _options_dict(opts)
+    now = asdict(opts)
     keys = list(RESUME_FIXED)
     if "validation" in (started.get("auto_thresholds"), now.get("auto_thresholds")):
         keys += ["auto_thresholds", "val_fraction"]  # the held-out split changes the training set
@@ -382,7 +378,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     if resume:
         check_resume_options(work, opts)
     elif distributed.is_main():
-        atomic_write_bytes(work / OPTIONS, (json.dumps(_options_dict(opts), indent=2) + "\n").encode())
+        atomic_write_bytes(work / OPTIONS, (json.dumps(asdict(opts), indent=2) + "\n").encode())
 
     torch.manual_seed(opts.seed)
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
