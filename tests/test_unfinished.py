@@ -90,7 +90,12 @@ def test_resume_with_other_options_is_refused_and_same_options_finish(tmp_path, 
         run(RunOptions(**{**opts.__dict__, "prior": "ghs"}), out, resume=True, progress=False)
     with pytest.raises(RunError, match=r"max_var=None \(now 0\.01\)"):
         run(RunOptions(**{**opts.__dict__, "max_var": 0.01}), out, resume=True, progress=False)
-    # thresholds and a longer run are allowed
+    # thresholds and a longer run are allowed, and the longer run is what the folder then records
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "evaluate_compression", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
+        with pytest.raises(_Stop):
+            run(RunOptions(**{**opts.__dict__, "epochs": 3, "thresholds": -3.0}), out, resume=True, progress=False)
+    assert pipeline.run_progress(out)["epochs"] == 3 and pipeline.run_progress(out)["epochs_done"] == 3
     report = run(RunOptions(**{**opts.__dict__, "epochs": 3, "thresholds": -3.0}), out, resume=True, progress=False)
     assert [row["epoch"] for row in report["history"]] == [1, 2, 3]
     assert not (out / "options.json").exists() and not Path(str(out) + ".partial").exists()

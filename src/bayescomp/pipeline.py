@@ -377,7 +377,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     final, work = prepare_out(out, resume, force)
     if resume:
         check_resume_options(work, opts)
-    elif distributed.is_main():
+    if distributed.is_main():  # (on resume: what may change, e.g. more epochs, is recorded too)
         atomic_write_bytes(work / OPTIONS, (json.dumps(asdict(opts), indent=2) + "\n").encode())
 
     torch.manual_seed(opts.seed)
