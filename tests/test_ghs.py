@@ -271,6 +271,32 @@ def test_layer_kl_nonnegative_finite_and_decomposes(tau0: float) -> None:
             assert kl_z.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("global_kl", ["derived", "paper"])
+@pytest.mark.parametrize("tau0", [1e-5, 0.7])
+def test_fused_scale_kl_equals_the_four_terms_with_their_gradients(tau0: float, global_kl: str) -> None:
+    """kl_z is one fused call on the concatenated scales; it must be the four KL functions' sum, gradients too."""
+    for seed, layer in enumerate(make_layers(tau0, global_kl)):
+        layer.double()
+        randomise(layer, scale_logvar=(-6.0, 1.0), seed=seed + 3)
+        names = ["sa_mu", "sa_logvar", "sb_mu", "sb_logvar", "a_mu", "a_logvar", "b_mu", "b_logvar"]
+        params = [layer.get_parameter(n) for n in names]
+        fused = layer.kl_z()
+        reference = layer.kl_z_terms()
+        assert fused.item() == pytest.approx(reference.item(), rel=1e-12, abs=1e-9)
+        g_fused = torch.autograd.grad(fused, params)
+        g_ref = torch.autograd.grad(reference, params)
+        for name, a, b in zip(names, g_fused, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    # the cached prior constants follow the layer: another τ0 (or dtype) is another KL
+    layer = make_layers(1e-5, global_kl)[0]
+    before = layer.kl_z().item()
+    layer.tau0 = 1e-3
+    assert layer.kl_z().item() == pytest.approx(layer.kl_z_terms().item(), rel=1e-6)
+    assert layer.kl_z().item() != pytest.approx(before, rel=1e-6)
+    layer.double()
+    assert layer.kl_z().dtype == torch.float64
+
+
 def test_paper_global_kl_changes_only_the_sa_term() -> None:
     derived, paper = make_layers(1e-5, "derived")[0], make_layers(1e-5, "paper")[0]
     paper.load_state_dict(derived.state_dict())

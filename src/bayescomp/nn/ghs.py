@@ -31,6 +31,7 @@ from .horseshoe_kl import (
     kl_lognormal_gamma_half,
     kl_lognormal_gamma_half_logscale,
     kl_lognormal_invgamma_half,
+    lognormal_kls,
 )
 from .scalars import const
 
@@ -169,7 +170,34 @@ class _GroupHS:
 
         With `global_kl="paper"` the first term is the paper-literal expression
         `kl_global_sa_paper`, which is not a KL (see its docstring).
+
+        One call of `lognormal_kls` on the concatenated (s_a, s_b, α̃, β̃) parameters; `kl_z_terms` is the
+        same as four separate KLs (the tests check that they agree).
         """
+        sign, c, const = self._kl_z_priors()
+        mu = torch.cat([self.sa_mu.reshape(1), self.sb_mu.reshape(1), self.a_mu, self.b_mu])
+        logvar = torch.cat([self.sa_logvar.reshape(1), self.sb_logvar.reshape(1), self.a_logvar, self.b_logvar])
+        return lognormal_kls(mu, logvar, sign, c, const)
+
+    def _kl_z_priors(self) -> tuple[Tensor, Tensor, float]:
+        """Per element of the concatenated scales: the sign and c of its prior, and the priors' constants' sum."""
+        like = self.a_mu
+        key = (like.dtype, like.device, self.n_groups, self.tau0, self.global_kl)
+        cached = self.__dict__.get("_kl_z_prior_cache")
+        if cached is None or cached[0] != key:
+            n = self.n_groups
+            log_tau0 = math.log(self.tau0)
+            # s_a: Gamma(½, τ0²) (derived) or the paper-literal term; s_b, β̃: InvGamma(½, 1); α̃: Gamma(½, 1)
+            c_sa, const_sa = (log_tau0, -log_tau0) if self.global_kl == "paper" else (2.0 * log_tau0, log_tau0)
+            sign = torch.cat([torch.tensor([1.0, -1.0]), torch.ones(n), -torch.ones(n)]).to(like.dtype).to(like.device)
+            c = torch.zeros(2 + 2 * n, dtype=like.dtype, device=like.device)
+            c[0] = c_sa
+            cached = (key, (sign, c, const_sa))
+            self.__dict__["_kl_z_prior_cache"] = cached
+        return cached[1]
+
+    def kl_z_terms(self) -> Tensor:
+        """`kl_z` as the sum of the four KL functions (the reference the fused call is tested against)."""
         if self.global_kl == "paper":
             kl_sa = kl_global_sa_paper(self.sa_mu, self.sa_logvar, self.tau0)
         else:
