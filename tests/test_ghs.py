@@ -251,6 +251,26 @@ def test_sample_z_matches_marginal(kind: int) -> None:
     assert torch.allclose(z.mean(0), layer.z_mean(), rtol=5e-3)
 
 
+@pytest.mark.parametrize("kind", [0, 1], ids=["linear", "conv"])
+def test_fused_sample_z_equals_the_expression_with_its_gradients(kind: int) -> None:
+    layer = make_layers()[kind].double()
+    randomise(layer, scale_logvar=(-6.0, 1.0), seed=7)
+    names = ["sa_mu", "sb_mu", "a_mu", "b_mu", "sa_logvar", "sb_logvar", "a_logvar", "b_logvar"]
+    params = [layer.get_parameter(n) for n in names]
+    torch.manual_seed(5)
+    z = layer.sample_z(6)
+    torch.manual_seed(5)
+    eps = torch.randn(6, layer.n_groups, dtype=torch.float64)
+    reference = layer.sample_z_reference(eps)
+    assert torch.equal(z, reference)  # the same arithmetic in the same order
+    weights = torch.randn(6, layer.n_groups, dtype=torch.float64)
+    g_fused = torch.autograd.grad((z * weights).sum(), params)
+    g_ref = torch.autograd.grad((reference * weights).sum(), params)
+    for name, a, b in zip(names, g_fused, g_ref, strict=True):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
 # ---- (5) KL ≥ 0, finite, gradients --------------------------------------------------------------------
 @pytest.mark.parametrize("tau0", [1e-5, 0.7])
 def test_layer_kl_nonnegative_finite_and_decomposes(tau0: float) -> None:

@@ -50,6 +50,37 @@ def _check_hs_args(tau0: float, global_kl: str) -> tuple[float, str]:
     return tau0, global_kl
 
 
+class _SampleZ(torch.autograd.Function):
+    """z = exp(μ_z + σ_z·ε) from the scale parameters, with its gradient written out.
+
+    μ_z = ½(sa_mu + sb_mu + a_mu + b_mu), σ²_z = ¼(e^{sa_lv} + e^{sb_lv} + e^{a_lv} + e^{b_lv}) (per group; the
+    global terms are shared). With g = ∂L/∂z and h = g·z = ∂L/∂log z:
+        ∂L/∂a_mu = ∂L/∂b_mu = ½ Σ_k h,    ∂L/∂sa_mu = ∂L/∂sb_mu = ½ Σ_{k,i} h,
+        ∂L/∂σ²_z = Σ_k h·ε / (2σ_z),     ∂L/∂a_lv = ¼ e^{a_lv}·∂L/∂σ²_z (likewise b), ∂L/∂sa_lv = ¼ e^{sa_lv} Σ_i ∂L/∂σ²_z.
+    One autograd node where the expression records fifteen (per layer and training step).
+    """
+
+    @staticmethod
+    def forward(ctx, sa_mu, sb_mu, a_mu, b_mu, sa_lv, sb_lv, a_lv, b_lv, eps):  # type: ignore[override]
+        e_a, e_b, e_sa, e_sb = a_lv.exp(), b_lv.exp(), sa_lv.exp(), sb_lv.exp()
+        std = (e_a + e_b + (e_sa + e_sb)).mul_(const(0.25, e_a)).sqrt_()
+        mu = (a_mu + b_mu + (sa_mu + sb_mu)).mul_(const(0.5, a_mu))
+        z = torch.exp(torch.addcmul(mu, std, eps))
+        ctx.save_for_backward(z, eps, std, e_a, e_b, e_sa, e_sb)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        z, eps, std, e_a, e_b, e_sa, e_sb = ctx.saved_tensors
+        h = g * z
+        g_mu = h.sum(0).mul_(const(0.5, h))  # the same for a_mu and b_mu
+        g_var = (h.mul_(eps)).sum(0).div_(std).mul_(const(0.125, h))  # ¼·∂L/∂σ²_z = ¼·Σ h·ε/(2σ)
+        g_global_mu = g_mu.sum()
+        g_var_total = g_var.sum()
+        return (g_global_mu, g_global_mu.clone(), g_mu, g_mu.clone(), g_var_total * e_sa, g_var_total * e_sb,
+                g_var * e_a, g_var * e_b, None)
+
+
 class _GroupHS:
     """The horseshoe scale variables; mixed into a layer kind.
 
@@ -141,10 +172,18 @@ class _GroupHS:
         return torch.expm1(var) * torch.exp(torch.add(var, self.log_z_mean(), alpha=2.0))
 
     def sample_z(self, n: int) -> Tensor:
-        """z_{k,i} = exp(μ_zi + σ_zi·ε_{k,i}), one per example k and group i: shape (n, n_groups)."""
-        mu = self.log_z_mean()
-        eps = torch.randn(n, self.n_groups, device=mu.device, dtype=mu.dtype)
-        return torch.exp(torch.addcmul(mu, self.log_z_variance().sqrt(), eps))
+        """z_{k,i} = exp(μ_zi + σ_zi·ε_{k,i}), one per example k and group i: shape (n, n_groups).
+
+        One autograd function (`_SampleZ`) from the eight scale parameters; `sample_z_reference` is the
+        same expression through `log_z_mean`/`log_z_variance` (the tests compare the two).
+        """
+        eps = torch.randn(n, self.n_groups, device=self.a_mu.device, dtype=self.a_mu.dtype)
+        return _SampleZ.apply(self.sa_mu, self.sb_mu, self.a_mu, self.b_mu, self.sa_logvar, self.sb_logvar,
+                              self.a_logvar, self.b_logvar, eps)
+
+    def sample_z_reference(self, eps: Tensor) -> Tensor:
+        """`sample_z` for given standard-normal draws ε, as plain autograd expressions."""
+        return torch.exp(torch.addcmul(self.log_z_mean(), self.log_z_variance().sqrt(), eps))
 
     def log_alpha(self) -> Tensor:
         """Pruning score σ²_zi − μ_zi = −log(mode of q(z_i)): high means prunable.
