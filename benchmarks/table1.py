@@ -40,7 +40,16 @@ import sys
 import time
 from pathlib import Path
 
-from bayescomp.pipeline import RunOptions, run
+from bayescomp.pipeline import (
+    RunError,
+    RunOptions,
+    evaluate_compression,
+    example_input,
+    load_data,
+    run,
+    unfinished_run,
+    unfinished_thresholds,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MNIST_ROWS = ("lenet300_gnj", "lenet300_ghs", "lenet5_gnj", "lenet5_ghs")
@@ -124,15 +133,6 @@ def _partial_status(row: str, seed: int, opts: RunOptions, work: Path) -> str:
 def _interim(partial: Path, opts: RunOptions) -> str:
     """'; at epoch E: ...' — the newest checkpoint compressed as the run would compress it now (what
     `bayescomp prune DIR.partial` does), or '' where the run did not record its options."""
-    from bayescomp.pipeline import (
-        RunError,
-        evaluate_compression,
-        example_input,
-        load_data,
-        unfinished_run,
-        unfinished_thresholds,
-    )
-
     try:
         saved, bmodel, epoch, _ = unfinished_run(partial)
         _, test = load_data(saved.model, opts.data_dir, 1)

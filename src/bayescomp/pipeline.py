@@ -248,10 +248,15 @@ def _plain_start(opts: RunOptions, train, test, progress: bool) -> tuple[torch.n
     return plain, trained
 
 
+def work_dir(run_dir: Path) -> Path:
+    """The working folder of a run: ``DIR.partial`` for ``DIR`` (a path already naming it is returned as is)."""
+    return run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+
+
 def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path, Path]:
     """Check the output folder can be written; return (final DIR, working DIR.partial)."""
     final = Path(out)
-    work = final.with_name(final.name + ".partial")
+    work = work_dir(final)
     if final.exists() and not force:
         raise RunError(f"output directory {final} already exists; choose another or pass --force")
     parent = final.parent if str(final.parent) else Path(".")
@@ -303,7 +308,7 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
     cannot be read, the previous one is used, with a warning.
     """
     run_dir = Path(run_dir)
-    work = run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+    work = work_dir(run_dir)
     if not (work / OPTIONS).is_file():
         raise RunError(f"no trained posterior at {run_dir / POSTERIOR_FILE}, and no unfinished run at {work} "
                        f"(it needs {OPTIONS} and {CHECKPOINT})")
@@ -329,7 +334,7 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     options.json alone (no checkpoint is read): epochs done and planned, the last epoch's figures, the
     time spent and, from the mean of the last five epochs, the time left."""
     run_dir = Path(run_dir)
-    work = run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+    work = work_dir(run_dir)
     metrics = work / METRICS
     if not metrics.is_file():
         raise RunError(f"no finished run at {run_dir} (no {REPORT}) and no unfinished one at {work} (no {METRICS})")
@@ -349,6 +354,43 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def _hold_out(opts: RunOptions, train):
+    """(training set, validation split): with --auto-thresholds validation the split is held out of the
+    TRAINING set (never the test set); otherwise (train, None)."""
+    if opts.auto_thresholds != "validation":
+        return train, None
+    try:
+        train_idx, val_idx = validation_split(len(train[0]), opts.val_fraction, opts.seed)
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    return (train[0][train_idx], train[1][train_idx]), (train[0][val_idx], train[1][val_idx])
+
+
+def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: torch.Tensor):
+    """(thresholds, choice) a run compresses with: its --auto-thresholds rule's per-layer choice, or else its
+    --thresholds, or the recipe's (choice None)."""
+    if opts.auto_thresholds == "histogram":
+        choice = histogram_thresholds(bmodel)
+    elif opts.auto_thresholds == "validation":
+        choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale,
+                                       example_input=example)
+    else:
+        thresholds = opts.thresholds if opts.thresholds is not None else recipe(opts.model).thresholds.get(opts.prior)
+        return thresholds, None
+    return {name: c.value for name, c in choice.items()}, choice
+
+
+def _config(opts: RunOptions) -> dict[str, Any]:
+    """The options as report.json records them (`config`)."""
+    return {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra
+
+
+def _posterior(opts: RunOptions, bmodel: torch.nn.Module) -> dict[str, Any]:
+    """What posterior.pt holds (`load_posterior` reads it)."""
+    return {"model": opts.model, "prior": opts.prior, "tau0": opts.tau0, "global_kl": opts.global_kl,
+            "state_dict": bmodel.state_dict()}
+
+
 def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force: bool = False,
         progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Train, compress and evaluate one model; write DIR/report.json, model.bcz (packed), model.pt (plain),
@@ -360,20 +402,9 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     validate(opts)
     device = resolve_device(opts.device)
     distributed.init_from_env(device)  # joins the process group under torchrun (gloo on CPU, nccl on CUDA)
-    rec = recipe(opts.model)
-    thresholds: float | Mapping[str, float] | None = opts.thresholds
-    if thresholds is None:
-        thresholds = rec.thresholds.get(opts.prior)
-    max_var = rec.clamps(opts.prior) if opts.max_var is None else opts.max_var
+    max_var = recipe(opts.model).clamps(opts.prior) if opts.max_var is None else opts.max_var
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
-    val = None
-    if opts.auto_thresholds == "validation":  # hold the validation split out of the TRAINING set (never the test set)
-        try:
-            train_idx, val_idx = validation_split(len(train[0]), opts.val_fraction, opts.seed)
-        except ValueError as exc:
-            raise RunError(str(exc)) from exc
-        val = (train[0][val_idx], train[1][val_idx])
-        train = (train[0][train_idx], train[1][train_idx])
+    train, val = _hold_out(opts, train)
     final, work = prepare_out(out, resume, force)
     if resume:
         check_resume_options(work, opts)
@@ -389,15 +420,8 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
     if not distributed.is_main():
         return {}  # rank 0 compresses, evaluates and writes DIR
-    choice = None
     example = example_input(opts.model, device=device)
-    if opts.auto_thresholds == "histogram":
-        choice = histogram_thresholds(bmodel)
-    elif opts.auto_thresholds == "validation":
-        choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale,
-                                       example_input=example)
-    if choice is not None:
-        thresholds = {name: c.value for name, c in choice.items()}
+    thresholds, choice = choose_thresholds(opts, bmodel, val, example)
     compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
                                                example=example)
     report: dict[str, Any] = {
@@ -409,7 +433,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
         "train_seconds": result.seconds,
         "train_examples": len(train[0]),
         **{k: v for k, v in compressed.report.items() if k not in ("prior",)},
-        "config": {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra,
+        "config": _config(opts),
         "history": result.history,
         "environment": {
             "bayescomp": __version__,
@@ -427,9 +451,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
         report["validation_examples"] = len(val[0])
     if command:
         report["command"] = command
-    posterior = {"model": opts.model, "prior": opts.prior, "tau0": opts.tau0, "global_kl": opts.global_kl,
-                 "state_dict": bmodel.state_dict()}
-    _finish(work, final, report, compressed, posterior)
+    _finish(work, final, report, compressed, _posterior(opts, bmodel))
     return report
 
 
@@ -475,10 +497,9 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
             previous = {"model": state["model"], "prior": state["prior"]}
     else:
         opts, bmodel, epoch, work = unfinished_run(run_dir)
-        state = {"model": opts.model, "prior": opts.prior, "tau0": opts.tau0, "global_kl": opts.global_kl,
-                 "state_dict": bmodel.state_dict()}
+        state = _posterior(opts, bmodel)
         previous = {"model": opts.model, "prior": opts.prior, "epochs": opts.epochs, "seed": opts.seed,
-                    "config": {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra}
+                    "config": _config(opts)}
         unfinished = {"from": str(work), "epochs_trained": epoch, "epochs": opts.epochs}
     _, test = load_data(state["model"], data_dir, 1, verify=verify)
     final, work = prepare_out(out, False, force)
@@ -504,13 +525,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
 
 
 def unfinished_thresholds(opts: RunOptions, bmodel: torch.nn.Module, data_dir: str | None, verify: bool):
-    """The thresholds the unfinished run would use if it ended now (see `run`)."""
-    if opts.auto_thresholds == "histogram":
-        return {name: c.value for name, c in histogram_thresholds(bmodel).items()}
+    """The thresholds the unfinished run would use if it ended now (`choose_thresholds`, as `run` does)."""
+    val = None
     if opts.auto_thresholds == "validation":
-        train, _ = load_data(opts.model, data_dir, opts.train_subset, opts.seed, verify)
-        _, val_idx = validation_split(len(train[0]), opts.val_fraction, opts.seed)
-        choice = validation_thresholds(bmodel, train[0][val_idx], train[1][val_idx], opts.val_budget,
-                                       variance_scale=opts.variance_scale, example_input=example_input(opts.model))
-        return {name: c.value for name, c in choice.items()}
-    return opts.thresholds if opts.thresholds is not None else recipe(opts.model).thresholds.get(opts.prior)
+        _, val = _hold_out(opts, load_data(opts.model, data_dir, opts.train_subset, opts.seed, verify)[0])
+    return choose_thresholds(opts, bmodel, val, example_input(opts.model))[0]

@@ -85,14 +85,15 @@ class _LogNormalKLs(torch.autograd.Function):
         return g_mu, g_lv, None, None, None
 
 
-def lognormal_kls(mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor, const: Tensor | float) -> Tensor:
+def lognormal_kls(mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor, const: float) -> Tensor:
     """Σ_i KL_i for log-normal posteriors LN(μ_i, σ_i²) against priors given per element by (sign_i, c_i, const_i):
 
     sign +1, c = log b, const = ½ log b: Gamma(½, scale b) (`kl_lognormal_gamma_half`);
     sign −1, c = 0, const = 0: InvGamma(½, 1) (`kl_lognormal_invgamma_half`);
     sign +1, c = log τ0, const = −log τ0: the paper-literal s_a term (`kl_global_sa_paper`).
+    `const` is the sum of the elements' constants.
     """
-    total = float(torch.as_tensor(const, dtype=torch.float64).sum()) - (0.5 + _HALF_LOG_2) * mu.numel()
+    total = const - (0.5 + _HALF_LOG_2) * mu.numel()
     return _LogNormalKLs.apply(mu, logvar, sign, c, total)
 
 
