@@ -160,6 +160,32 @@ def test_threshold_sweep_monotone(tau_sweep, tmp_path):
     assert pts[1]["thresholds"] == json.loads((run_dir / "report.json").read_text())["thresholds"]
 
 
+
+def test_threshold_sweep_one_layer(tau_sweep, tmp_path):
+    """--layer moves one layer's threshold (set or offset); the others stay at the run's own."""
+    out, result = tau_sweep
+    run_dir = out / result["points"][0]["run_dir"]
+    base = json.loads((run_dir / "report.json").read_text())["thresholds"]
+    bm = load_posterior(run_dir / "posterior.pt")
+    score = dict(bm.named_modules())["fc2"].log_alpha().detach()
+    cut = float(torch.quantile(score, 0.5))
+    points = threshold_sweep(run_dir, [cut, 1e9], data_dir=str(DATA), layer="fc2", out=tmp_path / "one.json")
+    for p, value in zip(points, (cut, 1e9), strict=True):
+        assert p["thresholds"]["fc2"] == pytest.approx(value)
+        assert {n: v for n, v in p["thresholds"].items() if n != "fc2"} == pytest.approx(
+            {n: v for n, v in base.items() if n != "fc2"})
+    assert points[0]["weights_kept"] < points[1]["weights_kept"]
+    # fc2's input groups kept at the cut: those scoring below it (fc1's rows follow them)
+    assert points[0]["architecture"].split("-")[1] == str(int((score < cut).sum()))
+    assert json.loads((tmp_path / "one.json").read_text())["layer"] == "fc2"
+    shifted = threshold_sweep(run_dir, [0.5], data_dir=str(DATA), layer="fc3", relative=True)
+    assert shifted[0]["thresholds"]["fc3"] == pytest.approx(base["fc3"] + 0.5)
+    assert shifted[0]["thresholds"]["fc1"] == pytest.approx(base["fc1"])
+    with pytest.raises(RunError, match="fc1, fc2, fc3"):
+        threshold_sweep(run_dir, [0.0], data_dir=str(DATA), layer="conv9")
+    with pytest.raises(RunError, match="plain numbers"):
+        threshold_sweep(run_dir, [{"fc2": 0.0}], data_dir=str(DATA), layer="fc2")
+
 def test_sweep_and_threshold_sweep_commands(tau_sweep, tmp_path):
     from click.testing import CliRunner
 
@@ -180,5 +206,8 @@ def test_sweep_and_threshold_sweep_commands(tau_sweep, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((run_dir / "threshold_sweep.json").read_text())
     assert len(doc["points"]) == 3 and doc["points"][0]["skipped"] and "skipped" in res.output
+    res = CliRunner().invoke(main, ["threshold-sweep", str(run_dir), "--values", "0", "--layer", "fc9",
+                                    "--data-dir", str(DATA)])
+    assert res.exit_code == 1 and "fc9" in res.output and "fc1, fc2, fc3" in res.output
     bad = CliRunner().invoke(main, ["sweep", "--out", str(tmp_path / "s"), "--tau0", "-1"])
     assert bad.exit_code == 1 and "positive" in bad.output

@@ -430,13 +430,15 @@ def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_
 @click.option("--values", required=True,
               help="Comma-separated thresholds, each applied to every layer (or offsets with --relative).")
 @click.option("--relative", is_flag=True, help="Add each value to the run's own per-layer thresholds.")
+@click.option("--layer", default=None,
+              help="Move this layer's threshold only; the other layers keep the run's own.")
 @click.option("--data-dir", default=None, help="Data root.")
 @click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default=None,
               help="Bits per stored weight (default: the run's own).")
 @click.option("--variance-scale", type=float, default=None, help="Variance scale for the bits (default: the run's own).")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
-def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, data_dir: str | None, bit_accounting: str | None,
-                        variance_scale: float | None, no_verify: bool) -> None:
+def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, layer: str | None, data_dir: str | None,
+                        bit_accounting: str | None, variance_scale: float | None, no_verify: bool) -> None:
     """Compress RUN_DIR's posterior at several thresholds (no retraining); write RUN_DIR/threshold_sweep.json."""
     from .sweep import THRESHOLD_SWEEP_FILE, threshold_sweep
 
@@ -446,7 +448,7 @@ def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, data_dir: str
         raise click.BadParameter(f"expected comma-separated numbers, got {values!r}", param_hint="--values") from None
     target = Path(run_dir) / THRESHOLD_SWEEP_FILE
     try:
-        points = threshold_sweep(run_dir, numbers, data_dir=data_dir, relative=relative,
+        points = threshold_sweep(run_dir, numbers, data_dir=data_dir, relative=relative, layer=layer,
                                  bit_accounting=bit_accounting, variance_scale=variance_scale, out=target,
                                  verify=not no_verify)
     except _USER_ERRORS as exc:

@@ -239,6 +239,7 @@ def threshold_sweep(
     *,
     data_dir: str | None = None,
     relative: bool = False,
+    layer: str | None = None,
     bit_accounting: str | None = None,
     variance_scale: float | None = None,
     out: str | os.PathLike | None = None,
@@ -247,8 +248,10 @@ def threshold_sweep(
     """Compress one trained run at each threshold setting and measure it (no retraining).
 
     `values`: one float per setting (every layer), or {layer: float}; with `relative`, each float is
-    added to the run's own per-layer thresholds (report.json's "thresholds"). A setting that empties
-    a layer gives a point with `skipped` (the reason) and no figures. Points::
+    added to the run's own per-layer thresholds (report.json's "thresholds"). With `layer`, each float
+    moves that layer's threshold only (set to it, or offset by it with `relative`) and every other
+    layer keeps the run's own. A setting that empties a layer gives a point with `skipped` (the reason)
+    and no figures. Points::
 
         {threshold, test_error, weights_kept, weights_kept_pct, cr_architecture, cr_fast, architecture,
          bits, pareto}
@@ -276,17 +279,25 @@ def threshold_sweep(
         bit_accounting = previous.get("bit_accounting") or "code"
     if variance_scale is None:
         variance_scale = float(previous.get("variance_scale") or 1.0)
-    if relative and not base:
-        raise RunError(f"{run_dir / REPORT} gives no thresholds to be relative to")
+    if (relative or layer is not None) and not base:
+        raise RunError(f"{run_dir / REPORT} gives no per-layer thresholds to start from")
+    if layer is not None:
+        if layer not in base:
+            raise RunError(f"no group-sparse layer {layer!r} in this run; its layers: {', '.join(base)}")
+        if any(isinstance(v, Mapping) for v in values):
+            raise RunError("a one-layer threshold sweep takes plain numbers")
     _, test = load_data(model_name, data_dir, 1, verify=verify)
     example = example_input(model_name)
     err_uncompressed = evaluate(bmodel, *test)
     points: list[dict[str, Any]] = []
     for v in values:
-        if relative:
+        if layer is not None:
+            th: float | dict[str, float] = {n: float(b) for n, b in base.items()}
+            th[layer] = th[layer] + float(v) if relative else float(v)
+        elif relative:
             if isinstance(v, Mapping):
                 raise RunError("relative threshold sweeps take plain numbers (offsets)")
-            th: float | dict[str, float] = {n: float(b) + float(v) for n, b in base.items()}
+            th = {n: float(b) + float(v) for n, b in base.items()}
         else:
             th = dict(v) if isinstance(v, Mapping) else float(v)
         label = dict(v) if isinstance(v, Mapping) else float(v)
@@ -304,7 +315,8 @@ def threshold_sweep(
     for p, on in zip(points, pareto_front(points, PARETO_KEYS), strict=True):
         p["pareto"] = on
     if out is not None:
-        doc = {"kind": "threshold", "run_dir": str(run_dir), "relative": relative, "bit_accounting": bit_accounting,
+        doc = {"kind": "threshold", "run_dir": str(run_dir), "relative": relative, "layer": layer,
+               "bit_accounting": bit_accounting,
                "variance_scale": variance_scale,
                "test_error_uncompressed": err_uncompressed, "pareto_keys": list(PARETO_KEYS), "points": points}
         atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
