@@ -142,7 +142,7 @@ def _interim(partial: Path, opts: RunOptions) -> str:
         return f" (no interim figures: {exc})"
     r = compressed.report
     return (f"; at epoch {epoch}: {figures['test_error']:.2f}% error ({figures['test_error_uncompressed']:.2f} "
-            f"unpruned), {r['weights_kept_pct']:.2f}% kept, {r['architecture']}")
+            f"unpruned), {r['weights_kept_pct']:.2f}% kept, {r['architecture']}, bits {_fmt(r['bits'])}")
 
 
 def train_row(row: str, seed: int, opts: RunOptions, work: Path, out: Path, command: str) -> dict:
