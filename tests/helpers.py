@@ -42,3 +42,23 @@ def write_cifar(root: Path, n_train: int = 16, n_test: int = 20, seed: int = 0) 
             b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return {p.name: md5_hex(p.read_bytes()) for p in folder.iterdir()}
+
+
+class Interrupted(Exception):
+    """Stands for the interruption of a run after its training (a kill between two epochs would do the same)."""
+
+
+def interrupted_run(opts, out: Path, monkeypatch) -> None:
+    """Train `opts` into OUT.partial and stop before compressing: an unfinished run, as a killed one leaves it."""
+    from bayescomp import pipeline
+
+    def stop(*args, **kwargs):
+        raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "evaluate_compression", stop)
+        try:
+            pipeline.run(opts, out, progress=False)
+        except Interrupted:
+            return
+    raise AssertionError("the run was expected to stop before compressing")

@@ -72,27 +72,18 @@ def test_the_real_readme_has_the_markers(table1):
     assert text.index(table1.BEGIN) < text.index(table1.END)
 
 
-class _Stop(Exception):
-    """Stands for a run interrupted after its training."""
-
 
 def test_row_in_progress_shows_what_prune_of_the_partial_folder_gives(table1, tmp_path, monkeypatch):
     """The interim figures of a row still training are `bayescomp prune DIR.partial`'s, bits included."""
     import os
 
-    from bayescomp import pipeline
-    from bayescomp.pipeline import RunOptions, recompress, run
+    from helpers import interrupted_run
+
+    from bayescomp.pipeline import RunOptions, recompress
 
     data = str(Path(os.environ.get("BAYESCOMP_DATA", ROOT.parent / "shared" / "datasets")))
     opts = RunOptions(model="lenet300", epochs=1, train_subset=500, data_dir=data)
-
-    def stop(*args, **kwargs):
-        raise _Stop
-
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "evaluate_compression", stop)
-        with pytest.raises(_Stop):
-            run(opts, tmp_path / "row", progress=False)
+    interrupted_run(opts, tmp_path / "row", monkeypatch)
     partial = tmp_path / "row.partial"
     text = table1._interim(partial, opts)
     peek = recompress(tmp_path / "row", tmp_path / "peek", None, data_dir=data)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import Interrupted, interrupted_run
 
 import bayescomp
 from bayescomp import pipeline
@@ -24,21 +25,10 @@ DATA = str(Path(os.environ.get("BAYESCOMP_DATA", ROOT.parent / "shared" / "datas
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class _Stop(Exception):
-    """Stands for the interruption of a run after its training (a kill between two epochs would do the same)."""
-
-
 def _interrupted(tmp_path: Path, monkeypatch, **options) -> tuple[RunOptions, Path]:
     opts = RunOptions(model="lenet300", epochs=2, train_subset=1000, data_dir=DATA, **options)
     out = tmp_path / "run"
-
-    def stop(*args, **kwargs):
-        raise _Stop
-
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "evaluate_compression", stop)
-        with pytest.raises(_Stop):
-            run(opts, out, progress=False)
+    interrupted_run(opts, out, monkeypatch)
     return opts, out
 
 
@@ -92,8 +82,8 @@ def test_resume_with_other_options_is_refused_and_same_options_finish(tmp_path, 
         run(RunOptions(**{**opts.__dict__, "max_var": 0.01}), out, resume=True, progress=False)
     # thresholds and a longer run are allowed, and the longer run is what the folder then records
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "evaluate_compression", lambda *a, **k: (_ for _ in ()).throw(_Stop()))
-        with pytest.raises(_Stop):
+        m.setattr(pipeline, "evaluate_compression", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
+        with pytest.raises(Interrupted):
             run(RunOptions(**{**opts.__dict__, "epochs": 3, "thresholds": -3.0}), out, resume=True, progress=False)
     assert pipeline.run_progress(out)["epochs"] == 3 and pipeline.run_progress(out)["epochs_done"] == 3
     report = run(RunOptions(**{**opts.__dict__, "epochs": 3, "thresholds": -3.0}), out, resume=True, progress=False)

@@ -281,11 +281,12 @@ def threshold_sweep(
         variance_scale = float(previous.get("variance_scale") or 1.0)
     if (relative or layer is not None) and not base:
         raise RunError(f"{run_dir / REPORT} gives no per-layer thresholds to start from")
-    if layer is not None:
-        if layer not in base:
-            raise RunError(f"no group-sparse layer {layer!r} in this run; its layers: {', '.join(base)}")
-        if any(isinstance(v, Mapping) for v in values):
-            raise RunError("a one-layer threshold sweep takes plain numbers")
+    if layer is not None and layer not in base:
+        raise RunError(f"no group-sparse layer {layer!r} in this run; its layers: {', '.join(base)}")
+    if layer is not None and any(isinstance(v, Mapping) for v in values):
+        raise RunError("a one-layer threshold sweep takes plain numbers")
+    if relative and any(isinstance(v, Mapping) for v in values):
+        raise RunError("relative threshold sweeps take plain numbers (offsets)")
     _, test = load_data(model_name, data_dir, 1, verify=verify)
     example = example_input(model_name)
     err_uncompressed = evaluate(bmodel, *test)
@@ -295,8 +296,6 @@ def threshold_sweep(
             th: float | dict[str, float] = {n: float(b) for n, b in base.items()}
             th[layer] = th[layer] + float(v) if relative else float(v)
         elif relative:
-            if isinstance(v, Mapping):
-                raise RunError("relative threshold sweeps take plain numbers (offsets)")
             th = {n: float(b) + float(v) for n, b in base.items()}
         else:
             th = dict(v) if isinstance(v, Mapping) else float(v)
