@@ -66,6 +66,23 @@ def test_loss_gains_beta_kl_over_n_and_is_restored(as_dict):
     assert (again["loss"] if as_dict else again).item() == pytest.approx(base.item(), rel=1e-6)
 
 
+def test_kl_weight_is_the_end_of_the_ramp():
+    module = _Module().eval()
+    trainer = SimpleNamespace(global_step=4, num_training_batches=10)
+    cb = KLCallback(n_train=1000, warmup_epochs=2.0, kl_weight=0.4)
+    batch = _batch()
+    base = module.training_step(batch, 0).item()
+    cb.on_fit_start(trainer, module)
+    kl = bayescomp.kl_divergence(module).item()
+    assert module.training_step(batch, 0).item() == pytest.approx(base + 0.4 * 5 / 20 * kl / 1000, rel=1e-6)
+    trainer.global_step = 100
+    assert module.training_step(batch, 0).item() == pytest.approx(base + 0.4 * kl / 1000, rel=1e-6)
+    assert module.logged["kl_beta"] == pytest.approx(0.4)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="KL weight"):
+            KLCallback(n_train=10, kl_weight=bad)
+
+
 def test_variances_are_clamped_after_each_batch():
     module = _Module()
     layer = next(m for m in module.modules() if isinstance(m, GroupSparseLayer))

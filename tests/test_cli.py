@@ -246,3 +246,22 @@ def test_device_option(tmp_path):
                                       "--device", "cuda"])
         assert r.exit_code == 1 and "no CUDA" in r.output
         assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan"])
+def test_bad_kl_weight_fails_before_any_folder(tmp_path, value):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "100", f"--kl-weight={value}"])
+    assert result.exit_code != 0 and "KL weight must be positive and finite" in result.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_kl_weight_reaches_training_and_the_report(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--train-subset", "200", "--kl-weight", "0.25"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["kl_weight"] == 0.25
+    assert [row["beta"] for row in report["history"]] == [0.25]

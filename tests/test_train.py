@@ -96,6 +96,10 @@ def test_kl_beta_schedule():
     betas = [kl_beta(s, 7, 3.0) for s in range(40)]
     assert all(b2 >= b1 for b1, b2 in zip(betas, betas[1:], strict=False))
     assert 0 < betas[0] < 0.1 and betas[-1] == 1.0
+    # a KL weight below or above 1 is the end of the ramp, and β throughout without a warm-up
+    assert kl_beta(0, 10, 0.0, 0.3) == 0.3 and kl_beta(500, 10, 0.0, 2.0) == 2.0
+    assert kl_beta(9, 10, 2.0, 0.5) == pytest.approx(0.25)
+    assert kl_beta(19, 10, 2.0, 0.5) == pytest.approx(0.5) and kl_beta(40, 10, 2.0, 0.5) == 0.5
 
 
 @pytest.mark.parametrize(
@@ -110,6 +114,10 @@ def test_kl_beta_schedule():
         {"lr": float("nan")},
         {"lr": float("inf")},
         {"warmup_epochs": -1.0},
+        {"kl_weight": 0.0},
+        {"kl_weight": -0.5},
+        {"kl_weight": float("nan")},
+        {"kl_weight": float("inf")},
         {"grad_clip": 0.0},
         {"grad_clip": -1.0},
     ],
@@ -123,6 +131,24 @@ def test_train_config_validate_rejects(kwargs, mnist):
     with pytest.raises(ValueError):
         fit(model, mnist[0], cfg, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_kl_weight_scales_the_kl_in_the_loss(mnist):
+    """β = kl_weight enters the loss: the recorded β is it, and a smaller β leaves a larger KL (weaker pull)."""
+    train, _ = mnist
+    init = _model(seed=1)
+    full, tempered = copy.deepcopy(init), copy.deepcopy(init)
+    h_full = fit(full, train, TrainConfig(epochs=1, batch_size=64, seed=0), progress=False).history[0]
+    h_temp = fit(tempered, train, TrainConfig(epochs=1, batch_size=64, seed=0, kl_weight=0.1), progress=False).history[0]
+    assert h_full["beta"] == 1.0 and h_temp["beta"] == 0.1
+    from bayescomp import kl_divergence
+
+    with torch.no_grad():
+        assert float(kl_divergence(tempered)) > float(kl_divergence(full))
+    # the loss counts the KL at β: loss − nll is about β·KL/N in both runs
+    n = len(train[1])
+    for h, beta in ((h_full, 1.0), (h_temp, 0.1)):
+        assert h["loss"] - h["nll"] == pytest.approx(beta * h["kl"] / n, rel=0.2)
 
 
 def test_train_config_validate_accepts_defaults():

@@ -80,6 +80,16 @@ def test_resume_with_other_options_is_refused_and_same_options_finish(tmp_path, 
         run(RunOptions(**{**opts.__dict__, "prior": "ghs"}), out, resume=True, progress=False)
     with pytest.raises(RunError, match=r"max_var=None \(now 0\.01\)"):
         run(RunOptions(**{**opts.__dict__, "max_var": 0.01}), out, resume=True, progress=False)
+    with pytest.raises(RunError, match=r"kl_weight=1\.0 \(now 0\.5\)"):
+        run(RunOptions(**{**opts.__dict__, "kl_weight": 0.5}), out, resume=True, progress=False)
+    # a run started by a version that did not record an option had that option's default
+    options = Path(str(out) + ".partial") / "options.json"
+    started = json.loads(options.read_text())
+    del started["kl_weight"]
+    options.write_text(json.dumps(started))
+    pipeline.check_resume_options(Path(str(out) + ".partial"), opts)
+    with pytest.raises(RunError, match=r"kl_weight=1\.0 \(now 2\.0\)"):
+        pipeline.check_resume_options(Path(str(out) + ".partial"), RunOptions(**{**opts.__dict__, "kl_weight": 2.0}))
     # thresholds and a longer run are allowed, and the longer run is what the folder then records
     with monkeypatch.context() as m:
         m.setattr(pipeline, "evaluate_compression", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))

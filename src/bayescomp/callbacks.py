@@ -12,6 +12,7 @@ object that offers `global_step` and `num_training_batches` (this is how it is t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,16 +32,21 @@ class KLCallback(_Base):  # type: ignore[misc, valid-type]
     """Add β·KL(q‖p)/N to the loss a LightningModule's `training_step` returns.
 
     - `n_train`: N, the number of training examples (not the batch size).
-    - `warmup_epochs`: β rises linearly from 0 to 1 over this many epochs (0: β = 1 throughout).
+    - `warmup_epochs`: β rises linearly from 0 to `kl_weight` over this many epochs (0: β = `kl_weight`
+      throughout).
+    - `kl_weight`: the final β (default 1: the ELBO; see `TrainConfig.kl_weight`).
     - `log`: log ``kl`` (the summed KL) and ``kl_beta`` with the module's `log`.
     """
 
-    def __init__(self, n_train: int, warmup_epochs: float = 0.0, log: bool = True) -> None:
+    def __init__(self, n_train: int, warmup_epochs: float = 0.0, log: bool = True, kl_weight: float = 1.0) -> None:
         super().__init__()
         if not n_train > 0:
             raise ValueError(f"n_train must be a positive number of training examples, got {n_train!r}")
         if warmup_epochs < 0:
             raise ValueError(f"warm-up epochs must be ≥ 0, got {warmup_epochs}")
+        if not (kl_weight > 0 and math.isfinite(kl_weight)):
+            raise ValueError(f"KL weight must be positive and finite, got {kl_weight!r}")
+        self.kl_weight = float(kl_weight)
         self.n_train = int(n_train)
         self.warmup_epochs = float(warmup_epochs)
         self.log_kl = log
@@ -49,7 +55,7 @@ class KLCallback(_Base):  # type: ignore[misc, valid-type]
     def beta(self, trainer: Any) -> float:
         """β at the trainer's current optimiser step."""
         steps = max(1, int(getattr(trainer, "num_training_batches", 1) or 1))
-        return kl_beta(int(trainer.global_step), steps, self.warmup_epochs)
+        return kl_beta(int(trainer.global_step), steps, self.warmup_epochs, self.kl_weight)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if not group_layers(pl_module):

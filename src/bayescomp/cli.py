@@ -77,6 +77,10 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
+@click.option(
+    "--kl-weight", type=float, default=1.0, show_default=True,
+    help="Final weight β of the KL term: 1 is the ELBO; below 1 keeps more groups and fits better, above 1 prunes more.",
+)
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).")
 @click.option(
     "--clip-var", default=None,
@@ -137,6 +141,7 @@ def compress_cmd(
     batch_size,
     lr,
     warmup_epochs,
+    kl_weight,
     thresholds,
     clip_var,
     grad_clip,
@@ -176,6 +181,7 @@ def compress_cmd(
         batch_size=batch_size,
         lr=lr,
         warmup_epochs=warmup_epochs,
+        kl_weight=kl_weight,
         thresholds=_parse_thresholds(thresholds),
         max_var=_parse_clip_var(clip_var),
         train_subset=train_subset,

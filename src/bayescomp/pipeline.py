@@ -45,7 +45,7 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
 #: where a validation split is held out.
-RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "warmup_epochs", "max_var", "train_subset",
+RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "warmup_epochs", "kl_weight", "max_var", "train_subset",
                 "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl")
 
 
@@ -113,6 +113,7 @@ class RunOptions:
     batch_size: int = 128
     lr: float = 1e-3
     warmup_epochs: float = 0.0
+    kl_weight: float = 1.0  # final β of the KL term (1: the ELBO; < 1 keeps more, > 1 prunes more)
     thresholds: float | dict[str, float] | None = None
     max_var: float | dict[str, float] | None = None  # None: the recipe's clamp
     train_subset: int | None = None
@@ -164,7 +165,8 @@ def validate(opts: RunOptions) -> None:
     if not (opts.variance_scale > 0 and opts.variance_scale < float("inf")):
         raise RunError(f"variance scale must be a positive finite number, got {opts.variance_scale}")
     try:
-        TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip).validate()
+        TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
+                    opts.kl_weight).validate()
     except ValueError as exc:
         raise RunError(str(exc)) from exc
     if opts.batch_size % distributed.world_size():
@@ -293,7 +295,9 @@ def check_resume_options(work: Path, opts: RunOptions) -> None:
     keys = list(RESUME_FIXED)
     if "validation" in (started.get("auto_thresholds"), now.get("auto_thresholds")):
         keys += ["auto_thresholds", "val_fraction"]  # the held-out split changes the training set
-    changed = [f"{k}={started.get(k)!r} (now {now.get(k)!r})" for k in keys if started.get(k) != now.get(k)]
+    defaults = asdict(RunOptions())  # an option the starting version did not record had its default
+    changed = [f"{k}={started.get(k, defaults.get(k))!r} (now {now.get(k)!r})" for k in keys
+               if started.get(k, defaults.get(k)) != now.get(k)]
     if changed:
         raise RunError(f"the run in {work} was started with other options: {', '.join(changed)}; "
                        f"resume with the same options, or start afresh with --force")
@@ -415,7 +419,8 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
     bmodel = build_bayesian(opts.model, opts.prior, plain=plain, keep_weights=trained, max_var=max_var or None,
                             tau0=opts.tau0, global_kl=opts.global_kl).to(device)
-    config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip)
+    config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
+                         opts.kl_weight)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
     if not distributed.is_main():

@@ -52,6 +52,8 @@ class TrainConfig:
     - `lr`: Adam's learning rate (PyTorch's other Adam defaults).
     - `warmup_epochs`: β of the KL term ramps linearly from 0 to 1 over this many epochs; 0 (default): β = 1
       from the start. β is a function of the global step, so a resumed run continues the same ramp.
+    - `kl_weight`: the final β (default 1: the ELBO). Below 1 the KL counts less than the data: a tempered
+      posterior that keeps more groups and fits better; above 1, sparser. The warm-up ramps 0 → `kl_weight`.
     - `seed`: data order, augmentation and sampling noise; the same seed gives the same run, bit for bit
       (on the same machine, library versions and number of processes), resumed or not.
     - `grad_clip`: None (default): no clipping. Otherwise the gradient norm is clipped to this value
@@ -73,6 +75,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     seed: int = 0
     grad_clip: float | None = None
+    kl_weight: float = 1.0
     eval_every: int = 1
     check_grads: bool = False
 
@@ -87,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warm-up epochs must be ≥ 0, got {self.warmup_epochs}")
+        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight > 0 and math.isfinite(self.kl_weight)):
+            raise ValueError(f"KL weight must be positive and finite, got {self.kl_weight!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"gradient clip must be positive, got {self.grad_clip}")
         if not isinstance(self.check_grads, bool):
@@ -94,7 +99,7 @@ class TrainConfig:
 
 
 #: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
-_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip")
+_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight")
 
 
 @dataclass
@@ -169,11 +174,11 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float) -> float:
-    """The KL weight β at a global step: linear 0 → 1 over the warm-up epochs."""
+def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float, weight: float = 1.0) -> float:
+    """The KL weight β at a global step: linear 0 → `weight` over the warm-up epochs, then `weight`."""
     if warmup_epochs <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
+        return weight
+    return weight * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
 
 
 def previous_checkpoint(path: str | os.PathLike) -> Path:
@@ -392,7 +397,7 @@ def fit(
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 out = net(xb)
                 kl = kl_divergence(model) if layers else out.new_zeros(())
-                beta = kl_beta(step, steps_per_epoch, config.warmup_epochs)
+                beta = kl_beta(step, steps_per_epoch, config.warmup_epochs, config.kl_weight)
                 if world == 1:
                     nll = F.cross_entropy(out, yb)
                     loss = nll + beta * kl / n
@@ -455,7 +460,8 @@ def fit(
                 "loss": sums["loss"] / n,
                 "nll": sums["nll"] / n,
                 "kl": sums["kl"],
-                "beta": kl_beta((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, config.warmup_epochs),
+                "beta": kl_beta((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, config.warmup_epochs,
+                                config.kl_weight),
                 "train_error": 100.0 * sums["wrong"] / n,
                 "seconds": seconds,
             }
