@@ -91,3 +91,28 @@ def test_row_in_progress_shows_what_prune_of_the_partial_folder_gives(table1, tm
                     f"{peek['weights_kept_pct']:.2f}% kept, {peek['architecture']}, "
                     f"bits {'-'.join(str(b) for b in peek['bits'])}")
     assert table1._interim(tmp_path / "nothing.partial", opts).startswith(" (no interim figures: ")
+
+
+def test_recipe_row_is_the_paper_row_with_its_changes(table1):
+    paper_row = table1.row_options("lenet300_ghs", 0, False, None)
+    recipe = table1.row_options("lenet300_ghs_tempered", 0, False, None)
+    assert (recipe.model, recipe.prior, recipe.epochs, recipe.auto_thresholds) == ("lenet300", "ghs", 200, "histogram")
+    assert (recipe.kl_weight, recipe.pretrain_epochs) == (0.3, 20)
+    assert (paper_row.kl_weight, paper_row.pretrain_epochs) == (1.0, 0)
+    assert table1.row_options("lenet300_ghs_tempered", 0, True, None).pretrain_epochs == 1  # --quick stays quick
+    assert table1.paper_of("lenet300_ghs_tempered") is table1.PAPER["lenet300_ghs"]
+    # a results file of the paper setting is not taken for the recipe row, nor the other way round
+    saved = {"config": {"epochs": 200, "seed": 0, "prior": "ghs", "model": "lenet300", "train_subset": None}}
+    assert table1._same_setting(saved, paper_row) and not table1._same_setting(saved, recipe)
+    saved["config"].update(kl_weight=0.3, pretrain_epochs=20)
+    assert table1._same_setting(saved, recipe) and not table1._same_setting(saved, paper_row)
+
+
+def test_recipe_row_shows_in_the_readme_block(table1):
+    run = {"row": "lenet300_ghs_tempered", "seed": 0, "status": "run", "paper": table1.paper_of("lenet300_ghs_tempered"),
+           "test_error": 1.69, "test_error_uncompressed": 1.62, "architecture": "267-68-65", "weights_kept_pct": 8.73,
+           "bits": [5, 6, 13], "cr_fast": 39.0, "cr_max": 65.6, "file_bytes": 17276, "cr_file": 61.6}
+    run["meets_paper"] = table1.meets_paper(run, run["paper"])
+    assert run["meets_paper"] == "yes"  # 1.69 ≤ 1.8 + 0.1 at 8.73% ≤ 10.6%
+    line = next(ln for ln in table1.readme_block([run]).splitlines() if ln.startswith("| lenet300_ghs_tempered"))
+    assert line.endswith("| 1.8%, 10.6% | yes |")
