@@ -110,6 +110,14 @@ def row_options(row: str, seed: int, quick: bool, data_dir: str | None) -> RunOp
     return RunOptions(**opts)
 
 
+def table_rows() -> list[str]:
+    """Every row in table order: each recipe row right after the paper-setting row it answers."""
+    rows = []
+    for row in (*MNIST_ROWS, *VGG_ROWS):
+        rows += [row, *(name for name, (base, _) in RECIPE_ROWS.items() if base == row)]
+    return rows
+
+
 def paper_of(row: str) -> dict:
     """The paper's figures for a row (a recipe row: those of the paper row it answers)."""
     return PAPER[RECIPE_ROWS[row][0] if row in RECIPE_ROWS else row]
@@ -282,7 +290,8 @@ def readme_block(table: list[dict]) -> str:
             lines.append(f"| {r['row']} | – | – | – | – | – | – | – | {paper} | {r['status']} |")
             continue
         size = f"{r['file_bytes']:,} ({r['cr_file']:.1f})" if r.get("file_bytes") else "–"
-        lines.append(f"| {r['row']} | {_fmt(r['test_error'])} ({_fmt(r.get('test_error_uncompressed'))}) "
+        name = r["row"] if not r.get("seed") else f"{r['row']} (seed {r['seed']})"
+        lines.append(f"| {name} | {_fmt(r['test_error'])} ({_fmt(r.get('test_error_uncompressed'))}) "
                      f"| {r['architecture']} | {_fmt(r['weights_kept_pct'])} | {_fmt(r['bits'])} "
                      f"| {_fmt(r['cr_fast'], '.1f')} | {_fmt(r.get('cr_max'), '.1f')} | {size} | {paper} "
                      f"| {r['meets_paper']} |")
@@ -322,7 +331,7 @@ def main() -> None:
     results = work / "results" if args.quick else RESULTS
     cifar = have_cifar(args.data_dir)
     status: dict[str, str] = {}
-    every_row = [*MNIST_ROWS, *RECIPE_ROWS, *VGG_ROWS]  # the table shows every row; --rows says which to train
+    every_row = table_rows()  # the table shows every row; --rows says which to train
     for row in every_row:
         if row in VGG_ROWS and not cifar:
             status[row] = "not run: no CIFAR-10 on this machine"

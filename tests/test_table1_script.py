@@ -116,3 +116,15 @@ def test_recipe_row_shows_in_the_readme_block(table1):
     assert run["meets_paper"] == "yes"  # 1.69 ≤ 1.8 + 0.1 at 8.73% ≤ 10.6%
     line = next(ln for ln in table1.readme_block([run]).splitlines() if ln.startswith("| lenet300_ghs_tempered"))
     assert line.endswith("| 1.8%, 10.6% | yes |")
+
+
+def test_table_order_puts_each_recipe_row_after_its_paper_row(table1):
+    rows = table1.table_rows()
+    assert rows.index("lenet300_ghs_tempered") == rows.index("lenet300_ghs") + 1
+    assert set(rows) == {*table1.MNIST_ROWS, *table1.VGG_ROWS, *table1.RECIPE_ROWS} and len(rows) == len(set(rows))
+
+
+def test_readme_block_names_the_seed_of_a_second_seed(table1):
+    run = dict(_table(table1)[0], seed=1)
+    line = next(ln for ln in table1.readme_block([run]).splitlines() if ln.startswith("| lenet300_gnj"))
+    assert line.startswith("| lenet300_gnj (seed 1) | 1.79 (1.81) |")
