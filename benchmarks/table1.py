@@ -313,7 +313,7 @@ def write_readme_block(table: list[dict], readme: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for settings.")
-    p.add_argument("--rows", default=",".join([*MNIST_ROWS, *RECIPE_ROWS, *VGG_ROWS]), help="comma-separated rows to run")
+    p.add_argument("--rows", default=",".join(table_rows()), help="comma-separated rows to run")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (several where time allows)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch on 2,000 examples per row")
     p.add_argument("--table-only", action="store_true", help="train nothing; rebuild the table from results files")
@@ -323,8 +323,8 @@ def main() -> None:
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     for r in rows:
-        if r not in PAPER and r not in RECIPE_ROWS:
-            p.error(f"unknown row {r!r}; choose from {', '.join([*PAPER, *RECIPE_ROWS])}")
+        if r not in table_rows():
+            p.error(f"unknown row {r!r}; choose from {', '.join(table_rows())}")
     seeds = [int(s) for s in args.seeds.split(",")]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     work = Path(args.work or ("runs/table1_quick" if args.quick else "runs/table1"))

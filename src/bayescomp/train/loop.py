@@ -50,8 +50,8 @@ class TrainConfig:
     - `batch_size`: examples per optimiser step. Data-parallel, this is the GLOBAL batch, split evenly over
       the processes (it must be divisible by their number).
     - `lr`: Adam's learning rate (PyTorch's other Adam defaults).
-    - `warmup_epochs`: β of the KL term ramps linearly from 0 to 1 over this many epochs; 0 (default): β = 1
-      from the start. β is a function of the global step, so a resumed run continues the same ramp.
+    - `warmup_epochs`: β of the KL term ramps linearly from 0 to `kl_weight` over this many epochs; 0 (default):
+      β = `kl_weight` from the start. β is a function of the global step, so a resumed run continues the same ramp.
     - `kl_weight`: the final β (default 1: the ELBO). Below 1 the KL counts less than the data: a tempered
       posterior that keeps more groups and fits better; above 1, sparser. The warm-up ramps 0 → `kl_weight`.
     - `seed`: data order, augmentation and sampling noise; the same seed gives the same run, bit for bit
