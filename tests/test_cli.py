@@ -265,3 +265,24 @@ def test_kl_weight_reaches_training_and_the_report(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["kl_weight"] == 0.25
     assert [row["beta"] for row in report["history"]] == [0.25]
+
+
+def test_lr_schedule_reaches_training_and_the_report(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "2", "--train-subset", "200", "--lr-schedule", "cosine"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["lr_schedule"] == "cosine"
+    # 2 steps per epoch at batch 128, 4 in all: the rate of step 1 (end of epoch 1) is lr·½(1 + cos(π/4)),
+    # of step 3 (the last) lr·½(1 + cos(3π/4))
+    assert report["history"][0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + 2 ** -0.5))
+    assert report["history"][1]["lr"] == pytest.approx(1e-3 * 0.5 * (1 - 2 ** -0.5))
+
+
+def test_unknown_lr_schedule_fails_before_any_folder(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--lr-schedule", "step"])
+    assert result.exit_code != 0 and "step" in result.output and "cosine" in result.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()

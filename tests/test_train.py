@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 
@@ -22,6 +23,7 @@ from bayescomp.train import (
     fit,
     kl_beta,
     load_checkpoint,
+    lr_at,
     save_checkpoint,
 )
 
@@ -120,6 +122,8 @@ def test_kl_beta_schedule():
         {"kl_weight": float("inf")},
         {"grad_clip": 0.0},
         {"grad_clip": -1.0},
+        {"lr_schedule": "step"},
+        {"lr_schedule": "Cosine"},
     ],
 )
 def test_train_config_validate_rejects(kwargs, mnist):
@@ -149,6 +153,41 @@ def test_kl_weight_scales_the_kl_in_the_loss(mnist):
     n = len(train[1])
     for h, beta in ((h_full, 1.0), (h_temp, 0.1)):
         assert h["loss"] - h["nll"] == pytest.approx(beta * h["kl"] / n, rel=0.2)
+
+
+def test_lr_at_schedules():
+    """Constant is lr; cosine starts at lr, halves at mid-run, falls monotonically to just above 0."""
+    assert lr_at(0, 100, 1e-3) == 1e-3 and lr_at(99, 100, 1e-3, "constant") == 1e-3
+    assert lr_at(0, 100, 1e-3, "cosine") == pytest.approx(1e-3)
+    assert lr_at(50, 100, 1e-3, "cosine") == pytest.approx(0.5e-3)
+    assert lr_at(25, 100, 2.0, "cosine") == pytest.approx(1.0 + 2 ** -0.5)  # ½·2·(1 + cos π/4)
+    last = lr_at(99, 100, 1e-3, "cosine")
+    assert 0 < last < 1e-6 and last == pytest.approx(1e-3 * 0.5 * (1 - math.cos(math.pi / 100)))
+    rates = [lr_at(s, 37, 1.0, "cosine") for s in range(37)]
+    assert all(b < a for a, b in zip(rates, rates[1:], strict=False))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, 10, 1e-3, "linear")
+
+
+def test_cosine_schedule_sets_the_optimiser_rate(mnist, monkeypatch):
+    """fit hands Adam lr_at(step) at every step, records each epoch's last rate, and a constant run keeps lr."""
+    train, _ = mnist
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    cfg = TrainConfig(epochs=2, batch_size=500, lr=1e-2, seed=0, lr_schedule="cosine")
+    hist = fit(_model(), train, cfg, progress=False).history
+    total = 2 * math.ceil(N_TRAIN / 500)
+    assert seen == pytest.approx([lr_at(s, total, 1e-2, "cosine") for s in range(total)])
+    assert [row["lr"] for row in hist] == pytest.approx([seen[total // 2 - 1], seen[-1]])
+    seen.clear()
+    hist = fit(_model(), train, TrainConfig(epochs=1, batch_size=500, lr=1e-2, seed=0), progress=False).history
+    assert seen == [1e-2] * (total // 2) and "lr" not in hist[0]
 
 
 def test_train_config_validate_accepts_defaults():
@@ -214,6 +253,41 @@ def test_resume_equals_uninterrupted(mnist, tmp_path):
     assert s_full["epoch"] == s_res["epoch"] == 2
     for k in s_full["model"]:
         assert torch.equal(s_full["model"][k], s_res["model"][k]), k
+
+
+def test_cosine_resume_equals_uninterrupted_and_cannot_be_extended(mnist, tmp_path):
+    """The rate is a function of the global step: a resumed cosine run is bit-identical; more epochs are refused."""
+    train, _ = mnist
+    init = _model(seed=6)
+    cfg = TrainConfig(epochs=2, batch_size=256, seed=2, lr_schedule="cosine")
+    full = copy.deepcopy(init)
+    h_full = fit(full, train, cfg, progress=False).history
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_2(row):  # on_epoch runs before the epoch's checkpoint: epoch 1's is the newest
+        if row["epoch"] == 2:
+            raise Killed
+
+    ck = tmp_path / "cos.pt"
+    with pytest.raises(Killed):
+        fit(copy.deepcopy(init), train, cfg, checkpoint=ck, progress=False, on_epoch=kill_in_epoch_2)
+    assert load_checkpoint(ck)["epoch"] == 1
+    resumed = _model(seed=99)
+    h_res = fit(resumed, train, cfg, checkpoint=ck, resume=True, progress=False).history
+    _assert_same_state(resumed, full)
+    assert h_res[1]["lr"] == h_full[1]["lr"] and h_res[1]["loss"] == h_full[1]["loss"]
+    # the curve is laid out over 2 epochs: a 3-epoch resume would jump back up the cosine
+    ck2 = tmp_path / "cos2.pt"
+    with pytest.raises(Killed):
+        fit(copy.deepcopy(init), train, cfg, checkpoint=ck2, progress=False, on_epoch=kill_in_epoch_2)
+    longer = TrainConfig(epochs=3, batch_size=256, seed=2, lr_schedule="cosine")
+    with pytest.raises(CheckpointError, match="cannot be extended"):
+        fit(_model(), train, longer, checkpoint=ck2, resume=True, progress=False)
+    # ... as would switching the schedule
+    with pytest.raises(CheckpointError, match=r"lr_schedule='cosine' \(now 'constant'\)"):
+        fit(_model(), train, TrainConfig(epochs=2, batch_size=256, seed=2), checkpoint=ck2, resume=True, progress=False)
 
 
 def test_resume_rejects_checkpoint_of_another_model(mnist, tmp_path):

@@ -90,6 +90,8 @@ def test_resume_with_other_options_is_refused_and_same_options_finish(tmp_path, 
     pipeline.check_resume_options(Path(str(out) + ".partial"), opts)
     with pytest.raises(RunError, match=r"kl_weight=1\.0 \(now 2\.0\)"):
         pipeline.check_resume_options(Path(str(out) + ".partial"), RunOptions(**{**opts.__dict__, "kl_weight": 2.0}))
+    with pytest.raises(RunError, match=r"lr_schedule='constant' \(now 'cosine'\)"):
+        pipeline.check_resume_options(Path(str(out) + ".partial"), RunOptions(**{**opts.__dict__, "lr_schedule": "cosine"}))
     # thresholds and a longer run are allowed, and the longer run is what the folder then records
     with monkeypatch.context() as m:
         m.setattr(pipeline, "evaluate_compression", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
@@ -148,3 +150,15 @@ def test_time_left_is_the_recent_epoch_time_times_the_epochs_left(tmp_path):
     assert progress["epoch_seconds"] == pytest.approx(30.0)  # the last five epochs: 10..50
     assert progress["seconds_left"] == pytest.approx(4 * 30.0)
     assert progress["seconds_spent"] == pytest.approx(250.0)
+
+
+def test_cosine_run_resumes_only_to_its_own_length(tmp_path, monkeypatch):
+    """A cosine schedule is laid out over the epochs the run started with: a longer resume is refused."""
+    opts, out = _interrupted(tmp_path, monkeypatch, lr_schedule="cosine")
+    work = Path(str(out) + ".partial")
+    with pytest.raises(RunError, match=r"epochs=2 \(now 3; the cosine learning-rate schedule .* cannot be extended\)"):
+        run(RunOptions(**{**opts.__dict__, "epochs": 3}), out, resume=True, progress=False)
+    pipeline.check_resume_options(work, opts)  # the same length is fine
+    report = run(opts, out, resume=True, progress=False)
+    assert report["config"]["lr_schedule"] == "cosine" and [row["epoch"] for row in report["history"]] == [1, 2]
+    assert report["history"][-1]["lr"] < 0.1 * opts.lr

@@ -76,6 +76,10 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option(
+    "--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+    help="constant: Adam at --lr throughout (the paper). cosine: the rate falls from --lr to 0 over the run.",
+)
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
 @click.option(
     "--kl-weight", type=float, default=1.0, show_default=True,
@@ -140,6 +144,7 @@ def compress_cmd(
     seed,
     batch_size,
     lr,
+    lr_schedule,
     warmup_epochs,
     kl_weight,
     thresholds,
@@ -180,6 +185,7 @@ def compress_cmd(
         seed=seed,
         batch_size=batch_size,
         lr=lr,
+        lr_schedule=lr_schedule,
         warmup_epochs=warmup_epochs,
         kl_weight=kl_weight,
         thresholds=_parse_thresholds(thresholds),

@@ -45,7 +45,8 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
 #: where a validation split is held out.
-RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "warmup_epochs", "kl_weight", "max_var", "train_subset",
+RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_schedule", "warmup_epochs", "kl_weight", "max_var",
+                "train_subset",
                 "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl")
 
 
@@ -112,6 +113,7 @@ class RunOptions:
     seed: int = 0
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # "cosine": the learning rate falls from lr to 0 over the run (TrainConfig)
     warmup_epochs: float = 0.0
     kl_weight: float = 1.0  # final β of the KL term (1: the ELBO; < 1 keeps more, > 1 prunes more)
     thresholds: float | dict[str, float] | None = None
@@ -132,6 +134,12 @@ class RunOptions:
     val_fraction: float = 0.1  # validation: share of the training set held out (never trained on)
     variance_scale: float = 1.0  # precision: Var[w] is multiplied by this before the bits are read (> 1: fewer bits)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _train_config(opts: RunOptions) -> TrainConfig:
+    """The training settings of the Bayesian model's run."""
+    return TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
+                       opts.kl_weight, lr_schedule=opts.lr_schedule)
 
 
 def validate(opts: RunOptions) -> None:
@@ -165,8 +173,7 @@ def validate(opts: RunOptions) -> None:
     if not (opts.variance_scale > 0 and opts.variance_scale < float("inf")):
         raise RunError(f"variance scale must be a positive finite number, got {opts.variance_scale}")
     try:
-        TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
-                    opts.kl_weight).validate()
+        _train_config(opts).validate()
     except ValueError as exc:
         raise RunError(str(exc)) from exc
     if opts.batch_size % distributed.world_size():
@@ -298,6 +305,10 @@ def check_resume_options(work: Path, opts: RunOptions) -> None:
     defaults = asdict(RunOptions())  # an option the starting version did not record had its default
     changed = [f"{k}={started.get(k, defaults.get(k))!r} (now {now.get(k)!r})" for k in keys
                if started.get(k, defaults.get(k)) != now.get(k)]
+    schedule = now.get("lr_schedule", "constant")
+    if schedule != "constant" and started.get("epochs", now.get("epochs")) != now.get("epochs"):
+        changed.append(f"epochs={started.get('epochs')!r} (now {now.get('epochs')!r}; the {schedule} learning-rate "
+                       "schedule is laid out over the run's epochs and cannot be extended)")
     if changed:
         raise RunError(f"the run in {work} was started with other options: {', '.join(changed)}; "
                        f"resume with the same options, or start afresh with --force")
@@ -419,8 +430,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
     bmodel = build_bayesian(opts.model, opts.prior, plain=plain, keep_weights=trained, max_var=max_var or None,
                             tau0=opts.tau0, global_kl=opts.global_kl).to(device)
-    config = TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
-                         opts.kl_weight)
+    config = _train_config(opts)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
     if not distributed.is_main():

@@ -1,7 +1,7 @@
 """Training: the ELBO loop, evaluation, atomic checkpoints."""
 
 from .checkpoint import CheckpointError, atomic_write, atomic_write_bytes, load_checkpoint, save_checkpoint
-from .loop import TrainConfig, TrainingDivergedError, TrainResult, evaluate, fit, kl_beta, predict
+from .loop import TrainConfig, TrainingDivergedError, TrainResult, evaluate, fit, kl_beta, lr_at, predict
 
 __all__ = [
     "CheckpointError",
@@ -13,6 +13,7 @@ __all__ = [
     "evaluate",
     "fit",
     "kl_beta",
+    "lr_at",
     "load_checkpoint",
     "predict",
     "save_checkpoint",

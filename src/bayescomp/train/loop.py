@@ -42,6 +42,10 @@ class TrainingDivergedError(FloatingPointError):
     """The loss or a parameter became NaN/inf; the message names the step and the layer."""
 
 
+#: learning-rate schedules `fit` knows (see `lr_at`)
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     """Settings of one training run (all plain values, stored in checkpoints and reports).
@@ -50,6 +54,9 @@ class TrainConfig:
     - `batch_size`: examples per optimiser step. Data-parallel, this is the GLOBAL batch, split evenly over
       the processes (it must be divisible by their number).
     - `lr`: Adam's learning rate (PyTorch's other Adam defaults).
+    - `lr_schedule`: "constant" (default, the paper's Adam): `lr` throughout. "cosine": the learning rate
+      falls from `lr` to 0 along half a cosine over the run's steps (`lr_at`), which damps the step-to-step
+      noise of the last epochs. The curve is laid out over `epochs`, so a cosine run cannot be extended.
     - `warmup_epochs`: β of the KL term ramps linearly from 0 to `kl_weight` over this many epochs; 0 (default):
       β = `kl_weight` from the start. β is a function of the global step, so a resumed run continues the same ramp.
     - `kl_weight`: the final β (default 1: the ELBO). Below 1 the KL counts less than the data: a tempered
@@ -77,6 +84,7 @@ class TrainConfig:
     grad_clip: float | None = None
     kl_weight: float = 1.0
     eval_every: int = 1
+    lr_schedule: str = "constant"
     check_grads: bool = False
 
     def validate(self) -> None:
@@ -88,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warm-up epochs must be ≥ 0, got {self.warmup_epochs}")
         if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight > 0 and math.isfinite(self.kl_weight)):
@@ -99,7 +109,7 @@ class TrainConfig:
 
 
 #: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
-_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight")
+_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight", "lr_schedule")
 
 
 @dataclass
@@ -181,6 +191,20 @@ def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float, weight: float
     return weight * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
 
 
+def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant") -> float:
+    """The learning rate of global step `step` (0-based) of a run of `total_steps` steps.
+
+    - "constant": `lr`.
+    - "cosine": lr·½(1 + cos(π·step/total_steps)): `lr` at the first step, lr/2 halfway, falling to
+      lr·½(1 − cos(π/total_steps)) ≈ 0 at the last (never exactly 0, so every step moves the parameters).
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+
+
 def previous_checkpoint(path: str | os.PathLike) -> Path:
     """Where the checkpoint before the newest one is kept: `<name>.prev` beside it."""
     path = Path(path)
@@ -259,8 +283,12 @@ def _restore(state: dict[str, Any], source: Path, model: nn.Module, optimizer: t
     """Load a checkpoint's state into the run; return (epochs done, history, seconds)."""
     try:
         saved = json.loads(state["config"]) if "config" in state else {}
-        changed = [f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in _RUN_DEFINING
-                   if k in saved and saved[k] != getattr(config, k)]
+        defaults = TrainConfig()  # a setting an older version did not record had its default
+        changed = [f"{k}={saved.get(k, getattr(defaults, k))!r} (now {getattr(config, k)!r})" for k in _RUN_DEFINING
+                   if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
+        if config.lr_schedule != "constant" and "epochs" in saved and saved["epochs"] != config.epochs:
+            changed.append(f"epochs={saved['epochs']!r} (now {config.epochs!r}; the {config.lr_schedule} "
+                           "learning-rate schedule is laid out over the run's epochs and cannot be extended)")
         if "n_train" in state and int(state["n_train"]) != n:
             changed.append(f"{state['n_train']} training examples (now {n})")
         if changed:
@@ -351,6 +379,7 @@ def fit(
     gen = torch.Generator().manual_seed(config.seed)  # data order and augmentation: the same on every rank
     optimizer = _adam(model, config.lr)
     steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
     result = TrainResult()
     start_epoch = 0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -431,6 +460,10 @@ def fit(
                 if config.grad_clip is not None:
                     _clip_gradients(model, config.grad_clip, epoch, i)
                 # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
+                if config.lr_schedule != "constant":
+                    lr = lr_at(step, total_steps, config.lr, config.lr_schedule)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
                 optimizer.step()
                 for layer in layers.values():
                     layer.clamp_variances()
@@ -465,6 +498,8 @@ def fit(
                 "train_error": 100.0 * sums["wrong"] / n,
                 "seconds": seconds,
             }
+            if config.lr_schedule != "constant":  # the learning rate of the epoch's last step
+                row["lr"] = lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, config.lr, config.lr_schedule)
             if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
                 if world == 1:
                     row["test_error"] = evaluate(model, *test)
