@@ -257,25 +257,26 @@ def test_bad_kl_weight_fails_before_any_folder(tmp_path, value):
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 
 
-def test_kl_weight_reaches_training_and_the_report(tmp_path):
+def _small_run_report(tmp_path, *flags) -> dict:
+    """report.json of a `compress` run on 200 examples (2 steps per epoch at batch 128) with these flags."""
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
-                                       "--epochs", "1", "--train-subset", "200", "--kl-weight", "0.25"])
+                                       "--train-subset", "200", *flags])
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+def test_kl_weight_reaches_training_and_the_report(tmp_path):
+    report = _small_run_report(tmp_path, "--epochs", "1", "--kl-weight", "0.25")
     assert report["config"]["kl_weight"] == 0.25
     assert [row["beta"] for row in report["history"]] == [0.25]
 
 
 def test_lr_schedule_reaches_training_and_the_report(tmp_path):
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
-                                       "--epochs", "2", "--train-subset", "200", "--lr-schedule", "cosine"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    report = _small_run_report(tmp_path, "--epochs", "2", "--lr-schedule", "cosine")
     assert report["config"]["lr_schedule"] == "cosine"
-    # 2 steps per epoch at batch 128, 4 in all: the rate of step 1 (end of epoch 1) is lr·½(1 + cos(π/4)),
-    # of step 3 (the last) lr·½(1 + cos(3π/4))
+    # 4 steps in all: the rate of step 1 (end of epoch 1) is lr·½(1 + cos(π/4)), of step 3 (the last)
+    # lr·½(1 + cos(3π/4))
     assert report["history"][0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + 2 ** -0.5))
     assert report["history"][1]["lr"] == pytest.approx(1e-3 * 0.5 * (1 - 2 ** -0.5))
 
