@@ -281,6 +281,21 @@ def test_lr_schedule_reaches_training_and_the_report(tmp_path):
     assert report["history"][1]["lr"] == pytest.approx(1e-3 * 0.5 * (1 - 2 ** -0.5))
 
 
+def test_lr_decay_epochs_reaches_training_and_the_report(tmp_path):
+    report = _small_run_report(tmp_path, "--epochs", "3", "--lr-schedule", "cosine", "--lr-decay-epochs", "1")
+    assert report["config"]["lr_decay_epochs"] == 1.0
+    # 6 steps, the last 2 on the cosine: lr at the ends of epochs 1 and 2, lr·½(1 + cos(π/2)) = lr/2 at the last
+    assert [row["lr"] for row in report["history"]] == pytest.approx([1e-3, 1e-3, 0.5e-3])
+
+
+def test_lr_decay_epochs_without_cosine_fails_before_any_folder(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",
+                                       "--epochs", "1", "--lr-decay-epochs", "1"])
+    assert result.exit_code != 0 and "lr_decay_epochs needs a decaying learning-rate schedule" in result.output
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
 def test_unknown_lr_schedule_fails_before_any_folder(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["compress", "--out", str(out), "--data-dir", str(DATA), "--quiet",

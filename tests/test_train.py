@@ -124,6 +124,10 @@ def test_kl_beta_schedule():
         {"grad_clip": -1.0},
         {"lr_schedule": "step"},
         {"lr_schedule": "Cosine"},
+        {"lr_decay_epochs": 5.0},  # a decay length without a decaying schedule
+        {"epochs": 4, "lr_schedule": "cosine", "lr_decay_epochs": 5.0},
+        {"epochs": 4, "lr_schedule": "cosine", "lr_decay_epochs": 0.0},
+        {"epochs": 4, "lr_schedule": "cosine", "lr_decay_epochs": float("nan")},
     ],
 )
 def test_train_config_validate_rejects(kwargs, mnist):
@@ -167,6 +171,11 @@ def test_lr_at_schedules():
     assert all(b < a for a, b in zip(rates, rates[1:], strict=False))
     with pytest.raises(ValueError, match="schedule"):
         lr_at(0, 10, 1e-3, "linear")
+    # a fall over the last 4 of 10 steps: lr until it starts, then the same half cosine squeezed into 4 steps
+    tail = [lr_at(s, 10, 1.0, "cosine", 4) for s in range(10)]
+    assert tail[:7] == [1.0] * 7
+    assert tail[6:] == pytest.approx([lr_at(k, 4, 1.0, "cosine") for k in range(4)])
+    assert lr_at(3, 10, 1.0, "cosine", 10) == lr_at(3, 10, 1.0, "cosine")  # the whole run: the default
 
 
 def test_cosine_schedule_sets_the_optimiser_rate(mnist, monkeypatch):
@@ -185,6 +194,10 @@ def test_cosine_schedule_sets_the_optimiser_rate(mnist, monkeypatch):
     total = 2 * math.ceil(N_TRAIN / 500)
     assert seen == pytest.approx([lr_at(s, total, 1e-2, "cosine") for s in range(total)])
     assert [row["lr"] for row in hist] == pytest.approx([seen[total // 2 - 1], seen[-1]])
+    seen.clear()  # 12 steps, the fall over the last 1.5 epochs: 6 steps at lr, then 6 on the cosine
+    fit(_model(), train, TrainConfig(epochs=3, batch_size=500, lr=1e-2, seed=0, lr_schedule="cosine",
+                                     lr_decay_epochs=1.5), progress=False)
+    assert seen == pytest.approx([1e-2] * 6 + [lr_at(k, 6, 1e-2, "cosine") for k in range(6)])
     seen.clear()
     hist = fit(_model(), train, TrainConfig(epochs=1, batch_size=500, lr=1e-2, seed=0), progress=False).history
     assert seen == [1e-2] * (total // 2) and "lr" not in hist[0]

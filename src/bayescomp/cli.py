@@ -78,7 +78,11 @@ def main() -> None:
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option(
     "--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-    help="constant: Adam at --lr throughout (the paper). cosine: the rate falls from --lr to 0 over the run.",
+    help="constant: Adam at --lr throughout (the paper). cosine: the rate falls from --lr to 0 along half a cosine.",
+)
+@click.option(
+    "--lr-decay-epochs", type=float, default=None,
+    help="With --lr-schedule cosine: the fall takes only this many last epochs (default: the whole run).",
 )
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
 @click.option(
@@ -145,6 +149,7 @@ def compress_cmd(
     batch_size,
     lr,
     lr_schedule,
+    lr_decay_epochs,
     warmup_epochs,
     kl_weight,
     thresholds,
@@ -186,6 +191,7 @@ def compress_cmd(
         batch_size=batch_size,
         lr=lr,
         lr_schedule=lr_schedule,
+        lr_decay_epochs=lr_decay_epochs,
         warmup_epochs=warmup_epochs,
         kl_weight=kl_weight,
         thresholds=_parse_thresholds(thresholds),

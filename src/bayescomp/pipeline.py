@@ -45,9 +45,8 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
 #: where a validation split is held out.
-RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_schedule", "warmup_epochs", "kl_weight", "max_var",
-                "train_subset",
-                "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl")
+RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
+                "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl")
 
 
 class RunError(RuntimeError):
@@ -113,7 +112,8 @@ class RunOptions:
     seed: int = 0
     batch_size: int = 128
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # "cosine": the learning rate falls from lr to 0 over the run (TrainConfig)
+    lr_schedule: str = "constant"  # "cosine": the learning rate falls from lr to 0 (TrainConfig)
+    lr_decay_epochs: float | None = None  # cosine: over this many last epochs (None: the whole run)
     warmup_epochs: float = 0.0
     kl_weight: float = 1.0  # final β of the KL term (1: the ELBO; < 1 keeps more, > 1 prunes more)
     thresholds: float | dict[str, float] | None = None
@@ -139,7 +139,7 @@ class RunOptions:
 def _train_config(opts: RunOptions) -> TrainConfig:
     """The training settings of the Bayesian model's run."""
     return TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
-                       opts.kl_weight, lr_schedule=opts.lr_schedule)
+                       opts.kl_weight, lr_schedule=opts.lr_schedule, lr_decay_epochs=opts.lr_decay_epochs)
 
 
 def validate(opts: RunOptions) -> None:

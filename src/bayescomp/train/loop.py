@@ -55,8 +55,11 @@ class TrainConfig:
       the processes (it must be divisible by their number).
     - `lr`: Adam's learning rate (PyTorch's other Adam defaults).
     - `lr_schedule`: "constant" (default, the paper's Adam): `lr` throughout. "cosine": the learning rate
-      falls from `lr` to 0 along half a cosine over the run's steps (`lr_at`), which damps the step-to-step
-      noise of the last epochs. The curve is laid out over `epochs`, so a cosine run cannot be extended.
+      falls from `lr` to 0 along half a cosine (`lr_at`), which damps the step-to-step noise of the last
+      epochs. The curve is laid out over `epochs`, so a cosine run cannot be extended.
+    - `lr_decay_epochs`: with "cosine", how many of the last epochs the fall takes (the rate is `lr` before
+      them); None (default): the whole run. A short fall at the end lets the groups the prior switches off
+      finish collapsing at the full rate first (a whole-run cosine slows that, and fewer groups separate).
     - `warmup_epochs`: β of the KL term ramps linearly from 0 to `kl_weight` over this many epochs; 0 (default):
       β = `kl_weight` from the start. β is a function of the global step, so a resumed run continues the same ramp.
     - `kl_weight`: the final β (default 1: the ELBO). Below 1 the KL counts less than the data: a tempered
@@ -85,6 +88,7 @@ class TrainConfig:
     kl_weight: float = 1.0
     eval_every: int = 1
     lr_schedule: str = "constant"
+    lr_decay_epochs: float | None = None
     check_grads: bool = False
 
     def validate(self) -> None:
@@ -98,6 +102,11 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_decay_epochs is not None:
+            if self.lr_schedule == "constant":
+                raise ValueError("lr_decay_epochs needs a decaying learning-rate schedule (lr_schedule='cosine')")
+            if not (0 < self.lr_decay_epochs <= self.epochs):
+                raise ValueError(f"lr_decay_epochs must be in (0, epochs={self.epochs}], got {self.lr_decay_epochs}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warm-up epochs must be ≥ 0, got {self.warmup_epochs}")
         if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight > 0 and math.isfinite(self.kl_weight)):
@@ -109,7 +118,8 @@ class TrainConfig:
 
 
 #: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
-_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight", "lr_schedule")
+_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight", "lr_schedule",
+                 "lr_decay_epochs")
 
 
 @dataclass
@@ -191,17 +201,21 @@ def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float, weight: float
     return weight * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
 
 
-def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant") -> float:
+def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant", decay_steps: int | None = None) -> float:
     """The learning rate of global step `step` (0-based) of a run of `total_steps` steps.
 
     - "constant": `lr`.
-    - "cosine": lr·½(1 + cos(π·step/total_steps)): `lr` at the first step, lr/2 halfway, falling to
-      lr·½(1 − cos(π/total_steps)) ≈ 0 at the last (never exactly 0, so every step moves the parameters).
+    - "cosine": `lr` until the last `decay_steps` steps (default: all of them), then
+      lr·½(1 + cos(π·k/decay_steps)) at the k-th of those (k = 0 …): `lr` where the fall starts, lr/2
+      halfway, lr·½(1 − cos(π/decay_steps)) ≈ 0 at the last step (never exactly 0, so every step moves
+      the parameters).
     """
     if schedule == "constant":
         return lr
     if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        d = total_steps if decay_steps is None else max(1, min(int(decay_steps), total_steps))
+        k = step - (total_steps - d)
+        return lr if k <= 0 else lr * 0.5 * (1.0 + math.cos(math.pi * min(k, d) / d))
     raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
 
@@ -380,6 +394,7 @@ def fit(
     optimizer = _adam(model, config.lr)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    decay_steps = None if config.lr_decay_epochs is None else round(config.lr_decay_epochs * steps_per_epoch)
     result = TrainResult()
     start_epoch = 0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -461,7 +476,7 @@ def fit(
                     _clip_gradients(model, config.grad_clip, epoch, i)
                 # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
                 if config.lr_schedule != "constant":
-                    lr = lr_at(step, total_steps, config.lr, config.lr_schedule)
+                    lr = lr_at(step, total_steps, config.lr, config.lr_schedule, decay_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                 optimizer.step()
@@ -499,7 +514,8 @@ def fit(
                 "seconds": seconds,
             }
             if config.lr_schedule != "constant":  # the learning rate of the epoch's last step
-                row["lr"] = lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, config.lr, config.lr_schedule)
+                row["lr"] = lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, config.lr, config.lr_schedule,
+                                  decay_steps)
             if test is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
                 if world == 1:
                     row["test_error"] = evaluate(model, *test)
