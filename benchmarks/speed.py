@@ -322,9 +322,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=0, help="steps per round (default: 30 for lenet300, 6 for lenet5)")
     p.add_argument("--out", default=str(RESULTS / "speed.json"))
     args = p.parse_args()
+    bad = [r for r in args.run if "=" not in r]
+    if bad:
+        p.error(f"--run takes model=RUN_DIR, got {bad[0]!r}")
+    runs = dict(r.split("=", 1) for r in args.run)
+    for name, run_dir in runs.items():  # before minutes of timing, not after
+        if not (Path(run_dir) / "model.pt").is_file():
+            p.error(f"--run {name}={run_dir}: no model.pt there (a finished bayescomp run folder is needed)")
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory()  # what fit does on the CPU; it applies to the plain steps as well
-    runs = dict(r.split("=", 1) for r in args.run)
     result: dict = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
