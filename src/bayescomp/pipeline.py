@@ -32,7 +32,7 @@ from .models import MODELS, build_model
 from .recipes import recipe
 from .train import TrainConfig, distributed, evaluate, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from .train.loop import discard_checkpoint, load_newest_checkpoint, previous_checkpoint
+from .train.loop import discard_checkpoint, length_change_refused, load_newest_checkpoint, previous_checkpoint
 
 REPORT = "report.json"
 MODEL_FILE = "model.pt"
@@ -305,10 +305,7 @@ def check_resume_options(work: Path, opts: RunOptions) -> None:
     defaults = asdict(RunOptions())  # an option the starting version did not record had its default
     changed = [f"{k}={started.get(k, defaults.get(k))!r} (now {now.get(k)!r})" for k in keys
                if started.get(k, defaults.get(k)) != now.get(k)]
-    schedule = now.get("lr_schedule", "constant")
-    if schedule != "constant" and started.get("epochs", now.get("epochs")) != now.get("epochs"):
-        changed.append(f"epochs={started.get('epochs')!r} (now {now.get('epochs')!r}; the {schedule} learning-rate "
-                       "schedule is laid out over the run's epochs and cannot be extended)")
+    changed += filter(None, [length_change_refused(opts.lr_schedule, started.get("epochs"), opts.epochs)])
     if changed:
         raise RunError(f"the run in {work} was started with other options: {', '.join(changed)}; "
                        f"resume with the same options, or start afresh with --force")

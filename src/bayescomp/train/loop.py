@@ -219,6 +219,15 @@ def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant", de
     raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
 
+def length_change_refused(schedule: str, started_epochs: int | None, epochs: int) -> str | None:
+    """Why a run started for `started_epochs` epochs cannot resume for `epochs` under `schedule`; None if it
+    can (a constant rate, the same length, or a start that did not record its length)."""
+    if schedule == "constant" or started_epochs is None or started_epochs == epochs:
+        return None
+    return (f"epochs={started_epochs!r} (now {epochs!r}; the {schedule} learning-rate schedule is laid out over "
+            "the run's epochs and cannot be extended)")
+
+
 def previous_checkpoint(path: str | os.PathLike) -> Path:
     """Where the checkpoint before the newest one is kept: `<name>.prev` beside it."""
     path = Path(path)
@@ -300,9 +309,7 @@ def _restore(state: dict[str, Any], source: Path, model: nn.Module, optimizer: t
         defaults = TrainConfig()  # a setting an older version did not record had its default
         changed = [f"{k}={saved.get(k, getattr(defaults, k))!r} (now {getattr(config, k)!r})" for k in _RUN_DEFINING
                    if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
-        if config.lr_schedule != "constant" and "epochs" in saved and saved["epochs"] != config.epochs:
-            changed.append(f"epochs={saved['epochs']!r} (now {config.epochs!r}; the {config.lr_schedule} "
-                           "learning-rate schedule is laid out over the run's epochs and cannot be extended)")
+        changed += filter(None, [length_change_refused(config.lr_schedule, saved.get("epochs"), config.epochs)])
         if "n_train" in state and int(state["n_train"]) != n:
             changed.append(f"{state['n_train']} training examples (now {n})")
         if changed:
