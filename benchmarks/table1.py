@@ -130,7 +130,8 @@ def _result_path(row: str, seed: int, results: Path) -> Path:
 def _same_setting(saved: dict, opts: RunOptions) -> bool:
     cfg = saved.get("config", {})
     defaults = RunOptions()  # a results file from before an option existed ran at its default
-    keys = ("epochs", "seed", "prior", "model", "train_subset", "kl_weight", "pretrain_epochs", "lr_schedule")
+    keys = ("epochs", "seed", "prior", "model", "train_subset", "kl_weight", "pretrain_epochs", "lr_schedule",
+            "lr_decay_epochs")
     return all(cfg.get(k, getattr(defaults, k)) == getattr(opts, k) for k in keys)
 
 

@@ -108,6 +108,8 @@ def test_recipe_row_is_the_paper_row_with_its_changes(table1):
     assert table1._same_setting(saved, recipe) and not table1._same_setting(saved, paper_row)
     saved["config"].update(lr_schedule="cosine")  # another schedule is another setting
     assert not table1._same_setting(saved, recipe)
+    saved["config"].update(lr_schedule="constant", lr_decay_epochs=20.0)  # ... and so is a decay length
+    assert not table1._same_setting(saved, recipe)
 
 
 def test_recipe_row_shows_in_the_readme_block(table1):
