@@ -133,6 +133,9 @@ def main() -> None:
               help="--auto-thresholds validation: share of the training set held out for validation.")
 @click.option("--variance-scale", type=float, default=1.0, show_default=True,
               help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
+@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+              help="After pruning, train the kept groups' posterior this many epochs more (the learning rate "
+              "falling to 0), then compress exactly the groups kept.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -167,6 +170,7 @@ def compress_cmd(
     val_budget,
     val_fraction,
     variance_scale,
+    finetune_epochs,
     resume,
     force,
     quiet,
@@ -206,6 +210,7 @@ def compress_cmd(
         val_budget=val_budget,
         val_fraction=val_fraction,
         variance_scale=variance_scale,
+        finetune_epochs=finetune_epochs,
     )
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -363,6 +368,36 @@ def prune_cmd(
             run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force,
             variance_scale=variance_scale, verify=not no_verify,
         )
+    except _USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(format_table(summary_rows(report)))
+    click.echo(f"wrote {Path(out) / 'report.json'}")
+
+
+@main.command("finetune")
+@click.argument("run_dir", type=click.Path())
+@click.option("--epochs", type=int, default=10, show_default=True, help="Fine-tuning epochs.")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
+)
+@click.option("--thresholds", default=None,
+              help="log α thresholds that decide what is kept (default: the run's own): one number, or name=value pairs.")
+@click.option("--data-dir", default=None, help="Data root (default: the run's).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, data_dir: str | None,
+                 device: str | None, force: bool, quiet: bool) -> None:
+    """Prune the trained posterior of RUN_DIR, fine-tune what is kept, compress it into OUT/.
+
+    The same as `compress ... --finetune-epochs EPOCHS` with the run's options, without training the run again.
+    """
+    from .pipeline import finetune_run
+
+    command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        report = finetune_run(run_dir, out, epochs, thresholds=_parse_thresholds(thresholds), data_dir=data_dir,
+                              device=device, force=force, progress=not quiet, command=command)
     except _USER_ERRORS as exc:
         _fail(exc)
     click.echo(format_table(summary_rows(report)))

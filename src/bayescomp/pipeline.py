@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .compress import compress
+from .compress import PruneError, apply_masks, compress, group_masks
 from .compress.thresholds import histogram_thresholds, validation_split, validation_thresholds
 from .convert import PRIORS, bayesianize
 from .data import cifar10_augment, input_shape, load_cifar10, load_mnist
@@ -30,9 +30,15 @@ from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import MODELS, build_model
 from .recipes import recipe
-from .train import TrainConfig, distributed, evaluate, fit, predict
+from .train import TrainConfig, TrainResult, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from .train.loop import discard_checkpoint, length_change_refused, load_newest_checkpoint, previous_checkpoint
+from .train.loop import (
+    discard_checkpoint,
+    flush_denormals,
+    length_change_refused,
+    load_newest_checkpoint,
+    previous_checkpoint,
+)
 
 REPORT = "report.json"
 MODEL_FILE = "model.pt"
@@ -40,6 +46,8 @@ PACKED_FILE = "model.bcz"
 POSTERIOR_FILE = "posterior.pt"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+FINETUNE_CHECKPOINT = "finetune.pt"  # in DIR.partial while the pruned posterior is fine-tuned
+FINETUNE_METRICS = "finetune_metrics.jsonl"
 OPTIONS = "options.json"  # in DIR.partial only: the options the run was started with
 
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
@@ -85,16 +93,18 @@ def example_input(model: str, batch: int = 2, device: torch.device | str | None 
 
 
 def evaluate_compression(bmodel: torch.nn.Module, test, thresholds, bit_accounting: str = "code",
-                         variance_scale: float = 1.0, *, example: torch.Tensor | None = None):
+                         variance_scale: float = 1.0, *, example: torch.Tensor | None = None,
+                         keeps: Mapping[str, torch.Tensor] | None = None):
     """Compress a trained model and measure it: (CompressedModel, figures for report.json).
 
     `example`: the example input (`example_input`) that a model other than an `nn.Sequential` chain
-    is compressed with, through its torch.fx graph.
+    is compressed with, through its torch.fx graph. `keeps`: the groups to keep, decided beforehand
+    (`finetune`), instead of those the thresholds keep.
     """
     t0 = time.perf_counter()
     err_uncompressed = evaluate(bmodel, *test)
-    compressed = compress(bmodel, thresholds, bit_accounting=bit_accounting, variance_scale=variance_scale,
-                          example_input=example)
+    compressed = compress(bmodel, thresholds, keeps=keeps, bit_accounting=bit_accounting,
+                          variance_scale=variance_scale, example_input=example)
     preds = predict(compressed.model, test[0])
     err = 100.0 * float((preds != test[1]).float().mean())
     figures = {"test_error": err, "test_error_uncompressed": err_uncompressed,
@@ -133,6 +143,7 @@ class RunOptions:
     val_budget: float = 0.5  # validation: allowed increase of the validation error, in percentage points
     val_fraction: float = 0.1  # validation: share of the training set held out (never trained on)
     variance_scale: float = 1.0  # precision: Var[w] is multiplied by this before the bits are read (> 1: fewer bits)
+    finetune_epochs: int = 0  # after pruning, train the kept groups' posterior this many epochs more (`finetune`)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,6 +169,8 @@ def validate(opts: RunOptions) -> None:
     _validate_max_var(opts)
     if opts.pretrain_epochs < 0:
         raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
+    if not isinstance(opts.finetune_epochs, int) or opts.finetune_epochs < 0:
+        raise RunError(f"fine-tuning epochs must be an integer ≥ 0, got {opts.finetune_epochs!r}")
     if opts.init_from is not None and not Path(opts.init_from).is_file():
         raise RunError(f"--init-from: checkpoint not found: {opts.init_from}")
     if opts.train_subset is not None and opts.train_subset < 1:
@@ -392,6 +405,43 @@ def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: t
     return {name: c.value for name, c in choice.items()}, choice
 
 
+def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds, work: Path, *,
+             resume: bool = False, progress: bool = True) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """Prune `bmodel` at `thresholds`, then fine-tune the posterior of what is kept: (keeps, the fine-tuning's
+    TrainResult).
+
+    The decision comes first and stays: the layers' `group_mask` switches the pruned groups off (the
+    network computes without them, in training as at evaluation), and `fit` trains the rest for
+    `opts.finetune_epochs` epochs with the run's settings (`finetune_config`: no warm-up, the learning rate
+    falling to 0), checkpointed in `work/finetune.pt`; with `resume`, a fine-tuning stopped there continues.
+    The caller compresses with `keeps=`, so the compressed model keeps exactly these groups, even one whose
+    score crossed its threshold meanwhile.
+
+    Why. Pruning a group that still carried a little signal costs accuracy (on LeNet-300-100 with the
+    horseshoe, mostly fc1's input pixels); the kept weights can take that signal over.
+    """
+    keeps = group_masks(bmodel, thresholds)
+    empty = [name for name, keep in keeps.items() if not bool(keep.any())]
+    if empty:
+        raise PruneError(f"the thresholds prune every group of layer(s) {', '.join(empty)}: nothing left to fine-tune")
+    apply_masks(bmodel, keeps)
+    checkpoint = work / FINETUNE_CHECKPOINT
+    resume = resume and (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file())
+    with flush_denormals():  # the pruned groups' weights decay towards 0 (see there)
+        result = fit(bmodel, train, finetune_config(_train_config(opts), opts.finetune_epochs), test=test,
+                     checkpoint=checkpoint, resume=resume, metrics=work / FINETUNE_METRICS, progress=progress,
+                     transform=_augmentation(opts))
+    return keeps, result
+
+
+def _finetune_report(before: dict[str, Any], result: TrainResult, epochs: int) -> dict[str, Any]:
+    """What report.json records of a fine-tuning (`finetune`): its length, what the model would have measured
+    without it, its time and its per-epoch history."""
+    return {"epochs": epochs, "test_error_before": before["test_error"],
+            "test_error_uncompressed_before": before["test_error_uncompressed"], "seconds": result.seconds,
+            "history": result.history}
+
+
 def _config(opts: RunOptions) -> dict[str, Any]:
     """The options as report.json records them (`config`)."""
     return {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra
@@ -430,12 +480,19 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     config = _train_config(opts)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
+    example = example_input(opts.model, device=device)
+    keeps = tuned = None
+    if opts.finetune_epochs:  # every process prunes and fine-tunes (the models are identical, so are the choices)
+        thresholds, choice = choose_thresholds(opts, bmodel, val, example)
+        before = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
+                                      example=example)[1] if distributed.is_main() else {}
+        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, resume=resume, progress=progress)
     if not distributed.is_main():
         return {}  # rank 0 compresses, evaluates and writes DIR
-    example = example_input(opts.model, device=device)
-    thresholds, choice = choose_thresholds(opts, bmodel, val, example)
+    if not opts.finetune_epochs:
+        thresholds, choice = choose_thresholds(opts, bmodel, val, example)
     compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
-                                               example=example)
+                                               example=example, keeps=keeps)
     report: dict[str, Any] = {
         "model": opts.model,
         "prior": opts.prior,
@@ -459,6 +516,8 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     }
     if choice is not None:
         report["threshold_choice"] = {name: c.to_dict() for name, c in choice.items()}
+    if tuned is not None:
+        report["finetune"] = _finetune_report(before, tuned, opts.finetune_epochs)
     if val is not None:
         report["validation_examples"] = len(val[0])
     if command:
@@ -478,6 +537,7 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     discard_checkpoint(work / CHECKPOINT)  # and its .prev
+    discard_checkpoint(work / FINETUNE_CHECKPOINT)
     (work / OPTIONS).unlink(missing_ok=True)  # report.json holds them as `config`
     if final.exists():
         shutil.rmtree(final)
@@ -533,6 +593,67 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     else:
         report["recompressed_from"] = str(run_dir)
     _finish(work, final, report, compressed, state)
+    return report
+
+
+def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int, *,
+                 thresholds: float | Mapping[str, float] | None = None, data_dir: str | None = None,
+                 device: str | None = None, force: bool = False, progress: bool = True,
+                 command: str | None = None) -> dict[str, Any]:
+    """Prune a finished run's posterior and fine-tune it for `epochs` epochs (`finetune`); write a new run folder.
+
+    The run's own settings are used (its report's `config`: training set, batch, rate, KL weight, seed),
+    with `finetune_epochs=epochs`, so the result is the one `run` gives for those options in one go.
+    `thresholds=None` keeps the run's own thresholds (its report's `thresholds`). `data_dir` and `device`
+    default to the run's.
+    """
+    run_dir = Path(run_dir)
+    posterior_path = run_dir / POSTERIOR_FILE
+    if not posterior_path.is_file():
+        raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
+    try:
+        previous = json.loads((run_dir / REPORT).read_text())
+        config = previous["config"]
+        fields = RunOptions.__dataclass_fields__
+        opts = RunOptions(**{k: v for k, v in config.items() if k in fields and k != "extra"},
+                          extra={k: v for k, v in config.items() if k not in fields})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc}") from exc
+    if opts.finetune_epochs:
+        raise RunError(f"the run in {run_dir} is fine-tuned already ({opts.finetune_epochs} epochs)")
+    opts.finetune_epochs = epochs
+    opts.data_dir = data_dir if data_dir is not None else opts.data_dir
+    opts.device = device if device is not None else opts.device
+    validate(opts)
+    torch_device = resolve_device(opts.device)
+    train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)
+    train, _ = _hold_out(opts, train)
+    bmodel = load_posterior(posterior_path).to(torch_device)
+    if thresholds is None:
+        thresholds = previous.get("thresholds") or None
+    final, work = prepare_out(out, False, force)
+    try:
+        example = example_input(opts.model, device=torch_device)
+        before = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
+                                      example=example)[1]
+        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, progress=progress)
+        compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting,
+                                                   opts.variance_scale, example=example, keeps=keeps)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report = {k: v for k, v in previous.items() if k not in compressed.report and k not in figures}
+    report.update(figures)
+    report.update(compressed.report)
+    report["config"] = _config(opts)
+    report["finetune"] = _finetune_report(before, tuned, epochs)
+    report["finetuned_from"] = str(run_dir)
+    if previous.get("thresholds") != compressed.report["thresholds"]:
+        report.pop("threshold_choice", None)  # other thresholds than the run chose
+    report.pop("command", None)  # the run's; this one's, when given
+    if command:
+        report["command"] = command
+    _finish(work, final, report, compressed, _posterior(opts, bmodel))
     return report
 
 

@@ -63,6 +63,7 @@ def compress(
     thresholds: float | Mapping[str, float] | None = None,
     *,
     masks: Mapping[str, LayerMask] | None = None,
+    keeps: Mapping[str, torch.Tensor] | None = None,
     round_weights: bool = True,
     bits_reduce: str = "mean",
     variance_scale: float = 1.0,
@@ -74,6 +75,9 @@ def compress(
     - `thresholds`: None (each prior's default), a float for every layer, or {layer name: float};
       group i of a layer is kept while its log α_i is below the layer's threshold.
     - `masks`: a decision from `compression_masks` (possibly edited) to use instead of thresholds.
+    - `keeps`: {layer name: bool mask over its groups} (`group_masks`), the groups to keep instead of
+      those the thresholds keep (any model; e.g. a decision taken before fine-tuning). The report still
+      records `thresholds`.
     - `round_weights`: round each layer's weights to its inferred precision (else keep float32).
     - `bits_reduce`, `variance_scale`: see `precision.layer_bits`; `bit_accounting`: see `rates`.
     - `example_input`: a batch the model accepts. A model that is not an `nn.Sequential` chain
@@ -84,14 +88,21 @@ def compress(
     """
     if example_input is not None and not isinstance(model, nn.Sequential):
         if masks is not None:
-            raise ValueError("masks= describes a chain's decision; for a graph model pass keeps= to graph_compress")
-        return graph_compress(model, thresholds, example_input=example_input, round_weights=round_weights,
+            raise ValueError("masks= describes a chain's decision; for a graph model pass keeps=")
+        return graph_compress(model, thresholds, keeps=keeps, example_input=example_input, round_weights=round_weights,
                               bits_reduce=bits_reduce, variance_scale=variance_scale, bit_accounting=bit_accounting)
     was_training = model.training
     model.eval()
     try:
         resolved = resolve_thresholds(model, thresholds)
-        decision = dict(masks) if masks is not None else compression_masks(model, resolved)
+        if masks is not None and keeps is not None:
+            raise ValueError("give masks= or keeps=, not both")
+        if masks is not None:
+            decision = dict(masks)
+        elif keeps is not None:
+            decision = propagate(model, keeps, resolved)
+        else:
+            decision = compression_masks(model, resolved)
         layers = chain(model)
         # precision per group-sparse layer, from the kept weights' marginal variances
         bits: dict[str, int] = {}

@@ -20,6 +20,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("epochs", report.get("epochs") if "unfinished" not in report else
          f"{report['unfinished']['epochs_trained']} of {report['unfinished']['epochs']} (unfinished run)"),
         ("test error (%)", f"{report['test_error']:.2f}  (uncompressed {report['test_error_uncompressed']:.2f})"),
+    ]
+    if "finetune" in report:
+        ft = report["finetune"]
+        rows.append(("fine-tuned", f"{ft['epochs']} epochs; before: {ft['test_error_before']:.2f}%  "
+                                   f"(uncompressed {ft['test_error_uncompressed_before']:.2f})"))
+    rows += [
         ("architecture", report.get("architecture")),
         ("weights kept", f"{report['weights_kept']} of {report['weights_total']} ({report['weights_kept_pct']:.2f}%)"),
         ("bits per layer", bits),

@@ -1,7 +1,17 @@
 """Training: the ELBO loop, evaluation, atomic checkpoints."""
 
 from .checkpoint import CheckpointError, atomic_write, atomic_write_bytes, load_checkpoint, save_checkpoint
-from .loop import TrainConfig, TrainingDivergedError, TrainResult, evaluate, fit, kl_beta, lr_at, predict
+from .loop import (
+    TrainConfig,
+    TrainingDivergedError,
+    TrainResult,
+    evaluate,
+    finetune_config,
+    fit,
+    kl_beta,
+    lr_at,
+    predict,
+)
 
 __all__ = [
     "CheckpointError",
@@ -11,6 +21,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "evaluate",
+    "finetune_config",
     "fit",
     "kl_beta",
     "lr_at",

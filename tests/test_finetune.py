@@ -1,0 +1,195 @@
+"""Fine-tuning after pruning: the decision is taken first and kept, the kept groups train on, and the one-go
+run (`--finetune-epochs`), the two-step one (`bayescomp finetune RUN`) and a resumed one give the same model."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import Interrupted
+
+import bayescomp
+from bayescomp import pipeline
+from bayescomp.cli import main
+from bayescomp.compress import PruneError, compress, group_masks
+from bayescomp.pipeline import RunError, RunOptions, finetune_run, load_posterior, run
+from bayescomp.train import CheckpointError, TrainConfig, finetune_config, lr_at, predict
+from bayescomp.train.loop import flush_denormals
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = str(Path(os.environ.get("BAYESCOMP_DATA", ROOT.parent / "shared" / "datasets")))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = RunOptions(model="lenet300", prior="ghs", epochs=2, train_subset=1000, data_dir=DATA, seed=3, kl_weight=0.3)
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder, a run without fine-tuning, the same run fine-tuned 2 epochs in one go, their options).
+
+    Two epochs on 1000 examples separate no groups yet, so the thresholds are each layer's median score
+    after training (read off a first run: training is deterministic), which prunes about half the groups.
+    """
+    root = tmp_path_factory.mktemp("ft")
+    torch.set_num_threads(1)
+    run(BASE, root / "probe", progress=False)
+    probe = load_posterior(root / "probe" / "posterior.pt")
+    medians = {name: float(m.log_alpha().detach().median()) for name, m in probe.named_modules()
+               if isinstance(m, bayescomp.nn.GroupSparseLayer)}
+    opts = replace(BASE, thresholds=medians)
+    plain = run(opts, root / "plain", progress=False)
+    tuned = run(replace(opts, finetune_epochs=2), root / "tuned", progress=False)
+    return root, plain, tuned, opts
+
+
+def test_finetune_config_keeps_the_run_settings_and_falls_to_zero():
+    base = TrainConfig(epochs=200, batch_size=64, lr=2e-3, warmup_epochs=30, seed=7, grad_clip=5.0, kl_weight=0.3,
+                       lr_schedule="cosine", lr_decay_epochs=20)
+    cfg = finetune_config(base, 10)
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.lr_schedule, cfg.lr_decay_epochs) == (10, 0.0, "cosine", None)
+    assert (cfg.batch_size, cfg.lr, cfg.seed, cfg.grad_clip, cfg.kl_weight) == (64, 2e-3, 7, 5.0, 0.3)
+    cfg.validate()
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="fine-tuning epochs"):
+            finetune_config(base, bad)
+
+
+def test_compress_keeps_overrides_the_thresholds():
+    torch.manual_seed(0)
+    model = bayescomp.bayesianize(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)),
+                                  "ghs")
+    with torch.no_grad():
+        model[0].a_mu[:3] -= 30.0  # inputs 0-2 of the first layer: z ≈ 0, a high score
+    thresholds = {"0": 10.0, "2": 10.0}
+    keeps = group_masks(model, thresholds)
+    assert keeps["0"].tolist() == [False] * 3 + [True] * 3
+    by_thresholds = compress(model, thresholds)
+    by_keeps = compress(model, thresholds, keeps=keeps)
+    assert by_keeps.report["architecture"] == by_thresholds.report["architecture"] == "3-5"
+    keeps["0"][1] = True  # keep one input the thresholds drop
+    wider = compress(model, thresholds, keeps=keeps)
+    assert wider.report["architecture"] == "4-5"
+    assert wider.report["thresholds"] == by_thresholds.report["thresholds"]
+    with pytest.raises(ValueError, match="not both"):
+        compress(model, thresholds, keeps=keeps, masks={})
+
+
+def test_finetune_keeps_the_decision_and_records_what_it_changed(runs):
+    root, plain, tuned, opts = runs
+    # the same posterior before fine-tuning, the same thresholds: the same groups kept
+    assert tuned["thresholds"] == plain["thresholds"]
+    assert tuned["architecture"] == plain["architecture"]
+    assert tuned["weights_kept_pct"] < 60
+    ft = tuned["finetune"]
+    assert ft["epochs"] == 2 and len(ft["history"]) == 2
+    assert ft["test_error_before"] == plain["test_error"]  # what the model measured before fine-tuning
+    assert ft["test_error_uncompressed_before"] == plain["test_error_uncompressed"]
+    steps = -(-1000 // opts.batch_size)
+    assert ft["history"][-1]["lr"] == pytest.approx(lr_at(2 * steps - 1, 2 * steps, opts.lr, "cosine"))
+    assert ft["history"][0]["lr"] < opts.lr
+    assert tuned["test_error"] != plain["test_error"] or tuned["test_error_uncompressed"] != plain["test_error_uncompressed"]
+    assert len(tuned["history"]) == 2  # the training run's history is kept as it was
+    folder = root / "tuned"
+    assert len((folder / "finetune_metrics.jsonl").read_text().splitlines()) == 2
+    assert not (folder / "finetune.pt").exists() and not (folder / "checkpoint.pt").exists()
+    # the posterior carries the decision: its masked network is what the compressed model computes
+    posterior = load_posterior(folder / "posterior.pt")
+    saved = torch.load(folder / "posterior.pt", weights_only=False)
+    masks = {k[: -len(".group_mask")]: v for k, v in saved["state_dict"].items() if k.endswith(".group_mask")}
+    # exactly the groups the thresholds kept in the posterior before fine-tuning
+    before = group_masks(load_posterior(root / "plain" / "posterior.pt"), opts.thresholds)
+    assert masks.keys() == before.keys() and all(torch.equal(masks[k], before[k]) for k in masks)
+    assert [int(m.sum()) for m in masks.values()] == [int(a) for a in tuned["architecture"].split("-")]
+    _, test = pipeline.load_data("lenet300", DATA)
+    unrounded = compress(posterior, tuned["thresholds"], keeps=masks, round_weights=False)
+    assert torch.equal(predict(unrounded.model, test[0][:2000]), predict(posterior, test[0][:2000]))
+
+
+def test_finetune_command_equals_the_one_go_run(runs, monkeypatch):
+    root, _, tuned, opts = runs
+    args = ["finetune", str(root / "plain"), "--epochs", "2", "--out", str(root / "two"), "--quiet"]
+    monkeypatch.setattr("sys.argv", ["bayescomp", *args])  # what the report records as its command
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned" in result.output
+    two = json.loads((root / "two" / "report.json").read_text())
+    for key in ("test_error", "test_error_uncompressed", "architecture", "bits", "weights_kept", "thresholds"):
+        assert two[key] == tuned[key], key
+    assert two["finetune"]["test_error_before"] == tuned["finetune"]["test_error_before"]
+    assert two["config"]["finetune_epochs"] == 2 and two["finetuned_from"] == str(root / "plain")
+    assert two["command"] == "bayescomp " + " ".join(args)
+    a = torch.load(root / "two" / "posterior.pt", weights_only=False)["state_dict"]
+    b = torch.load(root / "tuned" / "posterior.pt", weights_only=False)["state_dict"]
+    assert _states_equal(a, b)
+    # a fine-tuned run is not fine-tuned again; a folder without a posterior is refused
+    again = CliRunner().invoke(main, ["finetune", str(root / "two"), "--out", str(root / "three")])
+    assert again.exit_code == 1 and "fine-tuned already" in again.output
+    missing = CliRunner().invoke(main, ["finetune", str(root / "nowhere"), "--out", str(root / "three")])
+    assert missing.exit_code == 1 and "no trained posterior" in missing.output
+    assert not (root / "three").exists() and not (root / "three.partial").exists()
+
+
+def test_thresholds_that_prune_a_whole_layer_stop_before_fine_tuning(runs):
+    root, _, _, _ = runs
+    with pytest.raises(PruneError, match="every group of layer fc1"):
+        finetune_run(root / "plain", root / "none", 2, thresholds=-1e9, progress=False)
+    assert not (root / "none").exists() and not (root / "none.partial").exists()
+
+
+def test_bad_finetune_epochs_are_refused_before_any_folder(tmp_path):
+    with pytest.raises(RunError, match="fine-tuning epochs"):
+        run(replace(BASE, finetune_epochs=-1), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad.partial").exists()
+    result = CliRunner().invoke(main, ["compress", "--epochs", "1", "--finetune-epochs", "-2", "--out",
+                                       str(tmp_path / "cli")])
+    assert result.exit_code == 1 and "fine-tuning epochs" in result.output
+
+
+def test_a_stopped_fine_tuning_resumes_bit_for_bit(runs, tmp_path, monkeypatch):
+    root, _, tuned, opts = runs
+    opts = replace(opts, finetune_epochs=2)
+    real_fit = pipeline.fit
+
+    def stop_after_first_finetune_epoch(model, train, config, **kwargs):
+        if Path(kwargs["checkpoint"]).name == pipeline.FINETUNE_CHECKPOINT:
+            def stop(row):
+                if row["epoch"] == 2:
+                    raise Interrupted  # (before epoch 2's checkpoint is written: the one of epoch 1 is kept)
+            kwargs["on_epoch"] = stop
+        return real_fit(model, train, config, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "fit", stop_after_first_finetune_epoch)
+        with pytest.raises(Interrupted):
+            run(opts, tmp_path / "r", progress=False)
+    assert (tmp_path / "r.partial" / "finetune.pt").is_file()
+    with pytest.raises(CheckpointError, match="cannot be extended"):
+        run(replace(opts, finetune_epochs=3), tmp_path / "r", resume=True, progress=False)
+    report = run(opts, tmp_path / "r", resume=True, progress=False)
+    for key in ("test_error", "test_error_uncompressed", "architecture", "bits"):
+        assert report[key] == tuned[key], key
+    assert [r["loss"] for r in report["finetune"]["history"]] == [r["loss"] for r in tuned["finetune"]["history"]]
+    a = torch.load(tmp_path / "r" / "posterior.pt", weights_only=False)["state_dict"]
+    b = torch.load(root / "tuned" / "posterior.pt", weights_only=False)["state_dict"]
+    assert _states_equal(a, b)
+
+
+def test_flush_denormals_zeroes_them_inside_the_block_only():
+    tiny = torch.tensor([1e-39, 1.0])  # 1e-39 is a float32 denormal
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_flush_denormal(False)
+    assert (tiny * 1.0)[0] != 0
+    with flush_denormals():
+        assert (tiny * 1.0)[0] == 0 and (tiny * 1.0)[1] == 1
+    assert (tiny * 1.0)[0] != 0
