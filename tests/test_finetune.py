@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def test_finetune_command_equals_the_one_go_run(runs, monkeypatch):
     assert two["finetune"]["test_error_before"] == tuned["finetune"]["test_error_before"]
     assert two["config"]["finetune_epochs"] == 2 and two["finetuned_from"] == str(root / "plain")
     assert two["command"] == "bayescomp " + " ".join(args)
+    assert "training_command" not in two  # the first run was not started from the command line
     a = torch.load(root / "two" / "posterior.pt", weights_only=False)["state_dict"]
     b = torch.load(root / "tuned" / "posterior.pt", weights_only=False)["state_dict"]
     assert _states_equal(a, b)
@@ -193,3 +195,14 @@ def test_flush_denormals_zeroes_them_inside_the_block_only():
     with flush_denormals():
         assert (tiny * 1.0)[0] == 0 and (tiny * 1.0)[1] == 1
     assert (tiny * 1.0)[0] != 0
+
+
+def test_the_training_command_is_kept_beside_the_fine_tuning_one(runs, tmp_path):
+    root, _, _, _ = runs
+    shutil.copytree(root / "plain", tmp_path / "plain")
+    report = json.loads((tmp_path / "plain" / "report.json").read_text())
+    report["command"] = "bayescomp compress --model lenet300 --prior ghs --out plain"
+    (tmp_path / "plain" / "report.json").write_text(json.dumps(report))
+    tuned = finetune_run(tmp_path / "plain", tmp_path / "tuned", 1, progress=False, command="bayescomp finetune plain")
+    assert tuned["training_command"] == report["command"] and tuned["command"] == "bayescomp finetune plain"
+    assert json.loads((tmp_path / "tuned" / "report.json").read_text())["training_command"] == report["command"]

@@ -650,7 +650,8 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     report["finetuned_from"] = str(run_dir)
     if previous.get("thresholds") != compressed.report["thresholds"]:
         report.pop("threshold_choice", None)  # other thresholds than the run chose
-    report.pop("command", None)  # the run's; this one's, when given
+    if "command" in previous:  # the command that trained the posterior, beside this one
+        report["training_command"] = report.pop("command")
     if command:
         report["command"] = command
     _finish(work, final, report, compressed, _posterior(opts, bmodel))
