@@ -33,7 +33,8 @@ Recipe rows (`RECIPE_ROWS`) are bayescomp's own settings for a row whose paper s
 the paper's figure here; they sit beside the paper-setting row and are compared with the same paper
 figures. `lenet300_ghs_tempered`: the lenet300_ghs setting, but the plain network is trained 20 epochs
 first and the Bayesian one starts from it, and the KL counts 0.3 times in the loss (`--kl-weight 0.3`:
-a tempered posterior, no longer the ELBO).
+a tempered posterior, no longer the ELBO). `lenet300_ghs_tempered_ft`: the same, then pruned at the
+same thresholds and the kept groups fine-tuned 10 epochs (`--finetune-epochs 10`) before compressing.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MNIST_ROWS = ("lenet300_gnj", "lenet300_ghs", "lenet5_gnj", "lenet5_ghs")
 #: bayescomp's own settings where the paper's do not reach its figure, beside the paper-setting row:
 #: row name -> (the paper row it answers, options that differ from the paper setting)
-RECIPE_ROWS = {"lenet300_ghs_tempered": ("lenet300_ghs", {"kl_weight": 0.3, "pretrain_epochs": 20})}
+RECIPE_ROWS = {"lenet300_ghs_tempered": ("lenet300_ghs", {"kl_weight": 0.3, "pretrain_epochs": 20}),
+               "lenet300_ghs_tempered_ft": ("lenet300_ghs", {"kl_weight": 0.3, "pretrain_epochs": 20,
+                                                             "finetune_epochs": 10})}
 VGG_ROWS = ("vgg16_gnj", "vgg16_ghs")
 
 #: the paper's Table 1 as the method notes (§7.1) reconstruct it, each figure with its certainty tag
@@ -105,8 +108,9 @@ def row_options(row: str, seed: int, quick: bool, data_dir: str | None) -> RunOp
     opts.update(changes)
     if quick:
         opts.update(epochs=1, train_subset=2000)
-        if opts.get("pretrain_epochs"):
-            opts.update(pretrain_epochs=1)
+        for key in ("pretrain_epochs", "finetune_epochs"):
+            if opts.get(key):
+                opts[key] = 1
     return RunOptions(**opts)
 
 
@@ -131,7 +135,7 @@ def _same_setting(saved: dict, opts: RunOptions) -> bool:
     cfg = saved.get("config", {})
     defaults = RunOptions()  # a results file from before an option existed ran at its default
     keys = ("epochs", "seed", "prior", "model", "train_subset", "kl_weight", "pretrain_epochs", "lr_schedule",
-            "lr_decay_epochs")
+            "lr_decay_epochs", "finetune_epochs")
     return all(cfg.get(k, getattr(defaults, k)) == getattr(opts, k) for k in keys)
 
 

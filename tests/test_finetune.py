@@ -206,3 +206,21 @@ def test_the_training_command_is_kept_beside_the_fine_tuning_one(runs, tmp_path)
     tuned = finetune_run(tmp_path / "plain", tmp_path / "tuned", 1, progress=False, command="bayescomp finetune plain")
     assert tuned["training_command"] == report["command"] and tuned["command"] == "bayescomp finetune plain"
     assert json.loads((tmp_path / "tuned" / "report.json").read_text())["training_command"] == report["command"]
+
+
+def test_progress_counts_the_fine_tuning_epochs(tmp_path):
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    (work / "options.json").write_text(json.dumps({"model": "lenet300", "prior": "ghs", "epochs": 3,
+                                                   "finetune_epochs": 4}))
+    (work / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "seconds": 10.0}) + "\n" for i in range(3)))
+    progress = pipeline.run_progress(tmp_path / "run")  # training done, fine-tuning not begun
+    assert (progress["finetune_epochs_done"], progress["seconds_left"]) == (0, pytest.approx(4 * 10.0))
+    (work / "finetune_metrics.jsonl").write_text(json.dumps({"epoch": 1, "seconds": 20.0, "test_error": 1.5}) + "\n")
+    progress = pipeline.run_progress(tmp_path / "run")
+    assert progress["finetune_epochs_done"] == 1 and progress["last"]["test_error"] == 1.5
+    assert progress["seconds_spent"] == pytest.approx(50.0)
+    assert progress["epoch_seconds"] == pytest.approx(12.5)  # the last four epochs: 10, 10, 10, 20
+    assert progress["seconds_left"] == pytest.approx(3 * 12.5)
+    result = CliRunner().invoke(main, ["show", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "fine-tuning epochs" in result.output and "1 of 4" in result.output

@@ -110,6 +110,14 @@ def test_recipe_row_is_the_paper_row_with_its_changes(table1):
     assert not table1._same_setting(saved, recipe)
     saved["config"].update(lr_schedule="constant", lr_decay_epochs=20.0)  # ... and so is a decay length
     assert not table1._same_setting(saved, recipe)
+    # the fine-tuned recipe: the tempered one plus --finetune-epochs 10; their results files are not mixed up
+    tuned = table1.row_options("lenet300_ghs_tempered_ft", 0, False, None)
+    assert (tuned.kl_weight, tuned.pretrain_epochs, tuned.finetune_epochs, recipe.finetune_epochs) == (0.3, 20, 10, 0)
+    assert table1.row_options("lenet300_ghs_tempered_ft", 0, True, None).finetune_epochs == 1
+    saved["config"].update(lr_decay_epochs=None)
+    assert table1._same_setting(saved, recipe) and not table1._same_setting(saved, tuned)
+    saved["config"].update(finetune_epochs=10)
+    assert table1._same_setting(saved, tuned) and not table1._same_setting(saved, recipe)
 
 
 def test_recipe_row_shows_in_the_readme_block(table1):

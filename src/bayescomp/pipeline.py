@@ -355,9 +355,10 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
 
 
 def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """How far the unfinished run of RUN_DIR (or RUN_DIR.partial) has got, from its metrics.jsonl and
-    options.json alone (no checkpoint is read): epochs done and planned, the last epoch's figures, the
-    time spent and, from the mean of the last five epochs, the time left."""
+    """How far the unfinished run of RUN_DIR (or RUN_DIR.partial) has got, from its metrics.jsonl (and
+    finetune_metrics.jsonl) and options.json alone (no checkpoint is read): epochs done and planned (training,
+    then fine-tuning), the last epoch's figures, the time spent and, from the mean of the last five epochs,
+    the time left."""
     run_dir = Path(run_dir)
     work = work_dir(run_dir)
     metrics = work / METRICS
@@ -370,12 +371,21 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise RunError(f"cannot read the progress of {work}: {exc}") from exc
     out: dict[str, Any] = {"folder": str(work), "model": options.get("model"), "prior": options.get("prior"),
                            "epochs_done": len(rows), "epochs": options.get("epochs")}
+    tuning = work / FINETUNE_METRICS
+    planned_ft = int(options.get("finetune_epochs") or 0)
+    try:
+        ft_rows = [json.loads(line) for line in tuning.read_text().splitlines() if line.strip()] if tuning.is_file() else []
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    if planned_ft:
+        out.update(finetune_epochs=planned_ft, finetune_epochs_done=len(ft_rows))
     if rows:
-        seconds = [float(r.get("seconds", 0.0)) for r in rows]
-        recent = seconds[-5:]
-        out.update(last=rows[-1], seconds_spent=sum(seconds), epoch_seconds=sum(recent) / len(recent))
+        seconds = [float(r.get("seconds", 0.0)) for r in rows + ft_rows]
+        recent = seconds[-5:]  # (fine-tuning epochs, once they run: they take as long as training ones)
+        out.update(last=(ft_rows or rows)[-1], seconds_spent=sum(seconds), epoch_seconds=sum(recent) / len(recent))
         if out["epochs"] is not None:
-            out["seconds_left"] = max(0, out["epochs"] - len(rows)) * out["epoch_seconds"]
+            left = max(0, out["epochs"] - len(rows)) + max(0, planned_ft - len(ft_rows))
+            out["seconds_left"] = left * out["epoch_seconds"]
     return out
 
 

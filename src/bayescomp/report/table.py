@@ -53,6 +53,8 @@ def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
         ("model", f"{progress.get('model')} ({progress.get('prior')})"),
         ("epochs", f"{progress['epochs_done']} of {planned if planned is not None else '?'}"),
     ]
+    if "finetune_epochs" in progress:
+        rows.append(("fine-tuning epochs", f"{progress['finetune_epochs_done']} of {progress['finetune_epochs']}"))
     last = progress.get("last")
     if last:
         if "loss" in last:
