@@ -30,7 +30,7 @@ from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import MODELS, build_model
 from .recipes import recipe
-from .train import TrainConfig, TrainResult, distributed, evaluate, finetune_config, fit, predict
+from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .train.loop import (
     discard_checkpoint,
@@ -416,9 +416,10 @@ def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: t
 
 
 def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds, work: Path, *,
-             resume: bool = False, progress: bool = True) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Prune `bmodel` at `thresholds`, then fine-tune the posterior of what is kept: (keeps, the fine-tuning's
-    TrainResult).
+             example: torch.Tensor | None = None, resume: bool = False,
+             progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Prune `bmodel` at `thresholds`, then fine-tune the posterior of what is kept: (keeps, what report.json
+    records of it under `finetune`: its length, the errors the model had before it, its time and history).
 
     The decision comes first and stays: the layers' `group_mask` switches the pruned groups off (the
     network computes without them, in training as at evaluation), and `fit` trains the rest for
@@ -429,7 +430,16 @@ def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds,
 
     Why. Pruning a group that still carried a little signal costs accuracy (on LeNet-300-100 with the
     horseshoe, mostly fc1's input pixels); the kept weights can take that signal over.
+
+    Data-parallel, every process calls this (the models are identical, so are the decisions); the errors
+    before fine-tuning are measured on rank 0 only. `example`: as for `evaluate_compression`.
     """
+    record: dict[str, Any] = {"epochs": opts.finetune_epochs}
+    if distributed.is_main():
+        before = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
+                                      example=example)[1]
+        record.update(test_error_before=before["test_error"],
+                      test_error_uncompressed_before=before["test_error_uncompressed"])
     keeps = group_masks(bmodel, thresholds)
     empty = [name for name, keep in keeps.items() if not bool(keep.any())]
     if empty:
@@ -441,15 +451,7 @@ def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds,
         result = fit(bmodel, train, finetune_config(_train_config(opts), opts.finetune_epochs), test=test,
                      checkpoint=checkpoint, resume=resume, metrics=work / FINETUNE_METRICS, progress=progress,
                      transform=_augmentation(opts))
-    return keeps, result
-
-
-def _finetune_report(before: dict[str, Any], result: TrainResult, epochs: int) -> dict[str, Any]:
-    """What report.json records of a fine-tuning (`finetune`): its length, what the model would have measured
-    without it, its time and its per-epoch history."""
-    return {"epochs": epochs, "test_error_before": before["test_error"],
-            "test_error_uncompressed_before": before["test_error_uncompressed"], "seconds": result.seconds,
-            "history": result.history}
+    return keeps, record | {"seconds": result.seconds, "history": result.history}
 
 
 def _config(opts: RunOptions) -> dict[str, Any]:
@@ -492,11 +494,10 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))
     example = example_input(opts.model, device=device)
     keeps = tuned = None
-    if opts.finetune_epochs:  # every process prunes and fine-tunes (the models are identical, so are the choices)
+    if opts.finetune_epochs:  # every process prunes and fine-tunes
         thresholds, choice = choose_thresholds(opts, bmodel, val, example)
-        before = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
-                                      example=example)[1] if distributed.is_main() else {}
-        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, resume=resume, progress=progress)
+        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, example=example, resume=resume,
+                                progress=progress)
     if not distributed.is_main():
         return {}  # rank 0 compresses, evaluates and writes DIR
     if not opts.finetune_epochs:
@@ -527,7 +528,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     if choice is not None:
         report["threshold_choice"] = {name: c.to_dict() for name, c in choice.items()}
     if tuned is not None:
-        report["finetune"] = _finetune_report(before, tuned, opts.finetune_epochs)
+        report["finetune"] = tuned
     if val is not None:
         report["validation_examples"] = len(val[0])
     if command:
@@ -644,9 +645,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     final, work = prepare_out(out, False, force)
     try:
         example = example_input(opts.model, device=torch_device)
-        before = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting, opts.variance_scale,
-                                      example=example)[1]
-        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, progress=progress)
+        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, example=example, progress=progress)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting,
                                                    opts.variance_scale, example=example, keeps=keeps)
     except BaseException:
@@ -656,7 +655,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     report.update(figures)
     report.update(compressed.report)
     report["config"] = _config(opts)
-    report["finetune"] = _finetune_report(before, tuned, epochs)
+    report["finetune"] = tuned
     report["finetuned_from"] = str(run_dir)
     if previous.get("thresholds") != compressed.report["thresholds"]:
         report.pop("threshold_choice", None)  # other thresholds than the run chose
