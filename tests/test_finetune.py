@@ -224,3 +224,56 @@ def test_progress_counts_the_fine_tuning_epochs(tmp_path):
     assert progress["seconds_left"] == pytest.approx(3 * 12.5)
     result = CliRunner().invoke(main, ["show", str(tmp_path / "run")])
     assert result.exit_code == 0 and "fine-tuning epochs" in result.output and "1 of 4" in result.output
+
+
+_DDP_WORKER = r'''
+import json
+import sys
+
+import torch
+
+from bayescomp.pipeline import RunOptions, run
+from bayescomp.train import distributed
+
+torch.set_num_threads(1)
+out, data, thresholds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+opts = RunOptions(model="lenet300", prior="ghs", epochs=1, train_subset=512, data_dir=data, seed=3, kl_weight=0.3,
+                  batch_size=64, thresholds=thresholds, finetune_epochs=2)
+report = run(opts, out + "/run", progress=False)
+with open(f"{out}/rank{distributed.rank()}.json", "w") as f:
+    json.dump({"keys": sorted(report)}, f)
+distributed.cleanup()
+'''
+
+
+def test_data_parallel_fine_tuning_on_two_processes(runs, tmp_path):
+    """Every process prunes and fine-tunes (their collectives must meet), rank 0 alone measures and writes."""
+    import socket
+    import subprocess
+    import sys
+
+    _, _, _, opts = runs
+    (tmp_path / "worker.py").write_text(_DDP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "GROUP_RANK")}
+        env.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path), DATA,
+                                       json.dumps(opts.thresholds)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    assert "finetune" in json.loads((tmp_path / "rank0.json").read_text())["keys"]
+    assert json.loads((tmp_path / "rank1.json").read_text())["keys"] == []  # rank 1 only trained
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["finetune"]["epochs"] == 2 and len(report["finetune"]["history"]) == 2
+    assert report["environment"]["processes"] == 2 and "test_error_before" in report["finetune"]
