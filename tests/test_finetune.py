@@ -277,3 +277,16 @@ def test_data_parallel_fine_tuning_on_two_processes(runs, tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["finetune"]["epochs"] == 2 and len(report["finetune"]["history"]) == 2
     assert report["environment"]["processes"] == 2 and "test_error_before" in report["finetune"]
+
+
+def test_report_page_shows_the_fine_tuning(runs, tmp_path):
+    from bayescomp.report.page import write_report
+
+    root, _, tuned, _ = runs
+    shutil.copytree(root / "tuned", tmp_path / "tuned")
+    text = write_report(tmp_path / "tuned", data_dir=DATA).read_text()
+    before = tuned["finetune"]["test_error_before"]
+    assert f"| fine-tuned after pruning | 2 epochs; test error before: {before:.2f}% compressed" in text
+    section = text.split("## Fine-tuning after pruning", 1)[1]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and ln[2:3].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows[:2]] == [1, 2]

@@ -93,6 +93,11 @@ def _headline(report: Mapping[str, Any]) -> list[tuple[str, Any]]:
     for key, label in (("cr_max", "CR maximum"), ("cr_file", "CR file"), ("train_seconds", "training time (s)")):
         if report.get(key) is not None:
             rows.append((label, report[key]))
+    tuned = report.get("finetune")
+    if tuned:
+        rows.append(("fine-tuned after pruning", f"{tuned.get('epochs')} epochs; test error before: "
+                                                 f"{_fmt(tuned.get('test_error_before'))}% compressed, "
+                                                 f"{_fmt(tuned.get('test_error_uncompressed_before'))}% uncompressed"))
     config = report.get("config") or {}
     if config.get("tau0") is not None:
         rows.append(("τ0", _g(config["tau0"])))
@@ -192,6 +197,13 @@ def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method:
                           r.get("test_error")] for r in (history if len(history) <= 20 else history[-10:])])
         if last.get("groups_kept"):
             lines += [f"Groups kept at the default thresholds after the last epoch: {_fmt(last['groups_kept'])}.", ""]
+    tuned = (report.get("finetune") or {}).get("history")
+    if tuned:
+        lines += ["## Fine-tuning after pruning", "",
+                  "The pruned groups switched off, the kept ones trained on (test error: the pruned posterior, unrounded).", ""]
+        lines += _table(["epoch", "loss", "NLL", "KL", "train error (%)", "test error (%)", "learning rate"],
+                        [[r.get("epoch"), r.get("loss"), r.get("nll"), r.get("kl"), r.get("train_error"),
+                          r.get("test_error"), _g(r.get("lr"))] for r in tuned])
 
     ts = run_dir / "threshold_sweep.json"
     if ts.is_file():
