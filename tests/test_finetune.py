@@ -141,6 +141,16 @@ def test_finetune_command_equals_the_one_go_run(runs, monkeypatch):
     assert not (root / "three").exists() and not (root / "three.partial").exists()
 
 
+def test_explicit_thresholds_are_the_config_of_the_fine_tuned_run(runs, tmp_path):
+    root, plain, _, opts = runs
+    looser = {name: value + 0.01 for name, value in opts.thresholds.items()}
+    report = finetune_run(root / "plain", tmp_path / "loose", 1, thresholds=looser, progress=False)
+    assert report["config"]["thresholds"] == looser and report["config"]["auto_thresholds"] is None
+    assert report["thresholds"] == looser
+    assert report["weights_kept"] > plain["weights_kept"]  # looser thresholds keep more
+    assert "threshold_choice" not in report
+
+
 def test_thresholds_that_prune_a_whole_layer_stop_before_fine_tuning(runs):
     root, _, _, _ = runs
     with pytest.raises(PruneError, match="every group of layer fc1"):

@@ -102,7 +102,8 @@ def test_recipe_row_is_the_paper_row_with_its_changes(table1):
     assert table1.row_options("lenet300_ghs_tempered", 0, True, None).pretrain_epochs == 1  # --quick stays quick
     assert table1.paper_of("lenet300_ghs_tempered") is table1.PAPER["lenet300_ghs"]
     # a results file of the paper setting is not taken for the recipe row, nor the other way round
-    saved = {"config": {"epochs": 200, "seed": 0, "prior": "ghs", "model": "lenet300", "train_subset": None}}
+    saved = {"config": {"epochs": 200, "seed": 0, "prior": "ghs", "model": "lenet300", "train_subset": None,
+                        "auto_thresholds": "histogram"}}
     assert table1._same_setting(saved, paper_row) and not table1._same_setting(saved, recipe)
     saved["config"].update(kl_weight=0.3, pretrain_epochs=20)
     assert table1._same_setting(saved, recipe) and not table1._same_setting(saved, paper_row)
@@ -118,6 +119,23 @@ def test_recipe_row_is_the_paper_row_with_its_changes(table1):
     assert table1._same_setting(saved, recipe) and not table1._same_setting(saved, tuned)
     saved["config"].update(finetune_epochs=10)
     assert table1._same_setting(saved, tuned) and not table1._same_setting(saved, recipe)
+    saved["config"].update(auto_thresholds=None)  # another threshold rule is another setting
+    assert not table1._same_setting(saved, tuned)
+
+
+def test_gnj_recipe_row_cuts_fc1_harder_and_fine_tunes(table1):
+    paper_row = table1.row_options("lenet300_gnj", 0, False, None)
+    recipe = table1.row_options("lenet300_gnj_ft", 0, False, None)
+    assert (recipe.thresholds, recipe.finetune_epochs) == ({"fc1": -3.5, "fc2": -3.0, "fc3": -5.0}, 10)
+    assert (paper_row.thresholds, paper_row.finetune_epochs, recipe.kl_weight) == (None, 0, 1.0)
+    assert table1.paper_of("lenet300_gnj_ft") is table1.PAPER["lenet300_gnj"]
+    # the paper row's results file (written before thresholds and fine-tuning were options) is not this row's
+    saved = {"config": {"epochs": 200, "seed": 0, "prior": "gnj", "model": "lenet300", "train_subset": None,
+                        "thresholds": None}}
+    assert table1._same_setting(saved, paper_row) and not table1._same_setting(saved, recipe)
+    saved["config"].update(thresholds={"fc1": -3.5, "fc2": -3.0, "fc3": -5.0}, finetune_epochs=10)
+    assert table1._same_setting(saved, recipe)
+    assert table1.table_rows().index("lenet300_gnj_ft") == table1.table_rows().index("lenet300_gnj") + 1
 
 
 def test_recipe_row_shows_in_the_readme_block(table1):

@@ -615,8 +615,9 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
 
     The run's own settings are used (its report's `config`: training set, batch, rate, KL weight, seed),
     with `finetune_epochs=epochs`, so the result is the one `run` gives for those options in one go.
-    `thresholds=None` keeps the run's own thresholds (its report's `thresholds`). `data_dir` and `device`
-    default to the run's.
+    `thresholds=None` keeps the run's own thresholds (its report's `thresholds`); others are recorded in the
+    new report's `config` (in place of the run's --auto-thresholds rule; a validation split the run held out
+    stays held out). `data_dir` and `device` default to the run's.
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
@@ -638,10 +639,12 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     validate(opts)
     torch_device = resolve_device(opts.device)
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)
-    train, _ = _hold_out(opts, train)
+    train, _ = _hold_out(opts, train)  # the training set the posterior was trained on
     bmodel = load_posterior(posterior_path).to(torch_device)
     if thresholds is None:
         thresholds = previous.get("thresholds") or None
+    else:  # the config records how the decision was taken
+        opts.thresholds, opts.auto_thresholds = thresholds, None
     final, work = prepare_out(out, False, force)
     try:
         example = example_input(opts.model, device=torch_device)
