@@ -138,6 +138,8 @@ def test_finetune_command_equals_the_one_go_run(runs, monkeypatch):
     assert again.exit_code == 1 and "fine-tuned already" in again.output
     missing = CliRunner().invoke(main, ["finetune", str(root / "nowhere"), "--out", str(root / "three")])
     assert missing.exit_code == 1 and "no trained posterior" in missing.output
+    zero = CliRunner().invoke(main, ["finetune", str(root / "plain"), "--epochs", "0", "--out", str(root / "three")])
+    assert zero.exit_code == 1 and "fine-tuning epochs must be a positive integer" in zero.output
     assert not (root / "three").exists() and not (root / "three.partial").exists()
 
 

@@ -308,3 +308,28 @@ def test_io_exports_graph_spec():
     from bayescomp.io import plain
 
     assert bayescomp.io.graph_spec is plain.graph_spec and bayescomp.io.build_graph is plain.build_graph
+
+
+def test_finetune_on_graph_run(concat_run, cifar, tmp_path):
+    """Fine-tuning a graph model: the decision holds through the fx graph (`keeps=`), and the compressed
+    GraphModule computes what the fine-tuned, masked posterior computes."""
+    posterior = load_posterior(concat_run / "posterior.pt")
+    medians = {n: float(m.log_alpha().detach().median()) for n, m in posterior.named_modules()
+               if isinstance(m, GroupSparseLayer)}
+    spec = ",".join(f"{n}={v!r}" for n, v in medians.items())
+    result = CliRunner().invoke(main, ["finetune", str(concat_run), "--epochs", "1", "--thresholds", spec,
+                                       "--out", str(tmp_path / "ft"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["finetune"]["epochs"] == 1 and report["config"]["thresholds"] == medians
+    tuned = load_posterior(tmp_path / "ft" / "posterior.pt")
+    keeps = {n: m.group_mask.clone() for n, m in tuned.named_modules() if isinstance(m, GroupSparseLayer)}
+    assert keeps.keys() == medians.keys()
+    assert all(torch.equal(keeps[n], group_masks(posterior, medians)[n]) for n in keeps)  # the decision taken before
+    assert any(not bool(k.all()) for k in keeps.values())
+    plain = compress(tuned, medians, keeps=keeps, round_weights=False, example_input=example_input("concat_net"))
+    x, _ = _test_set(cifar)
+    with torch.no_grad():
+        assert torch.allclose(plain.model(x), tuned(x), atol=1e-4)
+    saved, _ = load_plain(tmp_path / "ft" / "model.pt")
+    assert _error_of(saved, cifar) == pytest.approx(report["test_error"])

@@ -621,6 +621,8 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
+    if not isinstance(epochs, int) or epochs < 1:
+        raise RunError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
     if not posterior_path.is_file():
         raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
     try:
