@@ -31,12 +31,16 @@ no values survive); VGG: 300 epochs from a plain network pretrained for 100 epoc
 
 Recipe rows (`RECIPE_ROWS`) are bayescomp's own settings for a row whose paper setting does not reach
 the paper's figure here; they sit beside the paper-setting row and are compared with the same paper
-figures. `lenet300_gnj_ft`: the lenet300_gnj setting, then fc1 cut at −3.5 instead of the tutorial's
-−2.8 (a threshold chosen from the kept fractions of that row's threshold sweep) and the kept groups
-fine-tuned 10 epochs (`--finetune-epochs 10`). `lenet300_ghs_tempered`: the lenet300_ghs setting, but the plain network is trained 20 epochs
-first and the Bayesian one starts from it, and the KL counts 0.3 times in the loss (`--kl-weight 0.3`:
-a tempered posterior, no longer the ELBO). `lenet300_ghs_tempered_ft`: the same, then pruned at the
-same thresholds and the kept groups fine-tuned 10 epochs (`--finetune-epochs 10`) before compressing.
+figures.
+
+- `lenet300_gnj_ft`: the lenet300_gnj setting, then fc1 cut at −3.5 instead of the tutorial's −2.8 (a
+  threshold chosen from the kept fractions of that row's threshold sweep) and the kept groups fine-tuned
+  10 epochs (`--finetune-epochs 10`).
+- `lenet300_ghs_tempered`: the lenet300_ghs setting, but the plain network is trained 20 epochs first
+  and the Bayesian one starts from it, and the KL counts 0.3 times in the loss (`--kl-weight 0.3`: a
+  tempered posterior, no longer the ELBO).
+- `lenet300_ghs_tempered_ft`: the same, then pruned at the same thresholds and the kept groups
+  fine-tuned 10 epochs (`--finetune-epochs 10`) before compressing.
 """
 
 from __future__ import annotations
