@@ -214,10 +214,12 @@ def test_the_training_command_is_kept_beside_the_fine_tuning_one(runs, tmp_path)
     shutil.copytree(root / "plain", tmp_path / "plain")
     report = json.loads((tmp_path / "plain" / "report.json").read_text())
     report["command"] = "bayescomp compress --model lenet300 --prior ghs --out plain"
+    report["config"]["init_from"] = str(tmp_path / "gone.pt")  # a start file deleted since: not needed here
     (tmp_path / "plain" / "report.json").write_text(json.dumps(report))
     tuned = finetune_run(tmp_path / "plain", tmp_path / "tuned", 1, progress=False, command="bayescomp finetune plain")
     assert tuned["training_command"] == report["command"] and tuned["command"] == "bayescomp finetune plain"
     assert json.loads((tmp_path / "tuned" / "report.json").read_text())["training_command"] == report["command"]
+    assert tuned["config"]["init_from"] == str(tmp_path / "gone.pt")
 
 
 def test_progress_counts_the_fine_tuning_epochs(tmp_path):

@@ -15,7 +15,7 @@ import platform
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -638,7 +638,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     opts.finetune_epochs = epochs
     opts.data_dir = data_dir if data_dir is not None else opts.data_dir
     opts.device = device if device is not None else opts.device
-    validate(opts)
+    validate(replace(opts, init_from=None))  # the start the run came from is not needed any more
     torch_device = resolve_device(opts.device)
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)
     train, _ = _hold_out(opts, train)  # the training set the posterior was trained on
