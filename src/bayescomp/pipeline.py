@@ -555,6 +555,12 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     os.replace(work, final)
 
 
+def _over(previous: dict[str, Any], figures: dict[str, Any], compressed) -> dict[str, Any]:
+    """A run's report with a new compression's figures and report fields in place of its own."""
+    return {k: v for k, v in previous.items() if k not in compressed.report and k not in figures} | figures | \
+        compressed.report
+
+
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
                variance_scale: float = 1.0, verify: bool = True) -> dict[str, Any]:
@@ -596,9 +602,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    report = {k: v for k, v in previous.items() if k not in compressed.report and k not in figures}
-    report.update(figures)
-    report.update(compressed.report)
+    report = _over(previous, figures, compressed)
     if unfinished is not None:
         report["unfinished"] = unfinished
     else:
@@ -656,9 +660,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    report = {k: v for k, v in previous.items() if k not in compressed.report and k not in figures}
-    report.update(figures)
-    report.update(compressed.report)
+    report = _over(previous, figures, compressed)
     report["config"] = _config(opts)
     report["finetune"] = tuned
     report["finetuned_from"] = str(run_dir)
