@@ -60,8 +60,8 @@ from bayescomp.pipeline import (
     example_input,
     load_data,
     run,
+    unfinished_decision,
     unfinished_run,
-    unfinished_thresholds,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -172,14 +172,16 @@ def _interim(partial: Path, opts: RunOptions) -> str:
     """'; at epoch E: ...' — the newest checkpoint compressed as the run would compress it now (what
     `bayescomp prune DIR.partial` does), or '' where the run did not record its options."""
     try:
-        saved, bmodel, epoch, _ = unfinished_run(partial)
+        saved, bmodel, epoch, work = unfinished_run(partial)
         _, test = load_data(saved.model, opts.data_dir, 1)
-        thresholds = unfinished_thresholds(saved, bmodel, opts.data_dir, True)
-        compressed, figures = evaluate_compression(bmodel, test, thresholds, example=example_input(saved.model))
+        thresholds, keeps, tuned = unfinished_decision(saved, bmodel, work, None, opts.data_dir, True)
+        compressed, figures = evaluate_compression(bmodel, test, thresholds, example=example_input(saved.model),
+                                                   keeps=keeps)
     except (RunError, OSError, ValueError, RuntimeError) as exc:
         return f" (no interim figures: {exc})"
     r = compressed.report
-    return (f"; at epoch {epoch}: {figures['test_error']:.2f}% error ({figures['test_error_uncompressed']:.2f} "
+    at = f"fine-tuning epoch {tuned}" if tuned else f"epoch {epoch}"
+    return (f"; at {at}: {figures['test_error']:.2f}% error ({figures['test_error_uncompressed']:.2f} "
             f"unpruned), {r['weights_kept_pct']:.2f}% kept, {r['architecture']}, bits {_fmt(r['bits'])}")
 
 

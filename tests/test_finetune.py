@@ -187,6 +187,17 @@ def test_a_stopped_fine_tuning_resumes_bit_for_bit(runs, tmp_path, monkeypatch):
         with pytest.raises(Interrupted):
             run(opts, tmp_path / "r", progress=False)
     assert (tmp_path / "r.partial" / "finetune.pt").is_file()
+    # a look at it meanwhile (`bayescomp prune DIR.partial`) compresses the fine-tuning's checkpoint, with its
+    # decision, and leaves it alone
+    checkpoint = (tmp_path / "r.partial" / "finetune.pt").read_bytes()
+    peek = pipeline.recompress(tmp_path / "r", tmp_path / "peek", None, data_dir=DATA)
+    assert (tmp_path / "r.partial" / "finetune.pt").read_bytes() == checkpoint
+    assert peek["unfinished"] | {"from": None} == {"from": None, "epochs_trained": 2, "epochs": 2,
+                                                   "finetune_epochs_done": 1, "finetune_epochs": 2}
+    assert peek["architecture"] == tuned["architecture"]  # the decision the fine-tuning took, not a new one
+    at_epoch_1 = torch.load(tmp_path / "r.partial" / "finetune.pt", weights_only=False)["model"]
+    assert _states_equal(torch.load(tmp_path / "peek" / "posterior.pt", weights_only=False)["state_dict"], at_epoch_1)
+    assert not _states_equal(at_epoch_1, torch.load(tmp_path / "r.partial" / "checkpoint.pt", weights_only=False)["model"])
     with pytest.raises(CheckpointError, match="cannot be extended"):
         run(replace(opts, finetune_epochs=3), tmp_path / "r", resume=True, progress=False)
     report = run(opts, tmp_path / "r", resume=True, progress=False)

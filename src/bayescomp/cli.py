@@ -360,6 +360,7 @@ def prune_cmd(
 
     RUN_DIR may also be a run still training (or stopped): its newest checkpoint in RUN_DIR.partial is
     compressed, at the thresholds the run would choose (or --thresholds), and the run goes on untouched.
+    During its fine-tuning, that is the fine-tuning's checkpoint, with the groups the run decided to keep.
     """
     from .pipeline import recompress
 

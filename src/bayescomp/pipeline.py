@@ -29,6 +29,7 @@ from .data import cifar10_augment, input_shape, load_cifar10, load_mnist
 from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import MODELS, build_model
+from .nn import GroupSparseLayer
 from .recipes import recipe
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -567,8 +568,9 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     """Compress a run's posterior again (other thresholds), evaluate it, write a new run folder.
 
     A finished run is compressed from its posterior.pt. A run still training (or stopped before the end)
-    is compressed from the newest checkpoint in its ``DIR.partial`` (`unfinished_run`): a look at a long
-    run half way, which leaves the run alone; the report's `unfinished` says at which epoch.
+    is compressed from the newest checkpoint in its ``DIR.partial`` (`unfinished_run`; while it is being
+    fine-tuned, the fine-tuning's, `unfinished_decision`): a look at a long run half way, which leaves the
+    run alone; the report's `unfinished` says at which epoch.
 
     `thresholds=None` keeps the thresholds the run used (its report's `thresholds`; for an unfinished run,
     the ones it would choose: its --thresholds, its --auto-thresholds rule, or the recipe's); `verify=False`
@@ -592,13 +594,17 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
         unfinished = {"from": str(work), "epochs_trained": epoch, "epochs": opts.epochs}
     _, test = load_data(state["model"], data_dir, 1, verify=verify)
     final, work = prepare_out(out, False, force)
+    keeps = None
     try:
-        if thresholds is None and unfinished is not None:
-            thresholds = unfinished_thresholds(opts, bmodel, data_dir, verify)
+        if unfinished is not None:
+            thresholds, keeps, tuned = unfinished_decision(opts, bmodel, unfinished["from"], thresholds, data_dir,
+                                                           verify)
+            if tuned:
+                unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
         elif thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds = previous.get("thresholds") or None
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
-                                                   example=example_input(state["model"]))
+                                                   example=example_input(state["model"]), keeps=keeps)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -680,3 +686,30 @@ def unfinished_thresholds(opts: RunOptions, bmodel: torch.nn.Module, data_dir: s
     if opts.auto_thresholds == "validation":
         _, val = _hold_out(opts, load_data(opts.model, data_dir, opts.train_subset, opts.seed, verify)[0])
     return choose_thresholds(opts, bmodel, val, example_input(opts.model))[0]
+
+
+def unfinished_decision(opts: RunOptions, bmodel: torch.nn.Module, work: str | os.PathLike,
+                        thresholds: float | Mapping[str, float] | None, data_dir: str | None,
+                        verify: bool) -> tuple[Any, dict[str, torch.Tensor] | None, int]:
+    """How the unfinished run in `work`, whose training checkpoint `bmodel` holds, would be compressed if it
+    ended now: (thresholds, keeps, fine-tuning epochs done).
+
+    `thresholds=None`: the ones the run chooses (`unfinished_thresholds`, from the trained posterior, as
+    `run` does). A run already being fine-tuned took its decision then: its newest fine-tuning checkpoint
+    is loaded into `bmodel`, and with the run's own thresholds, `keeps` are the groups it fine-tunes (the
+    layers' `group_mask`), as `run` will compress them; other thresholds can only prune more.
+    """
+    own = thresholds is None
+    if own:
+        thresholds = unfinished_thresholds(opts, bmodel, data_dir, verify)
+    checkpoint = Path(work) / FINETUNE_CHECKPOINT
+    if not (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file()):
+        return thresholds, None, 0
+    try:
+        state, _ = load_newest_checkpoint(checkpoint, repair=False, purpose="compressing")
+        bmodel.load_state_dict(state["model"])
+    except (CheckpointError, KeyError, RuntimeError) as exc:
+        raise RunError(f"unfinished fine-tuning in {work}: {exc}") from exc
+    bmodel.eval()
+    keeps = {name: m.group_mask.clone() for name, m in bmodel.named_modules() if isinstance(m, GroupSparseLayer)}
+    return thresholds, keeps if own else None, int(state.get("epoch", 0))
