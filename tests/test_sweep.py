@@ -211,3 +211,25 @@ def test_sweep_and_threshold_sweep_commands(tau_sweep, tmp_path):
     assert res.exit_code == 1 and "fc9" in res.output and "fc1, fc2, fc3" in res.output
     bad = CliRunner().invoke(main, ["sweep", "--out", str(tmp_path / "s"), "--tau0", "-1"])
     assert bad.exit_code == 1 and "positive" in bad.output
+
+
+def test_sweep_command_trains_each_point_with_the_recipe_options(tmp_path):
+    """--kl-weight, --pretrain-epochs and --finetune-epochs reach every run of the sweep (as in `compress`)."""
+    from click.testing import CliRunner
+
+    from bayescomp.cli import main
+
+    out = tmp_path / "s"
+    args = ["sweep", "--out", str(out), "--tau0", "1e-3", "--epochs", "1", "--train-subset", "300", "--kl-weight",
+            "0.3", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--data-dir", str(DATA), "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "tau0_0.001" / "report.json").read_text())
+    assert (report["config"]["kl_weight"], report["config"]["pretrain_epochs"], report["config"]["finetune_epochs"]) \
+        == (0.3, 1, 1)
+    assert len(report["finetune"]["history"]) == 1 and report["history"][0]["beta"] == 0.3
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["base_options"]["finetune_epochs"] == 1
+    # the finished point is reused only with the same recipe
+    res = CliRunner().invoke(main, [a if a != "0.3" else "0.5" for a in args])
+    assert res.exit_code == 1 and "kl_weight=0.3 (now 0.5)" in res.output

@@ -54,6 +54,22 @@ def main() -> None:
     """Bayesian Compression: train a group-sparse Bayesian network, prune it, quantise it, store it."""
 
 
+#: options of the training recipe that `compress` and `sweep` share
+_KL_WEIGHT = click.option(
+    "--kl-weight", type=float, default=1.0, show_default=True,
+    help="Final weight β of the KL term: 1 is the ELBO; below 1 keeps more groups and fits better, above 1 prunes more.",
+)
+_PRETRAIN_EPOCHS = click.option(
+    "--pretrain-epochs", type=int, default=0, show_default=True,
+    help="Train the plain model this many epochs first, then start the Bayesian model from it.",
+)
+_FINETUNE_EPOCHS = click.option(
+    "--finetune-epochs", type=int, default=0, show_default=True,
+    help="After pruning, train the kept groups' posterior this many epochs more (the learning rate falling to 0), "
+    "then compress exactly the groups kept.",
+)
+
+
 @main.command("compress")
 @click.option("--model", default="lenet300", show_default=True, help="Model from the zoo (see `bayescomp models`).")
 @click.option(
@@ -85,10 +101,7 @@ def main() -> None:
     help="With --lr-schedule cosine: the fall takes only this many last epochs (default: the whole run).",
 )
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
-@click.option(
-    "--kl-weight", type=float, default=1.0, show_default=True,
-    help="Final weight β of the KL term: 1 is the ELBO; below 1 keeps more groups and fits better, above 1 prunes more.",
-)
+@_KL_WEIGHT
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).")
 @click.option(
     "--clip-var", default=None,
@@ -111,13 +124,7 @@ def main() -> None:
     help="Dataset (default: the model's own; must match it).",
 )
 @click.option("--init-from", default=None, type=click.Path(), help="state_dict of the plain model to start from.")
-@click.option(
-    "--pretrain-epochs",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Train the plain model this many epochs first, then start the Bayesian model from it.",
-)
+@_PRETRAIN_EPOCHS
 @click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option(
@@ -133,9 +140,7 @@ def main() -> None:
               help="--auto-thresholds validation: share of the training set held out for validation.")
 @click.option("--variance-scale", type=float, default=1.0, show_default=True,
               help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
-@click.option("--finetune-epochs", type=int, default=0, show_default=True,
-              help="After pruning, train the kept groups' posterior this many epochs more (the learning rate "
-              "falling to 0), then compress exactly the groups kept.")
+@_FINETUNE_EPOCHS
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -436,6 +441,9 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@_KL_WEIGHT
+@_PRETRAIN_EPOCHS
+@_FINETUNE_EPOCHS
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
 @click.option("--auto-thresholds", type=click.Choice(["histogram", "validation"]), default=None,
               help="Choose each run's thresholds after training (see `compress --help`).")
@@ -449,14 +457,16 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--report", "write_pages", is_flag=True, help="Also write report.md for every run and the sweep.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_epochs, thresholds, auto_thresholds,
-              val_budget, val_fraction, clip_var, global_kl, train_subset, force, write_pages, no_verify, quiet) -> None:
+def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_epochs, kl_weight, pretrain_epochs,
+              finetune_epochs, thresholds, auto_thresholds, val_budget, val_fraction, clip_var, global_kl, train_subset,
+              force, write_pages, no_verify, quiet) -> None:
     """Train one horseshoe (ghs) run per τ0 into OUT/, and compare: Pareto front and the ELBO's choice."""
     from .pipeline import RunOptions
     from .sweep import sweep
 
     opts = RunOptions(model=model, prior="ghs", epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-                      warmup_epochs=warmup_epochs, thresholds=_parse_thresholds(thresholds), max_var=_parse_clip_var(clip_var),
+                      warmup_epochs=warmup_epochs, kl_weight=kl_weight, pretrain_epochs=pretrain_epochs,
+                      finetune_epochs=finetune_epochs, thresholds=_parse_thresholds(thresholds), max_var=_parse_clip_var(clip_var),
                       train_subset=train_subset, data_dir=data_dir, global_kl=global_kl,
                       auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction,
                       verify_data=not no_verify)
