@@ -158,3 +158,30 @@ def test_readme_block_names_the_seed_of_a_second_seed(table1):
     run = dict(_table(table1)[0], seed=1)
     line = next(ln for ln in table1.readme_block([run]).splitlines() if ln.startswith("| lenet300_gnj"))
     assert line.startswith("| lenet300_gnj (seed 1) | 1.79 (1.81) |")
+
+
+def test_test_error_standard_error_by_hand(table1):
+    # √(0.018 · 0.982 / 10,000) = 0.0013295 → 0.133 points; it shrinks as √n
+    assert table1.test_error_se(1.8) == pytest.approx(0.13295, abs=1e-5)
+    assert table1.test_error_se(1.8, 40_000) == pytest.approx(0.13295 / 2, abs=1e-5)
+    assert table1.test_error_se(0.0) == 0.0
+
+
+def test_seed_summary_over_the_seeds_of_a_row(table1):
+    one = _table(table1)[0]
+    seeds = [dict(one, seed=s, test_error=e, test_error_uncompressed=u, weights_kept_pct=k,
+                  meets_paper=table1.meets_paper({"test_error": e, "weights_kept_pct": k}, one["paper"]))
+             for s, e, u, k in ((0, 1.7, 1.6, 9.0), (1, 1.9, 1.8, 10.0), (2, 2.1, 2.0, 11.0))]
+    summary = table1.seed_summary([*seeds, *_table(table1)[1:]])  # a row with one seed or none has no entry
+    assert len(summary) == 1
+    entry = summary[0]
+    assert entry["row"] == "lenet300_gnj" and entry["seeds"] == [0, 1, 2]
+    # mean 1.9; sd (n − 1) = √((0.04 + 0 + 0.04) / 2) = 0.2
+    assert entry["test_error"]["mean"] == pytest.approx(1.9) and entry["test_error"]["sd"] == pytest.approx(0.2)
+    assert entry["weights_kept_pct"] == {"mean": pytest.approx(10.0), "sd": pytest.approx(1.0), "min": 9.0, "max": 11.0}
+    assert entry["meets_paper"] == 2  # 1.7 at 9% and 1.9 at 10% (≤ 1.8 + 0.1 at ≤ 10.8%); not 2.1 at 11%
+    assert entry["one_run_se"] == pytest.approx(table1.test_error_se(1.9))
+    line = table1.summary_lines(summary)[-1]
+    assert line == "| lenet300_gnj | 0,1,2 | 1.90 ± 0.20 | 1.80 ± 0.20 | 10.00 ± 1.00 (9.00-11.00) | 2 of 3 | ±0.14 |"
+    assert line in table1.readme_block(seeds)
+    assert table1.summary_lines(table1.seed_summary(_table(table1))) == []
