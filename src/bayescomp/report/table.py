@@ -21,10 +21,16 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
          f"{report['unfinished']['epochs_trained']} of {report['unfinished']['epochs']} (unfinished run)"),
         ("test error (%)", f"{report['test_error']:.2f}  (uncompressed {report['test_error_uncompressed']:.2f})"),
     ]
+    unfinished = report.get("unfinished") or {}
+    if "finetune_epochs_done" in unfinished:
+        rows.append(("fine-tuning epochs", f"{unfinished['finetune_epochs_done']} of {unfinished['finetune_epochs']} "
+                                           "(unfinished)"))
     if "finetune" in report:
         ft = report["finetune"]
         rows.append(("fine-tuned", f"{ft['epochs']} epochs; before: {ft['test_error_before']:.2f}%  "
                                    f"(uncompressed {ft['test_error_uncompressed_before']:.2f})"))
+    if report.get("thresholds"):
+        rows.append(("thresholds (log α)", _thresholds(report)))
     rows += [
         ("architecture", report.get("architecture")),
         ("weights kept", f"{report['weights_kept']} of {report['weights_total']} ({report['weights_kept_pct']:.2f}%)"),
@@ -38,6 +44,19 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
     if "train_seconds" in report:
         rows.append(("training time (s)", f"{report['train_seconds']:.1f}"))
     return rows
+
+
+def _thresholds(report: dict[str, Any]) -> str:
+    """'fc1 -2.80, fc2 -3.00': each layer's threshold, and where an automatic rule found no split in a layer's
+    histogram, that it kept every group of it (a user should know that layer was not pruned by choice)."""
+    choice = report.get("threshold_choice") or {}
+    parts = []
+    for name, value in report["thresholds"].items():
+        text = f"{name} {value:.2f}" if value is not None else f"{name} –"
+        if (choice.get(name) or {}).get("details", {}).get("degenerate"):
+            text += " (no split found: every group kept)"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def _duration(seconds: float) -> str:
