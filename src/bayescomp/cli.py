@@ -63,6 +63,12 @@ _PRETRAIN_EPOCHS = click.option(
     "--pretrain-epochs", type=int, default=0, show_default=True,
     help="Train the plain model this many epochs first, then start the Bayesian model from it.",
 )
+_INPUT_ORIGIN = click.option(
+    "--input-origin", type=float, default=None,
+    help="The input value that carries no signal (MNIST here is in [-1, 1], blank -1): the first layer computes "
+    "on x - origin, so blank inputs add neither signal nor sampling noise. Folded into the first layer's bias "
+    "on compression: the compressed model takes the data as they are.",
+)
 _FINETUNE_EPOCHS = click.option(
     "--finetune-epochs", type=int, default=0, show_default=True,
     help="After pruning, train the kept groups' posterior this many epochs more (the learning rate falling to 0), "
@@ -125,6 +131,7 @@ _FINETUNE_EPOCHS = click.option(
 )
 @click.option("--init-from", default=None, type=click.Path(), help="state_dict of the plain model to start from.")
 @_PRETRAIN_EPOCHS
+@_INPUT_ORIGIN
 @click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option(
@@ -168,6 +175,7 @@ def compress_cmd(
     dataset,
     init_from,
     pretrain_epochs,
+    input_origin,
     no_augment,
     no_verify,
     device,
@@ -190,6 +198,7 @@ def compress_cmd(
     opts = RunOptions(
         init_from=init_from,
         pretrain_epochs=pretrain_epochs,
+        input_origin=input_origin,
         augment=not no_augment,
         verify_data=not no_verify,
         device=device,
@@ -443,6 +452,7 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
 @_KL_WEIGHT
 @_PRETRAIN_EPOCHS
+@_INPUT_ORIGIN
 @_FINETUNE_EPOCHS
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
 @click.option("--auto-thresholds", type=click.Choice(["histogram", "validation"]), default=None,
@@ -458,7 +468,7 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_epochs, kl_weight, pretrain_epochs,
-              finetune_epochs, thresholds, auto_thresholds, val_budget, val_fraction, clip_var, global_kl, train_subset,
+              input_origin, finetune_epochs, thresholds, auto_thresholds, val_budget, val_fraction, clip_var, global_kl, train_subset,
               force, write_pages, no_verify, quiet) -> None:
     """Train one horseshoe (ghs) run per τ0 into OUT/, and compare: Pareto front and the ELBO's choice."""
     from .pipeline import RunOptions
@@ -466,7 +476,7 @@ def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_
 
     opts = RunOptions(model=model, prior="ghs", epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
                       warmup_epochs=warmup_epochs, kl_weight=kl_weight, pretrain_epochs=pretrain_epochs,
-                      finetune_epochs=finetune_epochs, thresholds=_parse_thresholds(thresholds), max_var=_parse_clip_var(clip_var),
+                      input_origin=input_origin, finetune_epochs=finetune_epochs, thresholds=_parse_thresholds(thresholds), max_var=_parse_clip_var(clip_var),
                       train_subset=train_subset, data_dir=data_dir, global_kl=global_kl,
                       auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction,
                       verify_data=not no_verify)

@@ -34,7 +34,7 @@ def _check_prior(prior: str) -> tuple[type, type]:
 
 
 def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var: float | None,
-          options: Mapping[str, object]) -> GroupSparseLayer:
+          options: Mapping[str, object], origin: float = 0.0) -> GroupSparseLayer:
     linear_cls, conv_cls = _check_prior(prior)
     if type(module) is nn.Linear:
         layer = linear_cls(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var,
@@ -48,6 +48,11 @@ def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var:
         )
     else:  # pragma: no cover - guarded by the caller
         raise UnsupportedLayerError(f"{name}: {type(module).__name__}")
+    if origin:
+        try:
+            layer.set_input_origin(origin)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     if keep_weights:
         layer.load_plain(module.weight.detach(), None if module.bias is None else module.bias.detach())
     return layer.to(device=module.weight.device, dtype=module.weight.dtype)
@@ -59,6 +64,7 @@ def bayesianize(
     *,
     keep_weights: bool = True,
     max_var: float | Mapping[str, float] | None = None,
+    input_origin: Mapping[str, float] | None = None,
     **prior_options: object,
 ) -> nn.Module:
     """A copy of `model` whose `nn.Linear` and `nn.Conv2d` layers are group-sparse twins.
@@ -69,6 +75,10 @@ def bayesianize(
       pretrained start); otherwise the twins keep their own initialisation.
     - `max_var`: the variance clamp σ² ≤ max_var, for every converted layer (a float) or per
       layer by module name (a mapping, e.g. ``{"fc1": 0.04}`` as in the paper's code).
+    - `input_origin`: per layer by module name, the input value that carries no signal (e.g.
+      ``{"fc1": -1.0}`` for MNIST in [−1, 1]): the layer computes on x − origin
+      (`GroupSparseLayer.set_input_origin`); with `keep_weights` its bias absorbs the shift, so the
+      function is the plain layer's.
 
     A leaf module with parameters that is neither converted nor a normalisation layer raises
     `UnsupportedLayerError` naming its path, as does a model with no layer to convert.
@@ -83,16 +93,19 @@ def bayesianize(
     per_layer = dict(max_var) if isinstance(max_var, Mapping) else {}
     model = copy.deepcopy(model)
     convertible = {name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
-    unknown = sorted(set(per_layer) - convertible)
-    if unknown:
-        raise ValueError(f"max_var names modules that are not nn.Linear/nn.Conv2d layers of the model: {', '.join(unknown)}")
+    for option, names in (("max_var", per_layer), ("input_origin", input_origin or {})):
+        unknown = sorted(set(names) - convertible)
+        if unknown:
+            raise ValueError(f"{option} names modules that are not nn.Linear/nn.Conv2d layers of the model: "
+                             f"{', '.join(unknown)}")
     converted = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, GroupSparseLayer):
             raise UnsupportedLayerError(f"{name}: the model is already Bayesian")
         if type(module) in (nn.Linear, nn.Conv2d):
             mv = per_layer.get(name) if isinstance(max_var, Mapping) else max_var
-            _replace(model, name, _twin(name, module, prior, keep_weights, mv, prior_options))
+            origin = (input_origin or {}).get(name, 0.0)
+            _replace(model, name, _twin(name, module, prior, keep_weights, mv, prior_options, origin))
             converted += 1
         elif not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
             if not isinstance(module, _PASS_THROUGH):

@@ -10,6 +10,7 @@ is still training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -55,7 +56,8 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
 #: where a validation split is held out.
 RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
-                "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl")
+                "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl",
+                "input_origin")
 
 
 class RunError(RuntimeError):
@@ -64,11 +66,18 @@ class RunError(RuntimeError):
 
 def build_bayesian(model: str, prior: str, *, plain: torch.nn.Module | None = None, keep_weights: bool = False,
                    max_var: float | Mapping[str, float] | None = None, tau0: float | None = None,
-                   global_kl: str | None = None) -> torch.nn.Module:
-    """The Bayesian twin of a zoo model (a fresh one unless `plain` is given)."""
+                   global_kl: str | None = None, input_origin: float | None = None) -> torch.nn.Module:
+    """The Bayesian twin of a zoo model (a fresh one unless `plain` is given); `input_origin`: that of its
+    first layer, which reads the data (`bayesianize`)."""
     options = {k: v for k, v in (("tau0", tau0), ("global_kl", global_kl)) if v is not None}
-    return bayesianize(plain if plain is not None else build_model(model), prior, keep_weights=keep_weights,
-                       max_var=max_var, **options)
+    plain = plain if plain is not None else build_model(model)
+    origin = {first_layer(plain): input_origin} if input_origin else None
+    return bayesianize(plain, prior, keep_weights=keep_weights, max_var=max_var, input_origin=origin, **options)
+
+
+def first_layer(model: torch.nn.Module) -> str:
+    """The name of the first nn.Linear/nn.Conv2d of a plain model (in registration order: the zoo's order)."""
+    return next(n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
 
 
 def load_posterior(path: str | os.PathLike) -> torch.nn.Module:
@@ -139,6 +148,7 @@ class RunOptions:
     verify_data: bool = True  # check the data files' published checksums (off only for data you made)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
     tau0: float | None = None  # group horseshoe: global scale of the prior (None: the layer default, 1e-5)
+    input_origin: float | None = None  # the first layer computes on x − this: inputs there carry no signal, no noise
     global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
     auto_thresholds: str | None = None  # "histogram" or "validation": choose thresholds after training (compress.thresholds)
     val_budget: float = 0.5  # validation: allowed increase of the validation error, in percentage points
@@ -168,6 +178,13 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
     resolve_device(opts.device)
     _validate_max_var(opts)
+    if opts.input_origin is not None:
+        if not (isinstance(opts.input_origin, (int, float)) and math.isfinite(opts.input_origin)):
+            raise RunError(f"input origin must be a finite number, got {opts.input_origin!r}")
+        try:
+            build_bayesian(opts.model, opts.prior, input_origin=opts.input_origin)
+        except ValueError as exc:
+            raise RunError(f"--input-origin on model {opts.model}: {exc}") from exc
     if opts.pretrain_epochs < 0:
         raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if not isinstance(opts.finetune_epochs, int) or opts.finetune_epochs < 0:
@@ -489,7 +506,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     torch.manual_seed(opts.seed)
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
     bmodel = build_bayesian(opts.model, opts.prior, plain=plain, keep_weights=trained, max_var=max_var or None,
-                            tau0=opts.tau0, global_kl=opts.global_kl).to(device)
+                            tau0=opts.tau0, global_kl=opts.global_kl, input_origin=opts.input_origin).to(device)
     config = _train_config(opts)
     result = fit(bmodel, train, config, test=test, checkpoint=work / CHECKPOINT, resume=resume,
                  metrics=work / METRICS, progress=progress, transform=_augmentation(opts))

@@ -61,7 +61,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..convert import UnsupportedLayerError
-from ..nn import GroupSparseLayer
+from ..nn import GroupSparseLayer, zero_padded
 from .chain import CHANNEL_AFFINE, ZERO_PRESERVING
 from .masks import LayerMask, PruneError, _module_const, group_masks, resolve_thresholds
 from .precision import exponent_bits, layer_bits, round_to_bits
@@ -71,9 +71,9 @@ from .shrink import (
     Select,
     _constant_inputs,
     _copy_layer,
-    _padded,
     _slice_batch_norm,
     effective_params,
+    origin_shift,
 )
 from .summary import summarize
 
@@ -445,6 +445,8 @@ class _Analysis:
         if kind == "depthwise":
             mod = info.module
             own = info.own if info.own is not None else torch.ones(c_out, dtype=torch.bool)
+            if getattr(mod, "_origin", 0.0):  # a zero input is −origin to it: its output would hang on the bits
+                return torch.where(own, nan, torch.zeros_like(nan))
             _, bias = effective_params(mod, _on_device(LayerMask(str(node.target), own, own, nan, info.own), mod))
             out = torch.where(ins[0] == 0, bias.detach().cpu().double(), nan)
             return torch.where(own, out, torch.zeros_like(nan))
@@ -679,10 +681,13 @@ class _Builder:
             weight = round_to_bits(weight, self.bits[lm.name])
         kernel, has_const = _constant_inputs(weight, _on_device(lm, m))
         linear = hasattr(m, "in_features")
-        zero_padded = not linear and _padded(m) and getattr(m, "padding_mode", "zeros") == "zeros"
-        ones_channel = bool(has_const) and zero_padded
+        padded = not linear and zero_padded(m) and getattr(m, "padding_mode", "zeros") == "zeros"
+        ones_channel = bool(has_const) and padded
         if bool(has_const) and not ones_channel:
             bias = bias + (kernel if kernel.dim() == 1 else kernel.flatten(1).sum(1))
+        shift = origin_shift(m, weight)
+        if shift is not None:
+            bias = bias + shift
         out_mask = lm.out_mask.to(weight.device)
         in_mask = lm.in_mask.to(weight.device)
         w = weight[out_mask][:, in_mask]
@@ -707,6 +712,9 @@ class _Builder:
         weight, bias = effective_params(m, _on_device(lm, m))
         if self.bits is not None and lm.name in self.bits:
             weight = round_to_bits(weight, self.bits[lm.name])
+        shift = origin_shift(m, weight)
+        if shift is not None:
+            bias = bias + shift
         keep = lm.out_mask.to(weight.device)
         w, b = weight[keep], bias[keep]
         k = int(keep.sum())

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, fx, nn
 
-from ..nn import GroupSparseLayer
+from ..nn import GroupSparseLayer, zero_padded
 from .chain import CHANNEL_AFFINE, WEIGHTED, chain, is_linear
 from .masks import LayerMask, PruneError
 from .precision import round_to_bits
@@ -158,9 +158,17 @@ class AppendOnes(nn.Module):
         return torch.cat([x, x.new_ones(x.shape[0], 1, *x.shape[2:])], dim=1)
 
 
-def _padded(module: nn.Module) -> bool:
-    p = module.padding
-    return p != "valid" and (p == "same" or any(v > 0 for v in torch.nn.modules.utils._pair(p)))
+def origin_shift(module: nn.Module, weight: Tensor) -> Tensor | None:
+    """−c·Σ_j W[o, j] per output o (summed over kernel taps too) for a layer that computes on x − c (its
+    input origin c ≠ 0; `weight` as stored), else None: added to the bias, the plain layer takes x itself.
+
+    Summed over every input, the removed ones included: a removed input's constant c_j then enters the
+    layer as c_j − c, as it does in the masked model (`_constant_inputs` adds the c_j part).
+    """
+    origin = getattr(module, "_origin", 0.0) if isinstance(module, GroupSparseLayer) else 0.0
+    if origin == 0.0:
+        return None
+    return -origin * weight.flatten(1).sum(1)
 
 
 def _constant_inputs(weight: Tensor, lm: LayerMask) -> tuple[Tensor, Tensor]:
@@ -191,9 +199,12 @@ def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, 
             if bits is not None and name in bits:
                 weight = round_to_bits(weight, bits[name])
             kernel, has_const = _constant_inputs(weight, lm)
-            ones_channel = bool(has_const) and not is_linear(m) and _padded(m)
+            ones_channel = bool(has_const) and not is_linear(m) and zero_padded(m)
             if bool(has_const) and not ones_channel:
                 bias = bias + (kernel if kernel.dim() == 1 else kernel.flatten(1).sum(1))
+            shift = origin_shift(m, weight)
+            if shift is not None:
+                bias = bias + shift
             n_in = lm.in_mask.numel()
             if avail is None:
                 avail = torch.ones(n_in, dtype=torch.bool)

@@ -17,6 +17,12 @@ Forward pass:
 
 A boolean buffer `group_mask` (all True by default) multiplies z: it lets a user, or a test,
 run the *masked* Bayesian network that pruning promises to reproduce.
+
+An input origin c (`set_input_origin`; 0 by default) makes the layer compute on x − c: an input at
+its origin then adds neither signal nor sampling noise (the local reparameterisation's variance is
+Σ (x_j − c)²·Var[w_ij]), which is what "no signal" means for data whose blank value is not 0 (MNIST
+here is in [−1, 1], background −1). The compressed plain layer takes x itself: W(x − c) + b is folded
+into W·x + (b − c·Σ_j W_j) (`compress.shrink`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ from .lrt import conv2d_lrt, conv2d_lrt_reference, linear_lrt
 
 _LOGVAR_INIT = -9.0
 _INIT_STD = 1e-2
+
+
+def zero_padded(conv: nn.Module) -> bool:
+    """Whether a convolution (plain or group-sparse) pads its input."""
+    p = conv.padding
+    return p != "valid" and (p == "same" or any(v > 0 for v in torch.nn.modules.utils._pair(p)))
 
 
 class GroupSparseLayer(nn.Module):
@@ -74,7 +86,37 @@ class GroupSparseLayer(nn.Module):
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_logvar", None)
         self.register_buffer("group_mask", torch.ones(n_groups, dtype=torch.bool))
+        self.register_buffer("input_origin", torch.zeros(()))
+        self._origin = 0.0  # the buffer's value as a Python float (read by every forward without a sync)
         self.n_groups = n_groups
+
+    # ---- input origin -------------------------------------------------------------------------
+    def set_input_origin(self, origin: float) -> None:
+        """Compute on x − `origin` from now on (see the module doc). Not for a zero-padded convolution,
+        whose border taps would see the padding at −origin, which no plain layer reproduces."""
+        try:
+            origin = float(origin)
+        except (TypeError, ValueError):
+            raise ValueError(f"input origin must be a finite number, got {origin!r}") from None
+        if not math.isfinite(origin):
+            raise ValueError(f"input origin must be a finite number, got {origin!r}")
+        if origin != 0.0 and self._zero_padded():
+            raise ValueError("an input origin needs an unpadded convolution: zero padding would stand for "
+                             f"−origin ({-origin:g}) after the shift")
+        with torch.no_grad():
+            self.input_origin.fill_(origin)
+        self._origin = origin
+
+    def _zero_padded(self) -> bool:
+        return False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # type: ignore[override]
+        # a state saved before input origins existed has none: its layers computed on x itself
+        state_dict.setdefault(prefix + "input_origin", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._origin = float(self.input_origin)
 
     # ---- initialisation -------------------------------------------------------------------
     def _init_variational(self) -> None:
@@ -85,13 +127,22 @@ class GroupSparseLayer(nn.Module):
                 self.bias_mu.zero_()
 
     def load_plain(self, weight: Tensor, bias: Tensor | None) -> None:
-        """Take a plain layer's weights as the posterior means (for a pretrained start)."""
+        """Take a plain layer's weights as the posterior means (for a pretrained start).
+
+        With an input origin c the bias becomes b + c·Σ_j W_j (W_j·E[z_j] for a Linear layer), so that the
+        evaluation forward on x − c computes what the plain layer computes on x, up to E[z] (a layer without a
+        bias cannot absorb the shift: refused).
+        """
         if tuple(weight.shape) != tuple(self.weight_mu.shape):
             raise ValueError(f"weight shape {tuple(weight.shape)} does not match {tuple(self.weight_mu.shape)}")
+        if self._origin != 0.0 and (self.bias_mu is None or bias is None):
+            raise ValueError("a layer with an input origin needs a bias to start from a plain layer's weights")
         with torch.no_grad():
             self.weight_mu.copy_(weight)
             if self.bias_mu is not None and bias is not None:
-                self.bias_mu.copy_(bias)
+                # the evaluation forward's weights: z gates a Linear's inputs (a conv's gate covers its bias too)
+                scaled = weight * self.z_mean().view(self._z_shape()) if self.group_dim == 1 else weight
+                self.bias_mu.copy_(bias + self._origin * scaled.flatten(1).sum(1))
 
     # ---- the prior-specific part (subclasses) -----------------------------------------------
     def z_mean(self) -> Tensor:  # pragma: no cover - abstract
@@ -196,6 +247,8 @@ class GroupSparseLayer(nn.Module):
         return z * self.group_mask.to(z.dtype)  # (an explicit cast of the n-vector: cheaper than promoting z)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._origin != 0.0:
+            x = x - self._origin
         z = self._gate(x.shape[0])
         if self.training:
             return self._stochastic(x, z)
@@ -271,7 +324,8 @@ class _LinearKind(GroupSparseLayer):
         return None if self.bias_mu is None else self.bias_mu.detach().clone()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}"
+        origin = f", input_origin={self._origin:g}" if self._origin else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}{origin}"
 
 
 class _ConvKind(GroupSparseLayer):
@@ -315,6 +369,9 @@ class _ConvKind(GroupSparseLayer):
             self.weight_mu.uniform_(-bound, bound)
         self._init_variational()
 
+    def _zero_padded(self) -> bool:
+        return zero_padded(self)
+
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -335,4 +392,5 @@ class _ConvKind(GroupSparseLayer):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias_mu is not None}"
+            + (f", input_origin={self._origin:g}" if self._origin else "")
         )
