@@ -301,3 +301,31 @@ def test_histogram_thresholds_use_each_prior_default_as_noise_floor():
     with torch.no_grad():
         layer.z_logvar[40:] = 1.0
     assert histogram_thresholds(model)["0"].kept == 40
+
+
+def test_named_layers_keep_their_given_threshold_beside_the_histogram_rule(tmp_path):
+    """--auto-thresholds histogram --thresholds fc1=X: fc1 at X, the other layers at the rule's split; a single
+    number, the validation rule or an unknown layer is refused before any training or folder."""
+    import os
+    from pathlib import Path
+
+    import bayescomp.pipeline as pipeline
+
+    data = os.environ.get("BAYESCOMP_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    base = dict(model="lenet300", prior="ghs", epochs=1, train_subset=300, data_dir=data)
+    auto = pipeline.run(pipeline.RunOptions(**base, auto_thresholds="histogram"), tmp_path / "auto", progress=False)
+    both = pipeline.run(pipeline.RunOptions(**base, auto_thresholds="histogram", thresholds={"fc1": 1.25}),
+                        tmp_path / "both", progress=False)
+    assert both["thresholds"]["fc1"] == 1.25
+    assert {k: v for k, v in both["thresholds"].items() if k != "fc1"} == \
+        {k: v for k, v in auto["thresholds"].items() if k != "fc1"}
+    choice = both["threshold_choice"]
+    assert choice["fc1"]["method"] == "given" and choice["fc2"] == auto["threshold_choice"]["fc2"]
+    posterior = pipeline.load_posterior(tmp_path / "both" / "posterior.pt")
+    assert choice["fc1"]["kept"] == int((posterior.fc1.log_alpha() < 1.25).sum())
+    for bad, match in ((dict(auto_thresholds="histogram", thresholds=1.0), "named layers"),
+                       (dict(auto_thresholds="validation", thresholds={"fc1": 1.0}), "validation rule"),
+                       (dict(auto_thresholds="histogram", thresholds={"fc9": 1.0}), "fc9")):
+        with pytest.raises(pipeline.RunError, match=match):
+            pipeline.run(pipeline.RunOptions(**base, **bad), tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()

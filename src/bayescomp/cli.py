@@ -139,7 +139,8 @@ _FINETUNE_EPOCHS = click.option(
     type=click.Choice(["histogram", "validation"]),
     default=None,
     help="Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
-    "or the most compression within --val-budget on a validation split held out of the training set.",
+    "or the most compression within --val-budget on a validation split held out of the training set. With "
+    "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'.",
 )
 @click.option("--val-budget", type=float, default=0.5, show_default=True,
               help="--auto-thresholds validation: allowed increase of the validation error (percentage points).")

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .compress import PruneError, apply_masks, compress, group_masks
-from .compress.thresholds import histogram_thresholds, validation_split, validation_thresholds
+from .compress.thresholds import ThresholdChoice, histogram_thresholds, validation_split, validation_thresholds
 from .convert import PRIORS, bayesianize
 from .data import cifar10_augment, input_shape, load_cifar10, load_mnist
 from .io import packed_report, save_plain
@@ -178,6 +178,7 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
     resolve_device(opts.device)
     _validate_max_var(opts)
+    _check_layer_names(opts, opts.thresholds, "--thresholds")
     if opts.input_origin is not None:
         if not (isinstance(opts.input_origin, (int, float)) and math.isfinite(opts.input_origin)):
             raise RunError(f"input origin must be a finite number, got {opts.input_origin!r}")
@@ -196,7 +197,10 @@ def validate(opts: RunOptions) -> None:
     if opts.auto_thresholds not in (None, "histogram", "validation"):
         raise RunError(f"auto thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
     if opts.auto_thresholds is not None and opts.thresholds is not None:
-        raise RunError("--thresholds and --auto-thresholds exclude each other: give one of them")
+        if opts.auto_thresholds != "histogram" or not isinstance(opts.thresholds, Mapping):
+            raise RunError("--thresholds with --auto-thresholds: only with the histogram rule, and only for named "
+                           "layers (fc1=2.5), which the rule then leaves alone; a single number or the validation "
+                           "rule excludes the other option")
     if not 0.0 < opts.val_fraction < 1.0:
         raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
     if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):
@@ -221,12 +225,18 @@ def _validate_max_var(opts: RunOptions) -> None:
         if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
             where = f" for {name}" if name else ""
             raise RunError(f"variance clamp (--clip-var){where} must be a positive finite number, got {value!r}")
-    if isinstance(opts.max_var, Mapping):
-        layers = {n for n, m in build_model(opts.model).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-        unknown = sorted(set(opts.max_var) - layers)
-        if unknown:
-            raise RunError(f"--clip-var names layers that {opts.model} does not have: {', '.join(unknown)} "
-                           f"(its layers: {', '.join(sorted(layers))})")
+    _check_layer_names(opts, opts.max_var, "--clip-var")
+
+
+def _check_layer_names(opts: RunOptions, per_layer: Any, flag: str) -> None:
+    """A per-layer option (a mapping) names only layers the model has: checked before any training."""
+    if not isinstance(per_layer, Mapping):
+        return
+    layers = {n for n, m in build_model(opts.model).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    unknown = sorted(set(per_layer) - layers)
+    if unknown:
+        raise RunError(f"{flag} names layers that {opts.model} does not have: {', '.join(unknown)} "
+                       f"(its layers: {', '.join(sorted(layers))})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -420,10 +430,16 @@ def _hold_out(opts: RunOptions, train):
 
 
 def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: torch.Tensor):
-    """(thresholds, choice) a run compresses with: its --auto-thresholds rule's per-layer choice, or else its
-    --thresholds, or the recipe's (choice None)."""
+    """(thresholds, choice) a run compresses with: its --auto-thresholds rule's per-layer choice (with the
+    histogram rule, a layer named in --thresholds takes the value given there), or else its --thresholds,
+    or the recipe's (choice None)."""
     if opts.auto_thresholds == "histogram":
         choice = histogram_thresholds(bmodel)
+        given = opts.thresholds if isinstance(opts.thresholds, Mapping) else {}  # (names checked by `validate`)
+        for name, value in given.items():
+            la = dict(bmodel.named_modules())[name].log_alpha().detach()
+            choice[name] = ThresholdChoice(float(value), "given", "set by --thresholds", int((la < value).sum()),
+                                           la.numel())
     elif opts.auto_thresholds == "validation":
         choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale,
                                        example_input=example)
