@@ -153,6 +153,33 @@ def test_explicit_thresholds_are_the_config_of_the_fine_tuned_run(runs, tmp_path
     assert "threshold_choice" not in report
 
 
+def test_thresholds_naming_some_layers_leave_the_others_at_the_run_s_own(runs, tmp_path):
+    root, plain, _, opts = runs
+    fc1 = opts.thresholds["fc1"] + 0.01
+    report = finetune_run(root / "plain", tmp_path / "fc1", 1, thresholds={"fc1": fc1}, progress=False)
+    assert report["thresholds"] == {**opts.thresholds, "fc1": fc1}
+    assert report["config"]["thresholds"] == report["thresholds"] and report["config"]["auto_thresholds"] is None
+
+
+def test_a_histogram_run_fine_tuned_with_one_layer_named_equals_the_one_go_run(tmp_path):
+    """`finetune RUN --thresholds fc1=X` on a run whose histogram rule chose its thresholds gives the model and
+    the config of `compress --auto-thresholds histogram --thresholds fc1=X --finetune-epochs N`."""
+    hist = replace(BASE, auto_thresholds="histogram")
+    trained = run(hist, tmp_path / "hist", progress=False)
+    fc1 = float(load_posterior(tmp_path / "hist" / "posterior.pt").fc1.log_alpha().detach().median())
+    two_step = finetune_run(tmp_path / "hist", tmp_path / "two", 1, thresholds={"fc1": fc1}, progress=False)
+    one_go = run(replace(hist, thresholds={"fc1": fc1}, finetune_epochs=1), tmp_path / "one", progress=False)
+    assert two_step["config"]["auto_thresholds"] == "histogram" and two_step["config"]["thresholds"] == {"fc1": fc1}
+    assert two_step["thresholds"] == one_go["thresholds"] == {**trained["thresholds"], "fc1": fc1}
+    for key in ("test_error", "architecture", "bits"):
+        assert two_step[key] == one_go[key], key
+    a = torch.load(tmp_path / "two" / "posterior.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "one" / "posterior.pt", weights_only=False)["state_dict"]
+    assert _states_equal(a, b)
+    assert {k: v for k, v in two_step["config"].items() if k != "data_dir"} == \
+        {k: v for k, v in one_go["config"].items() if k != "data_dir"}
+
+
 def test_thresholds_that_prune_a_whole_layer_stop_before_fine_tuning(runs):
     root, _, _, _ = runs
     with pytest.raises(PruneError, match="every group of layer fc1"):

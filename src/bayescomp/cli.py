@@ -397,7 +397,8 @@ def prune_cmd(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
 )
 @click.option("--thresholds", default=None,
-              help="log α thresholds that decide what is kept (default: the run's own): one number, or name=value pairs.")
+              help="log α thresholds that decide what is kept (default: the run's own): one number, or name=value "
+              "pairs (layers not named keep the run's own).")
 @click.option("--data-dir", default=None, help="Data root (default: the run's).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

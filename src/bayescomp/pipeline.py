@@ -660,7 +660,9 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     with `finetune_epochs=epochs`, so the result is the one `run` gives for those options in one go.
     `thresholds=None` keeps the run's own thresholds (its report's `thresholds`); others are recorded in the
     new report's `config` (in place of the run's --auto-thresholds rule; a validation split the run held out
-    stays held out). `data_dir` and `device` default to the run's.
+    stays held out). A mapping naming some layers only changes those: the others keep the run's own (for a
+    run whose histogram rule chose them, the config then records the rule and the named layers, as
+    `compress --auto-thresholds histogram --thresholds ...` would). `data_dir` and `device` default to the run's.
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
@@ -686,10 +688,17 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)
     train, _ = _hold_out(opts, train)  # the training set the posterior was trained on
     bmodel = load_posterior(posterior_path).to(torch_device)
+    own = previous.get("thresholds") or None
     if thresholds is None:
-        thresholds = previous.get("thresholds") or None
+        thresholds = own
     else:  # the config records how the decision was taken
-        opts.thresholds, opts.auto_thresholds = thresholds, None
+        partial = isinstance(thresholds, Mapping) and isinstance(own, Mapping) and set(thresholds) < set(own)
+        merged = {**own, **thresholds} if partial else thresholds
+        if partial and opts.auto_thresholds == "histogram":
+            opts.thresholds = dict(thresholds)  # named layers given, the rest the rule's: what `run` records
+        else:
+            opts.thresholds, opts.auto_thresholds = merged, None
+        thresholds = merged
     final, work = prepare_out(out, False, force)
     try:
         example = example_input(opts.model, device=torch_device)
