@@ -42,6 +42,10 @@ figures.
   tempered posterior, no longer the ELBO).
 - `lenet300_ghs_tempered_ft`: the same, then pruned at the same thresholds and the kept groups
   fine-tuned 10 epochs (`--finetune-epochs 10`) before compressing.
+- `lenet300_ghs_origin_ft`: the tempered recipe with `--input-origin -1` (MNIST's blank pixels, −1 here,
+  add neither signal nor sampling noise to the first layer), fc1 cut at the horseshoe layers' default
+  threshold 2.5 (its histogram no longer splits: blank pixels keep the prior's score instead of being
+  pushed out) with fc2 and fc3 at their Otsu splits, then 10 fine-tuning epochs.
 """
 
 from __future__ import annotations
@@ -75,7 +79,10 @@ RECIPE_ROWS = {"lenet300_gnj_ft": ("lenet300_gnj", {"thresholds": {"fc1": -3.5, 
                                                   "finetune_epochs": 10}),
                "lenet300_ghs_tempered": ("lenet300_ghs", {"kl_weight": 0.3, "pretrain_epochs": 20}),
                "lenet300_ghs_tempered_ft": ("lenet300_ghs", {"kl_weight": 0.3, "pretrain_epochs": 20,
-                                                             "finetune_epochs": 10})}
+                                                             "finetune_epochs": 10}),
+               "lenet300_ghs_origin_ft": ("lenet300_ghs", {"kl_weight": 0.3, "pretrain_epochs": 20,
+                                                           "input_origin": -1.0, "thresholds": {"fc1": 2.5},
+                                                           "finetune_epochs": 10})}
 VGG_ROWS = ("vgg16_gnj", "vgg16_ghs")
 
 #: the paper's Table 1 as the method notes (§7.1) reconstruct it, each figure with its certainty tag
@@ -146,7 +153,7 @@ def _same_setting(saved: dict, opts: RunOptions) -> bool:
     cfg = saved.get("config", {})
     defaults = RunOptions()  # a results file from before an option existed ran at its default
     keys = ("epochs", "seed", "prior", "model", "train_subset", "kl_weight", "pretrain_epochs", "lr_schedule",
-            "lr_decay_epochs", "finetune_epochs", "thresholds", "auto_thresholds")
+            "lr_decay_epochs", "finetune_epochs", "thresholds", "auto_thresholds", "input_origin")
     return all(cfg.get(k, getattr(defaults, k)) == getattr(opts, k) for k in keys)
 
 
