@@ -93,7 +93,7 @@ class GroupSparseLayer(nn.Module):
     # ---- input origin -------------------------------------------------------------------------
     def set_input_origin(self, origin: float) -> None:
         """Compute on x − `origin` from now on (see the module doc). Not for a zero-padded convolution,
-        whose border taps would see the padding at −origin, which no plain layer reproduces."""
+        whose border taps would see x = origin in the padding, which no plain convolution of x reproduces."""
         try:
             origin = float(origin)
         except (TypeError, ValueError):
@@ -101,8 +101,8 @@ class GroupSparseLayer(nn.Module):
         if not math.isfinite(origin):
             raise ValueError(f"input origin must be a finite number, got {origin!r}")
         if origin != 0.0 and self._zero_padded():
-            raise ValueError("an input origin needs an unpadded convolution: zero padding would stand for "
-                             f"−origin ({-origin:g}) after the shift")
+            raise ValueError(f"an input origin needs an unpadded convolution: its zero padding of x − origin "
+                             f"would stand for x = {origin:g}, which a plain convolution of x (padding 0) cannot do")
         with torch.no_grad():
             self.input_origin.fill_(origin)
         self._origin = origin
