@@ -162,3 +162,11 @@ def test_cosine_run_resumes_only_to_its_own_length(tmp_path, monkeypatch):
     report = run(opts, out, resume=True, progress=False)
     assert report["config"]["lr_schedule"] == "cosine" and [row["epoch"] for row in report["history"]] == [1, 2]
     assert report["history"][-1]["lr"] < 0.1 * opts.lr
+
+
+def test_prune_with_some_layers_named_keeps_the_run_s_thresholds_for_the_others(tmp_path, monkeypatch):
+    _, out = _interrupted(tmp_path, monkeypatch)  # the recipe's thresholds: fc1 −2.8, fc2 −3, fc3 −5
+    peek = recompress(out, tmp_path / "peek", {"fc2": -2.5}, data_dir=DATA)
+    assert peek["thresholds"] == {"fc1": -2.8, "fc2": -2.5, "fc3": -5.0}
+    again = recompress(tmp_path / "peek", tmp_path / "again", {"fc1": -2.0}, data_dir=DATA)
+    assert again["thresholds"] == {"fc1": -2.0, "fc2": -2.5, "fc3": -5.0}

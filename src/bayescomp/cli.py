@@ -357,7 +357,8 @@ def unpack_cmd(file: str, out: str) -> None:
 
 @main.command("prune")
 @click.argument("run_dir", type=click.Path())
-@click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
+@click.option("--thresholds", default=None,
+              help="log α thresholds: one number, or name=value pairs (layers not named keep the run's own).")
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
 )

@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .compress import PruneError, apply_masks, compress, group_masks
+from .compress.masks import resolve_thresholds
 from .compress.thresholds import ThresholdChoice, histogram_thresholds, validation_split, validation_thresholds
 from .convert import PRIORS, bayesianize
 from .data import cifar10_augment, input_shape, load_cifar10, load_mnist
@@ -606,7 +607,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     run alone; the report's `unfinished` says at which epoch.
 
     `thresholds=None` keeps the thresholds the run used (its report's `thresholds`; for an unfinished run,
-    the ones it would choose: its --thresholds, its --auto-thresholds rule, or the recipe's); `verify=False`
+    the ones it would choose: its --thresholds, its --auto-thresholds rule, or the recipe's); a mapping that
+    names some layers changes only those, the others keep the run's; `verify=False`
     skips the data files' checksum check (data you made yourself).
     """
     run_dir = Path(run_dir)
@@ -636,6 +638,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
         elif thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds = previous.get("thresholds") or None
+        elif isinstance(thresholds, Mapping) and isinstance(previous.get("thresholds"), Mapping):
+            thresholds = {**previous["thresholds"], **thresholds}  # layers not named keep the run's own
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
     except BaseException:
@@ -744,6 +748,9 @@ def unfinished_decision(opts: RunOptions, bmodel: torch.nn.Module, work: str | o
     own = thresholds is None
     if own:
         thresholds = unfinished_thresholds(opts, bmodel, data_dir, verify)
+    elif isinstance(thresholds, Mapping):  # layers not named keep the ones the run would choose
+        chosen = resolve_thresholds(bmodel, unfinished_thresholds(opts, bmodel, data_dir, verify))
+        thresholds = {**chosen, **thresholds}
     checkpoint = Path(work) / FINETUNE_CHECKPOINT
     if not (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file()):
         return thresholds, None, 0
