@@ -590,6 +590,14 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     os.replace(work, final)
 
 
+def named_over(own: Any, given: Any) -> Any:
+    """Thresholds `given` for a run whose own are `own`: a mapping naming some layers changes only those (the
+    others keep the run's own); a number, or a mapping over a run without per-layer thresholds, is as given."""
+    if isinstance(given, Mapping) and isinstance(own, Mapping):
+        return {**own, **given}
+    return given
+
+
 def _over(previous: dict[str, Any], figures: dict[str, Any], compressed) -> dict[str, Any]:
     """A run's report with a new compression's figures and report fields in place of its own."""
     return {k: v for k, v in previous.items() if k not in compressed.report and k not in figures} | figures | \
@@ -638,8 +646,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
         elif thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds = previous.get("thresholds") or None
-        elif isinstance(thresholds, Mapping) and isinstance(previous.get("thresholds"), Mapping):
-            thresholds = {**previous["thresholds"], **thresholds}  # layers not named keep the run's own
+        else:
+            thresholds = named_over(previous.get("thresholds"), thresholds)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
     except BaseException:
@@ -697,7 +705,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
         thresholds = own
     else:  # the config records how the decision was taken
         partial = isinstance(thresholds, Mapping) and isinstance(own, Mapping) and set(thresholds) < set(own)
-        merged = {**own, **thresholds} if partial else thresholds
+        merged = named_over(own, thresholds)
         if partial and opts.auto_thresholds == "histogram":
             opts.thresholds = dict(thresholds)  # named layers given, the rest the rule's: what `run` records
         else:
@@ -749,8 +757,8 @@ def unfinished_decision(opts: RunOptions, bmodel: torch.nn.Module, work: str | o
     if own:
         thresholds = unfinished_thresholds(opts, bmodel, data_dir, verify)
     elif isinstance(thresholds, Mapping):  # layers not named keep the ones the run would choose
-        chosen = resolve_thresholds(bmodel, unfinished_thresholds(opts, bmodel, data_dir, verify))
-        thresholds = {**chosen, **thresholds}
+        thresholds = named_over(resolve_thresholds(bmodel, unfinished_thresholds(opts, bmodel, data_dir, verify)),
+                                thresholds)
     checkpoint = Path(work) / FINETUNE_CHECKPOINT
     if not (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file()):
         return thresholds, None, 0
