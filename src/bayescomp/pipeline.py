@@ -183,10 +183,13 @@ def validate(opts: RunOptions) -> None:
     if opts.input_origin is not None:
         if not (isinstance(opts.input_origin, (int, float)) and math.isfinite(opts.input_origin)):
             raise RunError(f"input origin must be a finite number, got {opts.input_origin!r}")
+        plain = build_model(opts.model)  # the first layer's twin says whether it can take the origin
+        first = first_layer(plain)
         try:
-            build_bayesian(opts.model, opts.prior, input_origin=opts.input_origin)
+            bayesianize(torch.nn.Sequential(plain.get_submodule(first)), opts.prior, keep_weights=False,
+                        input_origin={"0": opts.input_origin})
         except ValueError as exc:
-            raise RunError(f"--input-origin on model {opts.model}: {exc}") from exc
+            raise RunError(f"--input-origin on model {opts.model}: {first}: {str(exc).removeprefix('0: ')}") from exc
     if opts.pretrain_epochs < 0:
         raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if not isinstance(opts.finetune_epochs, int) or opts.finetune_epochs < 0:
@@ -438,7 +441,7 @@ def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: t
         choice = histogram_thresholds(bmodel)
         given = opts.thresholds if isinstance(opts.thresholds, Mapping) else {}  # (names checked by `validate`)
         for name, value in given.items():
-            la = dict(bmodel.named_modules())[name].log_alpha().detach()
+            la = bmodel.get_submodule(name).log_alpha().detach()
             choice[name] = ThresholdChoice(float(value), "given", "set by --thresholds", int((la < value).sum()),
                                            la.numel())
     elif opts.auto_thresholds == "validation":

@@ -73,7 +73,7 @@ from .shrink import (
     _copy_layer,
     _slice_batch_norm,
     effective_params,
-    origin_shift,
+    fold_origin,
 )
 from .summary import summarize
 
@@ -685,9 +685,7 @@ class _Builder:
         ones_channel = bool(has_const) and padded
         if bool(has_const) and not ones_channel:
             bias = bias + (kernel if kernel.dim() == 1 else kernel.flatten(1).sum(1))
-        shift = origin_shift(m, weight)
-        if shift is not None:
-            bias = bias + shift
+        bias = fold_origin(m, weight, bias)
         out_mask = lm.out_mask.to(weight.device)
         in_mask = lm.in_mask.to(weight.device)
         w = weight[out_mask][:, in_mask]
@@ -712,9 +710,7 @@ class _Builder:
         weight, bias = effective_params(m, _on_device(lm, m))
         if self.bits is not None and lm.name in self.bits:
             weight = round_to_bits(weight, self.bits[lm.name])
-        shift = origin_shift(m, weight)
-        if shift is not None:
-            bias = bias + shift
+        bias = fold_origin(m, weight, bias)
         keep = lm.out_mask.to(weight.device)
         w, b = weight[keep], bias[keep]
         k = int(keep.sum())

@@ -158,17 +158,16 @@ class AppendOnes(nn.Module):
         return torch.cat([x, x.new_ones(x.shape[0], 1, *x.shape[2:])], dim=1)
 
 
-def origin_shift(module: nn.Module, weight: Tensor) -> Tensor | None:
-    """−c·Σ_j W[o, j] per output o (summed over kernel taps too) for a layer that computes on x − c (its
-    input origin c ≠ 0; `weight` as stored), else None: added to the bias, the plain layer takes x itself.
+def fold_origin(module: nn.Module, weight: Tensor, bias: Tensor) -> Tensor:
+    """The bias of the plain layer for a layer that computes on x − c (its input origin c; `weight` as
+    stored): bias − c·Σ_j W[o, j] per output o (summed over kernel taps too), so the plain layer takes x
+    itself; `bias` unchanged where c = 0.
 
     Summed over every input, the removed ones included: a removed input's constant c_j then enters the
     layer as c_j − c, as it does in the masked model (`_constant_inputs` adds the c_j part).
     """
     origin = getattr(module, "_origin", 0.0) if isinstance(module, GroupSparseLayer) else 0.0
-    if origin == 0.0:
-        return None
-    return -origin * weight.flatten(1).sum(1)
+    return bias if origin == 0.0 else bias - origin * weight.flatten(1).sum(1)
 
 
 def _constant_inputs(weight: Tensor, lm: LayerMask) -> tuple[Tensor, Tensor]:
@@ -202,9 +201,7 @@ def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, 
             ones_channel = bool(has_const) and not is_linear(m) and zero_padded(m)
             if bool(has_const) and not ones_channel:
                 bias = bias + (kernel if kernel.dim() == 1 else kernel.flatten(1).sum(1))
-            shift = origin_shift(m, weight)
-            if shift is not None:
-                bias = bias + shift
+            bias = fold_origin(m, weight, bias)
             n_in = lm.in_mask.numel()
             if avail is None:
                 avail = torch.ones(n_in, dtype=torch.bool)
