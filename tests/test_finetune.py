@@ -180,6 +180,94 @@ def test_a_histogram_run_fine_tuned_with_one_layer_named_equals_the_one_go_run(t
         {k: v for k, v in one_go["config"].items() if k != "data_dir"}
 
 
+@pytest.fixture(scope="module")
+def hist_run(tmp_path_factory):
+    """(folder, report) of BASE with the histogram rule: after 2 epochs on 1000 examples no layer splits yet."""
+    root = tmp_path_factory.mktemp("hist")
+    torch.set_num_threads(1)
+    report = run(replace(BASE, auto_thresholds="histogram"), root / "hist", progress=False)
+    assert report["threshold_choice"]["fc1"]["details"].get("degenerate")
+    return root / "hist", report
+
+
+@pytest.fixture
+def floor_at_fc1_median(hist_run, monkeypatch):
+    """The horseshoe's noise floor moved to the median score of the run's fc1, so that `--no-split floor` cuts
+    half of that layer (at 2 epochs every score is far below the real floor 2, which would keep all)."""
+    median = float(load_posterior(hist_run[0] / "posterior.pt").fc1.log_alpha().detach().median())
+    monkeypatch.setattr(bayescomp.nn.ghs._GroupHS, "noise_floor", median)
+    return median
+
+
+def test_a_histogram_run_fine_tuned_with_no_split_floor_equals_the_one_go_run(hist_run, floor_at_fc1_median,
+                                                                               tmp_path):
+    """`finetune RUN --no-split floor` chooses the run's thresholds again with the floor, and gives the model and
+    config of `compress --auto-thresholds histogram --no-split floor --finetune-epochs N`."""
+    folder, trained = hist_run
+    two_step = finetune_run(folder, tmp_path / "two", 1, no_split="floor", progress=False)
+    one_go = run(replace(BASE, auto_thresholds="histogram", no_split="floor", finetune_epochs=1), tmp_path / "one",
+                 progress=False)
+    assert two_step["thresholds"]["fc1"] == one_go["thresholds"]["fc1"] == floor_at_fc1_median
+    assert two_step["threshold_choice"]["fc1"]["details"] == {"degenerate": True, "no_split": "floor"}
+    assert two_step["threshold_choice"] == one_go["threshold_choice"]
+    assert int(two_step["architecture"].split("-")[0]) < int(trained["architecture"].split("-")[0])
+    for key in ("thresholds", "test_error", "architecture", "bits"):
+        assert two_step[key] == one_go[key], key
+    a = torch.load(tmp_path / "two" / "posterior.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "one" / "posterior.pt", weights_only=False)["state_dict"]
+    assert _states_equal(a, b)
+    assert two_step["config"]["no_split"] == "floor" and two_step["config"]["auto_thresholds"] == "histogram"
+    assert {k: v for k, v in two_step["config"].items() if k != "data_dir"} == \
+        {k: v for k, v in one_go["config"].items() if k != "data_dir"}
+
+
+def test_prune_no_split_floor_chooses_a_histogram_run_s_thresholds_again(hist_run, floor_at_fc1_median, tmp_path):
+    folder, trained = hist_run
+    result = CliRunner().invoke(main, ["prune", str(folder), "--no-split", "floor", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["thresholds"]["fc1"] == floor_at_fc1_median
+    assert report["threshold_choice"]["fc1"]["details"]["no_split"] == "floor"
+    assert "fc1 " + f"{floor_at_fc1_median:.2f} (no split found: cut at the noise floor)" in result.output
+    assert report["weights_kept"] < trained["weights_kept"]
+    # the run itself is left as it was
+    assert json.loads((folder / "report.json").read_text())["thresholds"] == trained["thresholds"]
+
+
+def test_prune_with_one_layer_named_records_it_as_given(hist_run, runs, tmp_path):
+    """The report of `prune RUN --thresholds fc1=X` says fc1 was given; the others keep the rule's record."""
+    folder, trained = hist_run
+    fc1 = float(load_posterior(folder / "posterior.pt").fc1.log_alpha().detach().median())
+    report = pipeline.recompress(folder, tmp_path / "p", {"fc1": fc1})
+    choice = report["threshold_choice"]
+    assert choice["fc1"]["method"] == "given" and choice["fc1"]["value"] == fc1
+    assert choice["fc1"]["kept"] == int(report["architecture"].split("-")[0]) < 784
+    assert {k: choice[k] for k in ("fc2", "fc3")} == {k: trained["threshold_choice"][k] for k in ("fc2", "fc3")}
+    every = pipeline.recompress(folder, tmp_path / "q", 100.0)  # one number: every layer given
+    assert {c["method"] for c in every["threshold_choice"].values()} == {"given"}
+    # a run whose thresholds were set by hand has no choice to record
+    root, _, _, opts = runs
+    hand = pipeline.recompress(root / "plain", tmp_path / "h", {"fc1": opts.thresholds["fc1"] + 0.01})
+    assert "threshold_choice" not in hand
+
+
+def test_no_split_floor_needs_the_histogram_rule(runs, tmp_path):
+    root, _, _, _ = runs
+    with pytest.raises(RunError, match="needs --auto-thresholds histogram"):
+        finetune_run(root / "plain", tmp_path / "f", 1, no_split="floor", progress=False)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.partial").exists()
+    result = CliRunner().invoke(main, ["prune", str(root / "plain"), "--no-split", "floor", "--out",
+                                       str(tmp_path / "p")])
+    assert result.exit_code == 1 and "needs --auto-thresholds histogram" in result.output
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+    with pytest.raises(RunError, match="--no-split must be one of"):
+        pipeline.validate(replace(BASE, auto_thresholds="histogram", no_split="drop"))
+    result = CliRunner().invoke(main, ["compress", "--model", "lenet300", "--epochs", "1", "--no-split", "floor",
+                                       "--out", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "needs --auto-thresholds histogram" in result.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_thresholds_that_prune_a_whole_layer_stop_before_fine_tuning(runs):
     root, _, _, _ = runs
     with pytest.raises(PruneError, match="every group of layer fc1"):

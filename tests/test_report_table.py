@@ -20,6 +20,10 @@ def test_a_layer_the_histogram_rule_could_not_split_is_named():
     # explicit thresholds carry no choice: plain values
     assert dict(summary_rows(REPORT))["thresholds (log α)"] == "fc1 6.64, fc2 2.24, fc3 2.58"
     assert "thresholds (log α)" in format_table(summary_rows(report))
+    floor = dict(report, thresholds=dict(REPORT["thresholds"], fc1=2.0), threshold_choice={
+        "fc1": {"value": 2.0, "method": "otsu", "details": {"degenerate": True, "no_split": "floor"}}})
+    assert dict(summary_rows(floor))["thresholds (log α)"] == \
+        "fc1 2.00 (no split found: cut at the noise floor), fc2 2.24, fc3 2.58"
 
 
 def test_an_unfinished_fine_tuning_says_how_far_it_got():

@@ -187,14 +187,17 @@ def test_seed_summary_over_the_seeds_of_a_row(table1):
     assert table1.summary_lines(table1.seed_summary(_table(table1))) == []
 
 
-def test_origin_recipe_row_shifts_the_inputs_and_names_fc1_beside_the_rule(table1):
+def test_origin_recipe_row_shifts_the_inputs_and_cuts_unsplit_layers_at_the_floor(table1):
     tempered = table1.row_options("lenet300_ghs_tempered_ft", 0, False, None)
     origin = table1.row_options("lenet300_ghs_origin_ft", 0, False, None)
-    assert (origin.input_origin, origin.thresholds, origin.auto_thresholds) == (-1.0, {"fc1": 2.0}, "histogram")
+    assert (origin.input_origin, origin.thresholds, origin.auto_thresholds) == (-1.0, None, "histogram")
+    assert origin.no_split == "floor" and tempered.no_split == "keep"
     assert (origin.kl_weight, origin.pretrain_epochs, origin.finetune_epochs) == (0.3, 20, 10)
     saved = {"config": {"epochs": 200, "seed": 0, "prior": "ghs", "model": "lenet300", "train_subset": None,
                         "auto_thresholds": "histogram", "kl_weight": 0.3, "pretrain_epochs": 20,
                         "finetune_epochs": 10}}
     assert table1._same_setting(saved, tempered) and not table1._same_setting(saved, origin)
-    saved["config"].update(input_origin=-1.0, thresholds={"fc1": 2.0})
+    saved["config"].update(input_origin=-1.0, thresholds={"fc1": 2.0})  # the row's first form: fc1 given
+    assert not table1._same_setting(saved, origin) and not table1._same_setting(saved, tempered)
+    saved["config"].update(thresholds=None, no_split="floor")
     assert table1._same_setting(saved, origin) and not table1._same_setting(saved, tempered)

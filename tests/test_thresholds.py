@@ -329,3 +329,51 @@ def test_named_layers_keep_their_given_threshold_beside_the_histogram_rule(tmp_p
         with pytest.raises(pipeline.RunError, match=match):
             pipeline.run(pipeline.RunOptions(**base, **bad), tmp_path / "bad", progress=False)
         assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_split_floor_cuts_a_unimodal_layer_at_the_noise_floor(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2000, generator=g) * 0.8 + 2.4  # one mode across the GHS floor 2.0, as an origin run's fc1
+    keep = split_modes(scores, noise_floor=2.0)
+    floor = split_modes(scores, noise_floor=2.0, no_split="floor")
+    assert keep.kept == 2000 and "every group kept" in keep.reason
+    assert floor.value == 2.0 and floor.kept == int((scores < 2.0).sum()) and 0 < floor.kept < 2000
+    assert floor.details == {"degenerate": True, "no_split": "floor"} and "noise floor 2" in floor.reason
+    # a layer that splits is cut where it splits, whatever no_split says
+    split = _bimodal(25, 15, seed=4)
+    assert split_modes(split, noise_floor=-3.0, no_split="floor") == split_modes(split, noise_floor=-3.0)
+
+
+def test_no_split_floor_in_every_case_without_a_split():
+    equal = split_modes([2.5] * 4, noise_floor=3.0, no_split="floor")  # all equal, below the floor
+    assert equal.value == 3.0 and equal.kept == 4
+    below = torch.cat([torch.full((30,), -8.0), torch.full((30,), -5.0), torch.tensor([1.0])])
+    both = split_modes(below, noise_floor=-3.0, no_split="floor")  # two modes under the floor: cut at it
+    assert "both below" in both.reason and both.value == -3.0 and both.kept == 60
+    # a floor under every score would empty the layer: every group is kept, and the reason says why
+    above = split_modes(torch.linspace(4.0, 6.0, 50), noise_floor=2.0, no_split="floor")
+    assert above.kept == 50 and above.value == 7.0 and "at or above the noise floor" in above.reason
+
+
+def test_no_split_is_checked():
+    with pytest.raises(ValueError, match="no_split"):
+        split_modes([1.0, 2.0], no_split="drop")
+    with pytest.raises(ValueError, match="give noise_floor"):
+        split_modes([1.0, 2.0], no_split="floor")
+    bm = bayesianize(nn.Sequential(nn.Linear(4, 3)), "gnj", keep_weights=False)
+    with pytest.raises(ValueError, match="use_noise_floor"):
+        histogram_thresholds(bm, no_split="floor", use_noise_floor=False)
+
+
+def test_histogram_thresholds_cut_a_layer_without_split_at_its_prior_s_floor():
+    torch.manual_seed(0)
+    bm = bayesianize(nn.Sequential(nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 3)), "gnj", keep_weights=False)
+    with torch.no_grad():
+        for layer in (bm[0], bm[2]):
+            layer.z_mu.fill_(1.0)
+        bm[0].z_logvar.copy_(_bimodal(25, 15, seed=4))
+        bm[2].z_logvar.copy_(torch.linspace(-5.0, -1.0, 16))  # one even spread across GNJ's floor −3
+    out = histogram_thresholds(bm, no_split="floor")
+    assert out["0"] == histogram_thresholds(bm)["0"]  # the split layer as before
+    assert out["2"].value == -3.0 and out["2"].kept == int((bm[2].log_alpha() < -3.0).sum()) == 8

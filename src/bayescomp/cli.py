@@ -69,6 +69,18 @@ _INPUT_ORIGIN = click.option(
     "on x - origin, so blank inputs add neither signal nor sampling noise. Folded into the first layer's bias "
     "on compression: the compressed model takes the data as they are.",
 )
+_NO_SPLIT_HELP = ("--auto-thresholds histogram, in a layer whose log α histogram shows no split: keep every group "
+                  "(keep), or cut at the prior's noise floor, log α 2 for ghs and -3 for gnj (floor)")
+
+
+def _no_split(default: str | None):
+    """--no-split: with `default` None, the run's own choice unless given (prune, finetune)."""
+    help_text = _NO_SPLIT_HELP + ("." if default else "; the run's thresholds are chosen again with it (default: "
+                                  "the run's own).")
+    return click.option("--no-split", type=click.Choice(["keep", "floor"]), default=default,
+                        show_default=default is not None, help=help_text)
+
+
 _FINETUNE_EPOCHS = click.option(
     "--finetune-epochs", type=int, default=0, show_default=True,
     help="After pruning, train the kept groups' posterior this many epochs more (the learning rate falling to 0), "
@@ -142,6 +154,7 @@ _FINETUNE_EPOCHS = click.option(
     "or the most compression within --val-budget on a validation split held out of the training set. With "
     "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'.",
 )
+@_no_split("keep")
 @click.option("--val-budget", type=float, default=0.5, show_default=True,
               help="--auto-thresholds validation: allowed increase of the validation error (percentage points).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
@@ -181,6 +194,7 @@ def compress_cmd(
     no_verify,
     device,
     auto_thresholds,
+    no_split,
     val_budget,
     val_fraction,
     variance_scale,
@@ -222,6 +236,7 @@ def compress_cmd(
         tau0=tau0,
         global_kl=global_kl,
         auto_thresholds=auto_thresholds,
+        no_split=no_split,
         val_budget=val_budget,
         val_fraction=val_fraction,
         variance_scale=variance_scale,
@@ -362,6 +377,7 @@ def unpack_cmd(file: str, out: str) -> None:
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
 )
+@_no_split(None)
 @click.option("--data-dir", default=None, help="Data root.")
 @click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True)
 @click.option("--variance-scale", type=float, default=1.0, show_default=True,
@@ -369,8 +385,8 @@ def unpack_cmd(file: str, out: str) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 def prune_cmd(
-    run_dir: str, thresholds: str | None, out: str, data_dir: str | None, bit_accounting: str, variance_scale: float,
-    force: bool, no_verify: bool,
+    run_dir: str, thresholds: str | None, no_split: str | None, out: str, data_dir: str | None, bit_accounting: str,
+    variance_scale: float, force: bool, no_verify: bool,
 ) -> None:
     """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining).
 
@@ -383,7 +399,7 @@ def prune_cmd(
     try:
         report = recompress(
             run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force,
-            variance_scale=variance_scale, verify=not no_verify,
+            variance_scale=variance_scale, verify=not no_verify, no_split=no_split,
         )
     except _USER_ERRORS as exc:
         _fail(exc)
@@ -400,12 +416,13 @@ def prune_cmd(
 @click.option("--thresholds", default=None,
               help="log α thresholds that decide what is kept (default: the run's own): one number, or name=value "
               "pairs (layers not named keep the run's own).")
+@_no_split(None)
 @click.option("--data-dir", default=None, help="Data root (default: the run's).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, data_dir: str | None,
-                 device: str | None, force: bool, quiet: bool) -> None:
+def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, no_split: str | None,
+                 data_dir: str | None, device: str | None, force: bool, quiet: bool) -> None:
     """Prune the trained posterior of RUN_DIR, fine-tune what is kept, compress it into OUT/.
 
     The same as `compress ... --finetune-epochs EPOCHS` with the run's options, without training the run again.
@@ -414,7 +431,8 @@ def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, da
 
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        report = finetune_run(run_dir, out, epochs, thresholds=_parse_thresholds(thresholds), data_dir=data_dir,
+        report = finetune_run(run_dir, out, epochs, thresholds=_parse_thresholds(thresholds), no_split=no_split,
+                              data_dir=data_dir,
                               device=device, force=force, progress=not quiet, command=command)
     except _USER_ERRORS as exc:
         _fail(exc)
@@ -460,6 +478,7 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs.")
 @click.option("--auto-thresholds", type=click.Choice(["histogram", "validation"]), default=None,
               help="Choose each run's thresholds after training (see `compress --help`).")
+@_no_split("keep")
 @click.option("--val-budget", type=float, default=0.5, show_default=True)
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--clip-var", default=None,
@@ -471,8 +490,8 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_epochs, kl_weight, pretrain_epochs,
-              input_origin, finetune_epochs, thresholds, auto_thresholds, val_budget, val_fraction, clip_var, global_kl, train_subset,
-              force, write_pages, no_verify, quiet) -> None:
+              input_origin, finetune_epochs, thresholds, auto_thresholds, no_split, val_budget, val_fraction, clip_var,
+              global_kl, train_subset, force, write_pages, no_verify, quiet) -> None:
     """Train one horseshoe (ghs) run per τ0 into OUT/, and compare: Pareto front and the ELBO's choice."""
     from .pipeline import RunOptions
     from .sweep import sweep
@@ -481,7 +500,7 @@ def sweep_cmd(tau0s, out, model, epochs, data_dir, seed, batch_size, lr, warmup_
                       warmup_epochs=warmup_epochs, kl_weight=kl_weight, pretrain_epochs=pretrain_epochs,
                       input_origin=input_origin, finetune_epochs=finetune_epochs, thresholds=_parse_thresholds(thresholds), max_var=_parse_clip_var(clip_var),
                       train_subset=train_subset, data_dir=data_dir, global_kl=global_kl,
-                      auto_thresholds=auto_thresholds, val_budget=val_budget, val_fraction=val_fraction,
+                      auto_thresholds=auto_thresholds, no_split=no_split, val_budget=val_budget, val_fraction=val_fraction,
                       verify_data=not no_verify)
     try:
         result = sweep(opts, list(tau0s), out, progress=not quiet, force=force)

@@ -25,7 +25,13 @@ import torch
 from . import __version__
 from .compress import PruneError, apply_masks, compress, group_masks
 from .compress.masks import resolve_thresholds
-from .compress.thresholds import ThresholdChoice, histogram_thresholds, validation_split, validation_thresholds
+from .compress.thresholds import (
+    NO_SPLIT,
+    ThresholdChoice,
+    histogram_thresholds,
+    validation_split,
+    validation_thresholds,
+)
 from .convert import PRIORS, bayesianize
 from .data import cifar10_augment, input_shape, load_cifar10, load_mnist
 from .io import packed_report, save_plain
@@ -152,6 +158,7 @@ class RunOptions:
     input_origin: float | None = None  # the first layer computes on x − this: inputs there carry no signal, no noise
     global_kl: str | None = None  # group horseshoe: "derived" (default) or "paper"
     auto_thresholds: str | None = None  # "histogram" or "validation": choose thresholds after training (compress.thresholds)
+    no_split: str = "keep"  # histogram rule, a layer without a split: keep every group, or "floor": cut at the noise floor
     val_budget: float = 0.5  # validation: allowed increase of the validation error, in percentage points
     val_fraction: float = 0.1  # validation: share of the training set held out (never trained on)
     variance_scale: float = 1.0  # precision: Var[w] is multiplied by this before the bits are read (> 1: fewer bits)
@@ -205,6 +212,11 @@ def validate(opts: RunOptions) -> None:
             raise RunError("--thresholds with --auto-thresholds: only with the histogram rule, and only for named "
                            "layers (fc1=2.5), which the rule then leaves alone; a single number or the validation "
                            "rule excludes the other option")
+    if opts.no_split not in NO_SPLIT:
+        raise RunError(f"--no-split must be one of {', '.join(NO_SPLIT)}, got {opts.no_split!r}")
+    if opts.no_split != "keep" and opts.auto_thresholds != "histogram":
+        raise RunError(f"--no-split {opts.no_split} says what the histogram rule does in a layer without a split: "
+                       "it needs --auto-thresholds histogram")
     if not 0.0 < opts.val_fraction < 1.0:
         raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
     if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):
@@ -438,12 +450,10 @@ def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: t
     histogram rule, a layer named in --thresholds takes the value given there), or else its --thresholds,
     or the recipe's (choice None)."""
     if opts.auto_thresholds == "histogram":
-        choice = histogram_thresholds(bmodel)
+        choice = histogram_thresholds(bmodel, no_split=opts.no_split)
         given = opts.thresholds if isinstance(opts.thresholds, Mapping) else {}  # (names checked by `validate`)
         for name, value in given.items():
-            la = bmodel.get_submodule(name).log_alpha().detach()
-            choice[name] = ThresholdChoice(float(value), "given", "set by --thresholds", int((la < value).sum()),
-                                           la.numel())
+            choice[name] = _given(bmodel, name, value)
     elif opts.auto_thresholds == "validation":
         choice = validation_thresholds(bmodel, *val, opts.val_budget, variance_scale=opts.variance_scale,
                                        example_input=example)
@@ -451,6 +461,39 @@ def choose_thresholds(opts: RunOptions, bmodel: torch.nn.Module, val, example: t
         thresholds = opts.thresholds if opts.thresholds is not None else recipe(opts.model).thresholds.get(opts.prior)
         return thresholds, None
     return {name: c.value for name, c in choice.items()}, choice
+
+
+def _given(bmodel: torch.nn.Module, name: str, value: float) -> ThresholdChoice:
+    """The choice record of a threshold the user set for one layer."""
+    la = bmodel.get_submodule(name).log_alpha().detach()
+    return ThresholdChoice(float(value), "given", "set by --thresholds", int((la < value).sum()), la.numel())
+
+
+def decide_again(opts: RunOptions | None, bmodel: torch.nn.Module, previous: Mapping[str, Any], thresholds: Any,
+                 no_split: str | None) -> tuple[Any, dict[str, Any] | None]:
+    """(thresholds, threshold_choice) to compress a finished run's posterior `bmodel` with again.
+
+    The run's own thresholds and choice (its report, `previous`); with `no_split`, its histogram rule's choice
+    made again with that (`opts`, the run's options, then records it; refused for a run of another rule).
+    `thresholds` naming some layers change only those (`named_over`), recorded in the choice as given; a
+    single number replaces them all. A run whose thresholds were set by hand has no choice (None).
+    """
+    own, choice = previous.get("thresholds") or None, previous.get("threshold_choice")
+    if no_split is not None:
+        if opts is None:
+            raise RunError("--no-split needs the run's options (its report.json `config`)")
+        opts.no_split = no_split
+        validate(replace(opts, init_from=None))
+        own, chosen = choose_thresholds(opts, bmodel, None, example_input(opts.model))
+        choice = {name: c.to_dict() for name, c in chosen.items()}
+    if thresholds is None:
+        return own, choice
+    thresholds = named_over(own, thresholds)
+    if choice:
+        choice = {name: choice[name] if name in choice and choice[name].get("value") == value
+                  else _given(bmodel, name, value).to_dict()
+                  for name, value in resolve_thresholds(bmodel, thresholds).items()}
+    return thresholds, choice
 
 
 def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds, work: Path, *,
@@ -609,7 +652,7 @@ def _over(previous: dict[str, Any], figures: dict[str, Any], compressed) -> dict
 
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
-               variance_scale: float = 1.0, verify: bool = True) -> dict[str, Any]:
+               variance_scale: float = 1.0, verify: bool = True, no_split: str | None = None) -> dict[str, Any]:
     """Compress a run's posterior again (other thresholds), evaluate it, write a new run folder.
 
     A finished run is compressed from its posterior.pt. A run still training (or stopped before the end)
@@ -619,12 +662,14 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
 
     `thresholds=None` keeps the thresholds the run used (its report's `thresholds`; for an unfinished run,
     the ones it would choose: its --thresholds, its --auto-thresholds rule, or the recipe's); a mapping that
-    names some layers changes only those, the others keep the run's; `verify=False`
-    skips the data files' checksum check (data you made yourself).
+    names some layers changes only those, the others keep the run's; the report's `threshold_choice`
+    records them as given. `no_split` ("keep" or "floor"): a run of the histogram rule chooses its thresholds
+    again with that in the layers without a split (`decide_again`). `verify=False` skips the data files'
+    checksum check (data you made yourself).
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
-    unfinished = None
+    unfinished = opts = None
     if posterior_path.is_file():
         state = load_checkpoint(posterior_path)
         bmodel = load_posterior(posterior_path)
@@ -632,31 +677,37 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
             previous = json.loads((run_dir / REPORT).read_text())
         except (OSError, json.JSONDecodeError):
             previous = {"model": state["model"], "prior": state["prior"]}
+        if no_split is not None:
+            opts = run_options(run_dir, previous)
     else:
         opts, bmodel, epoch, work = unfinished_run(run_dir)
+        if no_split is not None:
+            opts.no_split = no_split
+            validate(replace(opts, init_from=None))
         state = _posterior(opts, bmodel)
         previous = {"model": opts.model, "prior": opts.prior, "epochs": opts.epochs, "seed": opts.seed,
                     "config": _config(opts)}
         unfinished = {"from": str(work), "epochs_trained": epoch, "epochs": opts.epochs}
     _, test = load_data(state["model"], data_dir, 1, verify=verify)
     final, work = prepare_out(out, False, force)
-    keeps = None
+    keeps = choice = None
     try:
         if unfinished is not None:
             thresholds, keeps, tuned = unfinished_decision(opts, bmodel, unfinished["from"], thresholds, data_dir,
                                                            verify)
             if tuned:
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
-        elif thresholds is None:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
-            thresholds = previous.get("thresholds") or None
-        else:
-            thresholds = named_over(previous.get("thresholds"), thresholds)
+        else:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
+            thresholds, choice = decide_again(opts, bmodel, previous, thresholds, no_split)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     report = _over(previous, figures, compressed)
+    report.pop("threshold_choice", None)
+    if choice:
+        report["threshold_choice"] = choice
     if unfinished is not None:
         report["unfinished"] = unfinished
     else:
@@ -665,8 +716,20 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     return report
 
 
+def run_options(run_dir: Path, previous: Mapping[str, Any]) -> RunOptions:
+    """The options a finished run was made with: its report (`previous`)'s `config`."""
+    try:
+        config = previous["config"]
+        fields = RunOptions.__dataclass_fields__
+        return RunOptions(**{k: v for k, v in config.items() if k in fields and k != "extra"},
+                          extra={k: v for k, v in config.items() if k not in fields})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc!r}") from exc
+
+
 def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int, *,
-                 thresholds: float | Mapping[str, float] | None = None, data_dir: str | None = None,
+                 thresholds: float | Mapping[str, float] | None = None, no_split: str | None = None,
+                 data_dir: str | None = None,
                  device: str | None = None, force: bool = False, progress: bool = True,
                  command: str | None = None) -> dict[str, Any]:
     """Prune a finished run's posterior and fine-tune it for `epochs` epochs (`finetune`); write a new run folder.
@@ -677,7 +740,9 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     new report's `config` (in place of the run's --auto-thresholds rule; a validation split the run held out
     stays held out). A mapping naming some layers only changes those: the others keep the run's own (for a
     run whose histogram rule chose them, the config then records the rule and the named layers, as
-    `compress --auto-thresholds histogram --thresholds ...` would). `data_dir` and `device` default to the run's.
+    `compress --auto-thresholds histogram --thresholds ...` would). `no_split`: a histogram run's thresholds
+    are chosen again with it (`decide_again`), as `compress --no-split` would have. `data_dir` and `device`
+    default to the run's.
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
@@ -687,12 +752,9 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
         raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
     try:
         previous = json.loads((run_dir / REPORT).read_text())
-        config = previous["config"]
-        fields = RunOptions.__dataclass_fields__
-        opts = RunOptions(**{k: v for k, v in config.items() if k in fields and k != "extra"},
-                          extra={k: v for k, v in config.items() if k not in fields})
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc}") from exc
+    opts = run_options(run_dir, previous)
     if opts.finetune_epochs:
         raise RunError(f"the run in {run_dir} is fine-tuned already ({opts.finetune_epochs} epochs)")
     opts.finetune_epochs = epochs
@@ -703,17 +765,15 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)
     train, _ = _hold_out(opts, train)  # the training set the posterior was trained on
     bmodel = load_posterior(posterior_path).to(torch_device)
-    own = previous.get("thresholds") or None
-    if thresholds is None:
-        thresholds = own
-    else:  # the config records how the decision was taken
-        partial = isinstance(thresholds, Mapping) and isinstance(own, Mapping) and set(thresholds) < set(own)
-        merged = named_over(own, thresholds)
-        if partial and opts.auto_thresholds == "histogram":
-            opts.thresholds = dict(thresholds)  # named layers given, the rest the rule's: what `run` records
+    given = thresholds
+    thresholds, choice = decide_again(opts, bmodel, previous, given, no_split)
+    if given is not None:  # the config records how the decision was taken
+        partial = isinstance(given, Mapping) and isinstance(thresholds, Mapping) and set(given) < set(thresholds)
+        if partial and opts.auto_thresholds == "histogram":  # named layers given, the rest the rule's (as `run`)
+            named = opts.thresholds if isinstance(opts.thresholds, Mapping) else {}
+            opts.thresholds = {**named, **given}
         else:
-            opts.thresholds, opts.auto_thresholds = merged, None
-        thresholds = merged
+            opts.thresholds, opts.auto_thresholds, opts.no_split = thresholds, None, "keep"
     final, work = prepare_out(out, False, force)
     try:
         example = example_input(opts.model, device=torch_device)
@@ -727,8 +787,9 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     report["config"] = _config(opts)
     report["finetune"] = tuned
     report["finetuned_from"] = str(run_dir)
-    if previous.get("thresholds") != compressed.report["thresholds"]:
-        report.pop("threshold_choice", None)  # other thresholds than the run chose
+    report.pop("threshold_choice", None)
+    if choice:
+        report["threshold_choice"] = choice
     if "command" in previous:  # the command that trained the posterior, beside this one
         report["training_command"] = report.pop("command")
     if command:

@@ -32,6 +32,8 @@ from .masks import PruneError
 log = logging.getLogger(__name__)
 
 METHODS = ("otsu", "gmm")
+#: what `split_modes` does in a layer whose scores show no split: keep every group, or cut at the noise floor
+NO_SPLIT = ("keep", "floor")
 #: Otsu's separability η = σ²_between / σ²_total below which a histogram counts as one mode.
 #: One Gaussian gives η = 2/π ≈ 0.64 and a uniform distribution 0.75; two equal Gaussians reach
 #: 0.8 when their means are 4 standard deviations apart (clearly two modes).
@@ -66,6 +68,20 @@ def _keep_all(values: Tensor, method: str, why: str) -> ThresholdChoice:
         reason = f"{why}: no split, threshold +inf"
     log.info("split_modes: %s", reason)
     return ThresholdChoice(value, method, reason, int(values.numel()), int(values.numel()), {"degenerate": True})
+
+
+def _no_split(values: Tensor, method: str, why: str, no_split: str, noise_floor: float | None) -> ThresholdChoice:
+    """A layer without a split: every group kept (`no_split="keep"`), or (`"floor"`) the groups whose score lies
+    below the noise floor, the ones the prior calls signal; the floor that would empty the layer keeps all."""
+    if no_split == "keep" or noise_floor is None:  # (split_modes refuses "floor" without a floor)
+        return _keep_all(values, method, why)
+    kept = int((values < noise_floor).sum())
+    if kept == 0:
+        return _keep_all(values, method, f"{why}; every score at or above the noise floor {noise_floor:g}")
+    reason = f"{why}: no split, cut at the noise floor {noise_floor:g} (keeps {kept} of {values.numel()})"
+    log.info("split_modes: %s", reason)
+    return ThresholdChoice(float(noise_floor), method, reason, kept, int(values.numel()),
+                           {"degenerate": True, "no_split": "floor"})
 
 
 def _otsu(s: Tensor) -> tuple[int, float]:
@@ -133,7 +149,8 @@ def _gmm_boundary(s: Tensor, k: int, iters: int = 200) -> tuple[float, dict[str,
 
 
 def split_modes(scores: Tensor | Sequence[float], method: str = "otsu", *,
-                min_separability: float = MIN_SEPARABILITY, noise_floor: float | None = None) -> ThresholdChoice:
+                min_separability: float = MIN_SEPARABILITY, noise_floor: float | None = None,
+                no_split: str = "keep") -> ThresholdChoice:
     """The threshold between the two modes of a layer's log α scores (keep what lies below it).
 
     Methods:
@@ -161,26 +178,38 @@ def split_modes(scores: Tensor | Sequence[float], method: str = "otsu", *,
     channels — and cutting between them prunes useful groups (a small residual network on MNIST
     lost 41 points of accuracy that way after 8 epochs). When the upper mode's mean is below the
     floor, everything is kept, and the reason says so.
+
+    `no_split`: in every case above without a split (and with a `noise_floor`), ``"keep"`` (default) keeps every
+    group; ``"floor"`` cuts at the noise floor instead, so the groups the prior calls noise go and the rest
+    stay (details ``{"degenerate": True, "no_split": "floor"}``). A floor at or below every score would
+    empty the layer: then everything is kept. Use it where a layer's pruned groups do not form a mode of
+    their own, such as the first layer of a run with an input origin, whose inputs that never leave the
+    origin keep the score the prior gives them (a spike inside the spread of the others).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if no_split not in NO_SPLIT:
+        raise ValueError(f"no_split must be one of {NO_SPLIT}, got {no_split!r}")
+    if no_split == "floor" and noise_floor is None:
+        raise ValueError('no_split="floor" cuts at the noise floor: give noise_floor')
     s = torch.as_tensor(scores).detach().flatten().double().cpu()
     s = s[torch.isfinite(s)]
     if s.numel() < 2:
-        return _keep_all(s, method, f"{s.numel()} finite score(s)")
+        return _no_split(s, method, f"{s.numel()} finite score(s)", no_split, noise_floor)
     s, _ = torch.sort(s)
     if float(s[-1]) == float(s[0]):
-        return _keep_all(s, method, f"all {s.numel()} scores equal ({float(s[0]):.3g})")
+        return _no_split(s, method, f"all {s.numel()} scores equal ({float(s[0]):.3g})", no_split, noise_floor)
     k, eta = _otsu(s)
     if eta < min_separability:
-        return _keep_all(s, method, f"unimodal histogram (Otsu separability {eta:.2f} < {min_separability})")
+        return _no_split(s, method, f"unimodal histogram (Otsu separability {eta:.2f} < {min_separability})",
+                         no_split, noise_floor)
     value = 0.5 * float(s[k - 1] + s[k])
     details: dict[str, Any] = {"separability": eta, "low_mode": float(s[:k].mean()), "high_mode": float(s[k:].mean())}
     reason = (f"Otsu split between modes at {details['low_mode']:.2f} and {details['high_mode']:.2f} "
               f"(separability {eta:.2f}); gap {float(s[k - 1]):.2f}..{float(s[k]):.2f}")
     if noise_floor is not None and details["high_mode"] < noise_floor:
-        return _keep_all(s, method, f"two modes ({details['low_mode']:.2f}, {details['high_mode']:.2f}), both below "
-                                    f"the noise floor {noise_floor:g}: neither is pruned")
+        return _no_split(s, method, f"two modes ({details['low_mode']:.2f}, {details['high_mode']:.2f}), both below "
+                                    f"the noise floor {noise_floor:g}: neither is pruned", no_split, noise_floor)
     if method == "gmm":
         fit = _gmm_boundary(s, k)
         if fit is None:
@@ -205,17 +234,20 @@ def _layers(model: nn.Module) -> dict[str, GroupSparseLayer]:
 
 @torch.no_grad()
 def histogram_thresholds(model: nn.Module, method: str = "otsu", *, min_separability: float = MIN_SEPARABILITY,
-                         use_noise_floor: bool = True) -> dict[str, ThresholdChoice]:
+                         use_noise_floor: bool = True, no_split: str = "keep") -> dict[str, ThresholdChoice]:
     """`split_modes` of every group-sparse layer's log α: {layer name: ThresholdChoice}.
 
     `use_noise_floor`: a split counts only if its upper mode lies above the layer prior's noise floor
-    (`noise_floor` of the layer: log α −3 for GNJ, 2 for GHS; `split_modes`).
+    (`noise_floor` of the layer: log α −3 for GNJ, 2 for GHS; `split_modes`). `no_split`: a layer without a
+    split keeps every group (``"keep"``) or is cut at that floor (``"floor"``; needs `use_noise_floor`).
     """
+    if no_split == "floor" and not use_noise_floor:
+        raise ValueError('no_split="floor" cuts at the noise floor: it needs use_noise_floor=True')
     out = {}
     for name, m in _layers(model).items():
         la = m.log_alpha().detach().cpu()
         floor = float(getattr(m, "noise_floor", m.default_threshold)) if use_noise_floor else None
-        c = split_modes(la, method, min_separability=min_separability, noise_floor=floor)
+        c = split_modes(la, method, min_separability=min_separability, noise_floor=floor, no_split=no_split)
         out[name] = ThresholdChoice(c.value, c.method, c.reason, int((la < c.value).sum()), la.numel(), c.details)
     return out
 

@@ -145,7 +145,7 @@ def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method:
     if posterior.is_file():
         bmodel = load_posterior(posterior)
         test = load_data(report["model"], data_dir, 1, verify=verify)[1] if sensitivity else None  # fail early
-        suggested = histogram_thresholds(bmodel, method)
+        suggested = histogram_thresholds(bmodel, method, no_split=(report.get("config") or {}).get("no_split", "keep"))
         used = {lay["name"]: lay.get("threshold") for lay in report.get("layers") or []}
         lines += ["## log α: thresholds used and what the histogram says", "",
                   f"The suggestion is the {'Otsu' if method == 'otsu' else 'Gaussian-mixture'} split between the "

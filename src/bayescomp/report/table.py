@@ -48,13 +48,16 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _thresholds(report: dict[str, Any]) -> str:
     """'fc1 -2.80, fc2 -3.00': each layer's threshold, and where an automatic rule found no split in a layer's
-    histogram, that it kept every group of it (a user should know that layer was not pruned by choice)."""
+    histogram, that it kept every group of it or cut at the prior's noise floor (a user should know that the
+    layer was not cut where its histogram parts)."""
     choice = report.get("threshold_choice") or {}
     parts = []
     for name, value in report["thresholds"].items():
         text = f"{name} {value:.2f}" if value is not None else f"{name} –"
-        if (choice.get(name) or {}).get("details", {}).get("degenerate"):
-            text += " (no split found: every group kept)"
+        details = (choice.get(name) or {}).get("details", {})
+        if details.get("degenerate"):
+            floor = details.get("no_split") == "floor"
+            text += f" (no split found: {'cut at the noise floor' if floor else 'every group kept'})"
         parts.append(text)
     return ", ".join(parts)
 
