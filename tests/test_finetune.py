@@ -221,6 +221,24 @@ def test_a_histogram_run_fine_tuned_with_no_split_floor_equals_the_one_go_run(hi
         {k: v for k, v in one_go["config"].items() if k != "data_dir"}
 
 
+def test_layers_named_at_training_stay_named_when_fine_tuning_names_others(hist_run, tmp_path):
+    """A histogram run trained with fc1 given, fine-tuned with fc2 given: the config keeps both, as the one-go
+    `compress --auto-thresholds histogram --thresholds fc1=A,fc2=B --finetune-epochs N` records them."""
+    folder, _ = hist_run
+    posterior = load_posterior(folder / "posterior.pt")
+    fc1, fc2 = (float(m.log_alpha().detach().median()) for m in (posterior.fc1, posterior.fc2))
+    hist = replace(BASE, auto_thresholds="histogram", thresholds={"fc1": fc1})
+    run(hist, tmp_path / "named", progress=False)
+    two_step = finetune_run(tmp_path / "named", tmp_path / "two", 1, thresholds={"fc2": fc2}, progress=False)
+    assert two_step["config"]["thresholds"] == {"fc1": fc1, "fc2": fc2}
+    assert two_step["config"]["auto_thresholds"] == "histogram"
+    assert {n: c["method"] for n, c in two_step["threshold_choice"].items()} == \
+        {"fc1": "given", "fc2": "given", "fc3": "otsu"}
+    one_go = run(replace(hist, thresholds={"fc1": fc1, "fc2": fc2}, finetune_epochs=1), tmp_path / "one",
+                 progress=False)
+    assert two_step["thresholds"] == one_go["thresholds"] and two_step["test_error"] == one_go["test_error"]
+
+
 def test_prune_no_split_floor_chooses_a_histogram_run_s_thresholds_again(hist_run, floor_at_fc1_median, tmp_path):
     folder, trained = hist_run
     result = CliRunner().invoke(main, ["prune", str(folder), "--no-split", "floor", "--out", str(tmp_path / "p")])

@@ -469,7 +469,7 @@ def _given(bmodel: torch.nn.Module, name: str, value: float) -> ThresholdChoice:
     return ThresholdChoice(float(value), "given", "set by --thresholds", int((la < value).sum()), la.numel())
 
 
-def decide_again(opts: RunOptions | None, bmodel: torch.nn.Module, previous: Mapping[str, Any], thresholds: Any,
+def _decide_again(opts: RunOptions | None, bmodel: torch.nn.Module, previous: Mapping[str, Any], thresholds: Any,
                  no_split: str | None) -> tuple[Any, dict[str, Any] | None]:
     """(thresholds, threshold_choice) to compress a finished run's posterior `bmodel` with again.
 
@@ -479,9 +479,8 @@ def decide_again(opts: RunOptions | None, bmodel: torch.nn.Module, previous: Map
     single number replaces them all. A run whose thresholds were set by hand has no choice (None).
     """
     own, choice = previous.get("thresholds") or None, previous.get("threshold_choice")
-    if no_split is not None:
-        if opts is None:
-            raise RunError("--no-split needs the run's options (its report.json `config`)")
+    if no_split is not None:  # (then the caller has read the run's options: `_run_options`)
+        assert opts is not None
         opts.no_split = no_split
         validate(replace(opts, init_from=None))
         own, chosen = choose_thresholds(opts, bmodel, None, example_input(opts.model))
@@ -664,7 +663,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     the ones it would choose: its --thresholds, its --auto-thresholds rule, or the recipe's); a mapping that
     names some layers changes only those, the others keep the run's; the report's `threshold_choice`
     records them as given. `no_split` ("keep" or "floor"): a run of the histogram rule chooses its thresholds
-    again with that in the layers without a split (`decide_again`). `verify=False` skips the data files'
+    again with that in the layers without a split (`_decide_again`). `verify=False` skips the data files'
     checksum check (data you made yourself).
     """
     run_dir = Path(run_dir)
@@ -678,7 +677,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
         except (OSError, json.JSONDecodeError):
             previous = {"model": state["model"], "prior": state["prior"]}
         if no_split is not None:
-            opts = run_options(run_dir, previous)
+            opts = _run_options(run_dir, previous)
     else:
         opts, bmodel, epoch, work = unfinished_run(run_dir)
         if no_split is not None:
@@ -698,7 +697,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
             if tuned:
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
         else:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
-            thresholds, choice = decide_again(opts, bmodel, previous, thresholds, no_split)
+            thresholds, choice = _decide_again(opts, bmodel, previous, thresholds, no_split)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
     except BaseException:
@@ -716,7 +715,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     return report
 
 
-def run_options(run_dir: Path, previous: Mapping[str, Any]) -> RunOptions:
+def _run_options(run_dir: Path, previous: Mapping[str, Any]) -> RunOptions:
     """The options a finished run was made with: its report (`previous`)'s `config`."""
     try:
         config = previous["config"]
@@ -741,7 +740,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     stays held out). A mapping naming some layers only changes those: the others keep the run's own (for a
     run whose histogram rule chose them, the config then records the rule and the named layers, as
     `compress --auto-thresholds histogram --thresholds ...` would). `no_split`: a histogram run's thresholds
-    are chosen again with it (`decide_again`), as `compress --no-split` would have. `data_dir` and `device`
+    are chosen again with it (`_decide_again`), as `compress --no-split` would have. `data_dir` and `device`
     default to the run's.
     """
     run_dir = Path(run_dir)
@@ -754,7 +753,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
         previous = json.loads((run_dir / REPORT).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc}") from exc
-    opts = run_options(run_dir, previous)
+    opts = _run_options(run_dir, previous)
     if opts.finetune_epochs:
         raise RunError(f"the run in {run_dir} is fine-tuned already ({opts.finetune_epochs} epochs)")
     opts.finetune_epochs = epochs
@@ -766,7 +765,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     train, _ = _hold_out(opts, train)  # the training set the posterior was trained on
     bmodel = load_posterior(posterior_path).to(torch_device)
     given = thresholds
-    thresholds, choice = decide_again(opts, bmodel, previous, given, no_split)
+    thresholds, choice = _decide_again(opts, bmodel, previous, given, no_split)
     if given is not None:  # the config records how the decision was taken
         partial = isinstance(given, Mapping) and isinstance(thresholds, Mapping) and set(given) < set(thresholds)
         if partial and opts.auto_thresholds == "histogram":  # named layers given, the rest the rule's (as `run`)
