@@ -250,6 +250,12 @@ def test_prune_no_split_floor_chooses_a_histogram_run_s_thresholds_again(hist_ru
     assert report["weights_kept"] < trained["weights_kept"]
     # the run itself is left as it was
     assert json.loads((folder / "report.json").read_text())["thresholds"] == trained["thresholds"]
+    # the command that made the run, beside this one
+    again = pipeline.recompress(folder, tmp_path / "q", None, command="bayescomp prune hist --out q")
+    assert "command" not in trained and "source_command" not in again
+    assert again["command"] == "bayescomp prune hist --out q"
+    twice = pipeline.recompress(tmp_path / "q", tmp_path / "r", None, command="bayescomp prune q --out r")
+    assert twice["source_command"] == "bayescomp prune hist --out q" and twice["command"] == "bayescomp prune q --out r"
 
 
 def test_prune_with_one_layer_named_records_it_as_given(hist_run, runs, tmp_path):

@@ -396,10 +396,11 @@ def prune_cmd(
     """
     from .pipeline import recompress
 
+    command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = recompress(
             run_dir, out, _parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force,
-            variance_scale=variance_scale, verify=not no_verify, no_split=no_split,
+            variance_scale=variance_scale, verify=not no_verify, no_split=no_split, command=command,
         )
     except _USER_ERRORS as exc:
         _fail(exc)

@@ -651,7 +651,8 @@ def _over(previous: dict[str, Any], figures: dict[str, Any], compressed) -> dict
 
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
-               variance_scale: float = 1.0, verify: bool = True, no_split: str | None = None) -> dict[str, Any]:
+               variance_scale: float = 1.0, verify: bool = True, no_split: str | None = None,
+               command: str | None = None) -> dict[str, Any]:
     """Compress a run's posterior again (other thresholds), evaluate it, write a new run folder.
 
     A finished run is compressed from its posterior.pt. A run still training (or stopped before the end)
@@ -664,7 +665,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     names some layers changes only those, the others keep the run's; the report's `threshold_choice`
     records them as given. `no_split` ("keep" or "floor"): a run of the histogram rule chooses its thresholds
     again with that in the layers without a split (`_decide_again`). `verify=False` skips the data files'
-    checksum check (data you made yourself).
+    checksum check (data you made yourself). `command`: this command line, recorded as the report's
+    `command`; the one that made the run compressed again becomes its `source_command`.
     """
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
@@ -711,6 +713,10 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
         report["unfinished"] = unfinished
     else:
         report["recompressed_from"] = str(run_dir)
+    if "command" in previous:
+        report["source_command"] = report.pop("command")
+    if command:
+        report["command"] = command
     _finish(work, final, report, compressed, state)
     return report
 
