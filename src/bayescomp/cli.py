@@ -433,8 +433,7 @@ def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, no
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = finetune_run(run_dir, out, epochs, thresholds=_parse_thresholds(thresholds), no_split=no_split,
-                              data_dir=data_dir,
-                              device=device, force=force, progress=not quiet, command=command)
+                              data_dir=data_dir, device=device, force=force, progress=not quiet, command=command)
     except _USER_ERRORS as exc:
         _fail(exc)
     click.echo(format_table(summary_rows(report)))

@@ -734,8 +734,7 @@ def _run_options(run_dir: Path, previous: Mapping[str, Any]) -> RunOptions:
 
 def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int, *,
                  thresholds: float | Mapping[str, float] | None = None, no_split: str | None = None,
-                 data_dir: str | None = None,
-                 device: str | None = None, force: bool = False, progress: bool = True,
+                 data_dir: str | None = None, device: str | None = None, force: bool = False, progress: bool = True,
                  command: str | None = None) -> dict[str, Any]:
     """Prune a finished run's posterior and fine-tune it for `epochs` epochs (`finetune`); write a new run folder.
 
