@@ -469,21 +469,18 @@ def _given(bmodel: torch.nn.Module, name: str, value: float) -> ThresholdChoice:
     return ThresholdChoice(float(value), "given", "set by --thresholds", int((la < value).sum()), la.numel())
 
 
-def _decide_again(opts: RunOptions | None, bmodel: torch.nn.Module, previous: Mapping[str, Any], thresholds: Any,
-                 no_split: str | None) -> tuple[Any, dict[str, Any] | None]:
+def _decide_again(rule: RunOptions | None, bmodel: torch.nn.Module, previous: Mapping[str, Any],
+                  thresholds: Any) -> tuple[Any, dict[str, Any] | None]:
     """(thresholds, threshold_choice) to compress a finished run's posterior `bmodel` with again.
 
-    The run's own thresholds and choice (its report, `previous`); with `no_split`, its histogram rule's choice
-    made again with that (`opts`, the run's options, then records it; refused for a run of another rule).
+    The run's own thresholds and choice (its report, `previous`), or, given `rule` (the run's options with
+    another `no_split`, `_no_split_again`), its histogram rule's choice made again with those.
     `thresholds` naming some layers change only those (`named_over`), recorded in the choice as given; a
     single number replaces them all. A run whose thresholds were set by hand has no choice (None).
     """
     own, choice = previous.get("thresholds") or None, previous.get("threshold_choice")
-    if no_split is not None:  # (then the caller has read the run's options: `_run_options`)
-        assert opts is not None
-        opts.no_split = no_split
-        validate(replace(opts, init_from=None))
-        own, chosen = choose_thresholds(opts, bmodel, None, example_input(opts.model))
+    if rule is not None:
+        own, chosen = choose_thresholds(rule, bmodel, None, example_input(rule.model))
         choice = {name: c.to_dict() for name, c in chosen.items()}
     if thresholds is None:
         return own, choice
@@ -493,6 +490,13 @@ def _decide_again(opts: RunOptions | None, bmodel: torch.nn.Module, previous: Ma
                   else _given(bmodel, name, value).to_dict()
                   for name, value in resolve_thresholds(bmodel, thresholds).items()}
     return thresholds, choice
+
+
+def _no_split_again(opts: RunOptions, no_split: str) -> RunOptions:
+    """A run's options with its histogram rule's `no_split` changed (refused for a run of another rule)."""
+    opts.no_split = no_split
+    validate(replace(opts, init_from=None))  # the start the run came from is not needed any more
+    return opts
 
 
 def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds, work: Path, *,
@@ -679,12 +683,11 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
         except (OSError, json.JSONDecodeError):
             previous = {"model": state["model"], "prior": state["prior"]}
         if no_split is not None:
-            opts = _run_options(run_dir, previous)
+            opts = _no_split_again(_run_options(run_dir, previous), no_split)
     else:
         opts, bmodel, epoch, work = unfinished_run(run_dir)
         if no_split is not None:
-            opts.no_split = no_split
-            validate(replace(opts, init_from=None))
+            _no_split_again(opts, no_split)
         state = _posterior(opts, bmodel)
         previous = {"model": opts.model, "prior": opts.prior, "epochs": opts.epochs, "seed": opts.seed,
                     "config": _config(opts)}
@@ -699,7 +702,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
             if tuned:
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
         else:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
-            thresholds, choice = _decide_again(opts, bmodel, previous, thresholds, no_split)
+            thresholds, choice = _decide_again(opts, bmodel, previous, thresholds)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
     except BaseException:
@@ -764,13 +767,14 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     opts.finetune_epochs = epochs
     opts.data_dir = data_dir if data_dir is not None else opts.data_dir
     opts.device = device if device is not None else opts.device
+    opts.no_split = no_split if no_split is not None else opts.no_split
     validate(replace(opts, init_from=None))  # the start the run came from is not needed any more
     torch_device = resolve_device(opts.device)
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)
     train, _ = _hold_out(opts, train)  # the training set the posterior was trained on
     bmodel = load_posterior(posterior_path).to(torch_device)
     given = thresholds
-    thresholds, choice = _decide_again(opts, bmodel, previous, given, no_split)
+    thresholds, choice = _decide_again(opts if no_split is not None else None, bmodel, previous, given)
     if given is not None:  # the config records how the decision was taken
         partial = isinstance(given, Mapping) and isinstance(thresholds, Mapping) and set(given) < set(thresholds)
         if partial and opts.auto_thresholds == "histogram":  # named layers given, the rest the rule's (as `run`)
