@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .recipes import TRAINING_RECIPES
 from .report.table import format_table, summary_rows
 
 # Errors a user can cause: printed in one line, exit status 1 (usage errors: 2, by click).
@@ -43,6 +44,17 @@ def _parse_clip_var(text: str | None) -> float | dict[str, float] | None:
     return _parse_per_layer(text, "--clip-var")
 
 
+def _parse_lr_scale(text: str | None) -> dict[str, float] | None:
+    """ "variance=1,scale=10" → {"variance": 1.0, "scale": 10.0} (the kinds are checked with the other options)."""
+    if text is None:
+        return None
+    parsed = _parse_per_layer(text, "--lr-scale")
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"expected kind=factor pairs (mean, variance, scale), got {text!r}",
+                                 param_hint="--lr-scale")
+    return parsed
+
+
 def _fail(exc: BaseException) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(1)
@@ -53,6 +65,8 @@ def _fail(exc: BaseException) -> None:
 def main() -> None:
     """Bayesian Compression: train a group-sparse Bayesian network, prune it, quantise it, store it."""
 
+
+_RECIPE_DEFAULT = " (default: the recipe's)."
 
 #: options of the training recipe that `compress` and `sweep` share
 _KL_WEIGHT = click.option(
@@ -100,7 +114,12 @@ _FINETUNE_EPOCHS = click.option(
     default=None,
     help="Horseshoe: KL of the global scale, derived (default) or the paper-literal variant.",
 )
-@click.option("--epochs", type=int, default=10, show_default=True, help="Training epochs.")
+@click.option(
+    "--recipe", type=click.Choice(sorted(TRAINING_RECIPES)), default="paper", show_default=True,
+    help="Training recipe: fast (from a trained network in minutes) or paper (200 epochs from scratch, the paper's "
+    "setting). It sets every option marked 'the recipe's' that you do not give (`bayescomp recipes` lists them).",
+)
+@click.option("--epochs", type=int, default=None, help="Training epochs" + _RECIPE_DEFAULT)
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory (must not exist)."
 )
@@ -108,18 +127,29 @@ _FINETUNE_EPOCHS = click.option(
     "--data-dir", default=None, help="Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache)."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=int, default=None, help="Examples per step" + _RECIPE_DEFAULT)
+@click.option("--lr", type=float, default=None, help="Adam learning rate" + _RECIPE_DEFAULT)
 @click.option(
-    "--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-    help="constant: Adam at --lr throughout (the paper). cosine: the rate falls from --lr to 0 along half a cosine.",
+    "--lr-scale", default=None,
+    help="Learning-rate factors per parameter kind, e.g. variance=1,scale=10 (kinds: mean, variance, scale)"
+    + _RECIPE_DEFAULT,
+)
+@click.option(
+    "--lr-schedule", type=click.Choice(["constant", "cosine"]), default=None,
+    help="constant: Adam at --lr throughout (the paper). cosine: the rate falls from --lr to 0 along half a cosine"
+    + _RECIPE_DEFAULT,
 )
 @click.option(
     "--lr-decay-epochs", type=float, default=None,
-    help="With --lr-schedule cosine: the fall takes only this many last epochs (default: the whole run).",
+    help="With --lr-schedule cosine: the fall takes only this many last epochs (default: the recipe's; the "
+    "paper recipe's: the whole run).",
 )
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear KL warm-up length.")
-@_KL_WEIGHT
+@click.option("--warmup-epochs", type=float, default=None, help="Linear KL warm-up length" + _RECIPE_DEFAULT)
+@click.option(
+    "--kl-weight", type=float, default=None,
+    help="Final weight β of the KL term: 1 is the ELBO; below 1 keeps more groups and fits better, above 1 prunes "
+    "more" + _RECIPE_DEFAULT,
+)
 @click.option("--thresholds", default=None, help="log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).")
 @click.option(
     "--clip-var", default=None,
@@ -142,7 +172,11 @@ _FINETUNE_EPOCHS = click.option(
     help="Dataset (default: the model's own; must match it).",
 )
 @click.option("--init-from", default=None, type=click.Path(), help="state_dict of the plain model to start from.")
-@_PRETRAIN_EPOCHS
+@click.option(
+    "--pretrain-epochs", type=int, default=None,
+    help="Train the plain model this many epochs first, then start the Bayesian model from it (default: the "
+    "recipe's, 0 with --init-from).",
+)
 @_INPUT_ORIGIN
 @click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
@@ -152,21 +186,28 @@ _FINETUNE_EPOCHS = click.option(
     default=None,
     help="Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
     "or the most compression within --val-budget on a validation split held out of the training set. With "
-    "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'.",
+    "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'. "
+    "Default: the recipe's (none with --thresholds for every layer).",
 )
-@_no_split("keep")
+@click.option("--no-split", type=click.Choice(["keep", "floor"]), default=None,
+              help=_NO_SPLIT_HELP + _RECIPE_DEFAULT)
 @click.option("--val-budget", type=float, default=0.5, show_default=True,
               help="--auto-thresholds validation: allowed increase of the validation error (percentage points).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="--auto-thresholds validation: share of the training set held out for validation.")
 @click.option("--variance-scale", type=float, default=1.0, show_default=True,
               help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
-@_FINETUNE_EPOCHS
+@click.option(
+    "--finetune-epochs", type=int, default=None,
+    help="After pruning, train the kept groups' posterior this many epochs more (the learning rate falling to 0), "
+    "then compress exactly the groups kept" + _RECIPE_DEFAULT,
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress_cmd(
+    recipe,
     model,
     prior,
     tau0,
@@ -177,6 +218,7 @@ def compress_cmd(
     seed,
     batch_size,
     lr,
+    lr_scale,
     lr_schedule,
     lr_decay_epochs,
     warmup_epochs,
@@ -206,28 +248,28 @@ def compress_cmd(
     """Train MODEL with a group-sparse prior, compress it, evaluate it, write OUT/."""
     from .models import MODELS
     from .pipeline import RunOptions, run
+    from .recipes import recipe_options
     from .train import distributed
 
     if dataset is not None and model in MODELS and MODELS[model][1] != dataset:
         _fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
+    parsed_thresholds = _parse_thresholds(thresholds)
+    settings = recipe_options(recipe, dict(
+        init_from=init_from, thresholds=parsed_thresholds, pretrain_epochs=pretrain_epochs, epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_scale=_parse_lr_scale(lr_scale), lr_schedule=lr_schedule,
+        lr_decay_epochs=lr_decay_epochs, warmup_epochs=warmup_epochs, kl_weight=kl_weight,
+        finetune_epochs=finetune_epochs, auto_thresholds=auto_thresholds, no_split=no_split))
     opts = RunOptions(
+        recipe=recipe,
         init_from=init_from,
-        pretrain_epochs=pretrain_epochs,
         input_origin=input_origin,
         augment=not no_augment,
         verify_data=not no_verify,
         device=device,
         model=model,
         prior=prior,
-        epochs=epochs,
         seed=seed,
-        batch_size=batch_size,
-        lr=lr,
-        lr_schedule=lr_schedule,
-        lr_decay_epochs=lr_decay_epochs,
-        warmup_epochs=warmup_epochs,
-        kl_weight=kl_weight,
-        thresholds=_parse_thresholds(thresholds),
+        thresholds=parsed_thresholds,
         max_var=_parse_clip_var(clip_var),
         train_subset=train_subset,
         data_dir=data_dir,
@@ -235,12 +277,10 @@ def compress_cmd(
         grad_clip=grad_clip,
         tau0=tau0,
         global_kl=global_kl,
-        auto_thresholds=auto_thresholds,
-        no_split=no_split,
         val_budget=val_budget,
         val_fraction=val_fraction,
         variance_scale=variance_scale,
-        finetune_epochs=finetune_epochs,
+        **settings,
     )
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

@@ -62,7 +62,7 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
 #: where a validation split is held out.
-RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
+RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
                 "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl",
                 "input_origin")
 
@@ -139,6 +139,7 @@ class RunOptions:
     seed: int = 0
     batch_size: int = 128
     lr: float = 1e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)  # learning-rate factor per parameter kind (TrainConfig)
     lr_schedule: str = "constant"  # "cosine": the learning rate falls from lr to 0 (TrainConfig)
     lr_decay_epochs: float | None = None  # cosine: over this many last epochs (None: the whole run)
     warmup_epochs: float = 0.0
@@ -163,13 +164,15 @@ class RunOptions:
     val_fraction: float = 0.1  # validation: share of the training set held out (never trained on)
     variance_scale: float = 1.0  # precision: Var[w] is multiplied by this before the bits are read (> 1: fewer bits)
     finetune_epochs: int = 0  # after pruning, train the kept groups' posterior this many epochs more (`finetune`)
+    recipe: str | None = None  # the training recipe the settings came from (recipes.TRAINING_RECIPES), for the record
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _train_config(opts: RunOptions) -> TrainConfig:
     """The training settings of the Bayesian model's run."""
     return TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
-                       opts.kl_weight, lr_schedule=opts.lr_schedule, lr_decay_epochs=opts.lr_decay_epochs)
+                       opts.kl_weight, lr_schedule=opts.lr_schedule, lr_decay_epochs=opts.lr_decay_epochs,
+                       lr_scale=dict(opts.lr_scale))
 
 
 def validate(opts: RunOptions) -> None:

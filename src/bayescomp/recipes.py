@@ -5,7 +5,9 @@ Each value says where it comes from; a user's command-line flag always wins.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,105 @@ RECIPES: dict[str, Recipe] = {
 def recipe(model: str) -> Recipe:
     """The recipe of a registry model (an empty one for models without defaults)."""
     return RECIPES.get(model, Recipe("mnist"))
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How to train and cut: a named record of settings, each with the evidence for it (`evidence`).
+
+    The command line (`bayescomp compress --recipe NAME`) and the Python API (`compress_pretrained`) read
+    the same record; an option a user gives wins over the recipe's value.
+    """
+
+    name: str
+    #: plain epochs before the Bayesian ones, when no trained network is given (CLI: --pretrain-epochs)
+    pretrain_epochs: int
+    #: Bayesian training epochs
+    epochs: int
+    batch_size: int
+    lr: float
+    #: learning-rate factor per parameter kind ("mean", "variance", "scale"; `TrainConfig.lr_scale`)
+    lr_scale: Mapping[str, float]
+    lr_schedule: str
+    #: with a cosine schedule, how many of the last epochs the fall takes (None: all of them)
+    lr_decay_epochs: float | None
+    warmup_epochs: float
+    kl_weight: float
+    #: epochs of training the kept groups after the cut (`pipeline.finetune`)
+    finetune_epochs: int
+    #: how thresholds are chosen when the user gives none: None (the model's or prior's defaults) or "histogram"
+    auto_thresholds: str | None
+    #: the histogram rule in a layer without a split: "keep" or "floor" (`compress.thresholds`)
+    no_split: str
+    #: per setting, why it has its value (the measurement behind it)
+    evidence: Mapping[str, str] = field(default_factory=dict)
+
+    def decay_epochs(self, epochs: int) -> float | None:
+        """The cosine fall's length for a run of `epochs` epochs (never longer than the run)."""
+        return None if self.lr_decay_epochs is None else min(float(self.lr_decay_epochs), float(epochs))
+
+
+#: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
+RECIPE_OPTIONS = ("pretrain_epochs", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
+                  "warmup_epochs", "kl_weight", "finetune_epochs", "auto_thresholds", "no_split")
+
+
+def recipe_options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The `RECIPE_OPTIONS` of recipe `name`, with the options the user `given` (None: not given) laid over.
+
+    Where a given option excludes a recipe setting, the setting yields: a trained start (`init_from`) needs no
+    pretraining; thresholds given for every layer (a number) or another threshold rule replace the recipe's
+    rule (and its `no_split`); a constant learning rate has no fall (`lr_decay_epochs`).
+    """
+    rec = training_recipe(name)
+    given = {k: v for k, v in given.items() if v is not None}
+    out: dict[str, Any] = {k: getattr(rec, k) for k in RECIPE_OPTIONS}
+    out["lr_scale"] = dict(rec.lr_scale)
+    out["lr_decay_epochs"] = rec.decay_epochs(int(given.get("epochs", rec.epochs)))
+    if given.get("init_from"):
+        out["pretrain_epochs"] = 0
+    thresholds = given.get("thresholds")
+    if "auto_thresholds" in given or (thresholds is not None and not isinstance(thresholds, Mapping)):
+        out["auto_thresholds"], out["no_split"] = None, "keep"
+    if given.get("lr_schedule") == "constant":
+        out["lr_decay_epochs"] = None
+    out.update({k: v for k, v in given.items() if k in RECIPE_OPTIONS})
+    return out
+
+
+PAPER = TrainingRecipe(
+    name="paper", pretrain_epochs=0, epochs=200, batch_size=128, lr=1e-3, lr_scale={}, lr_schedule="constant",
+    lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=0, auto_thresholds=None, no_split="keep",
+    evidence={
+        "epochs": "200 for MNIST: the method notes' reading of the paper ('200 plausible'); Table 1's rows "
+                  "(benchmarks/table1.py) reach the paper's LeNet figures with it",
+        "lr": "Adam at 1e-3, constant, batch 128: the official tutorial's code",
+        "kl_weight": "1: the ELBO, as in the paper",
+        "thresholds": "the model's defaults (Recipe.thresholds), else the prior's default_threshold",
+    },
+)
+
+FAST = TrainingRecipe(
+    name="fast", pretrain_epochs=5, epochs=20, batch_size=128, lr=1e-3, lr_scale={"scale": 10.0},
+    lr_schedule="cosine", lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=5,
+    auto_thresholds="histogram", no_split="keep",
+    evidence={
+        "pretrain_epochs": "PROVISIONAL",
+        "epochs": "PROVISIONAL",
+        "lr_scale": "PROVISIONAL",
+        "lr_schedule": "PROVISIONAL",
+        "finetune_epochs": "PROVISIONAL",
+        "auto_thresholds": "PROVISIONAL",
+    },
+)
+
+#: the named training recipes (`--recipe`, `compress_pretrained(recipe=)`)
+TRAINING_RECIPES: dict[str, TrainingRecipe] = {r.name: r for r in (FAST, PAPER)}
+
+
+def training_recipe(name: str) -> TrainingRecipe:
+    """The training recipe called `name` ("fast", "paper")."""
+    try:
+        return TRAINING_RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(TRAINING_RECIPES))}") from None

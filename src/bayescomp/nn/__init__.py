@@ -1,12 +1,14 @@
 """Group-sparse Bayesian layers (see `base.GroupSparseLayer` for the contract)."""
 
-from .base import GroupSparseLayer, fuse_weight_kl, zero_padded
+from .base import PARAMETER_KINDS, GroupSparseLayer, fuse_weight_kl, parameter_kind, zero_padded
 from .ghs import Conv2dGroupHS, LinearGroupHS
 from .gnj import Conv2dGroupNJ, LinearGroupNJ
 from .kl import kl_gaussian_std_normal, kl_log_uniform
 
 __all__ = [
     "GroupSparseLayer",
+    "PARAMETER_KINDS",
+    "parameter_kind",
     "zero_padded",
     "fuse_weight_kl",
     "LinearGroupNJ",

@@ -48,6 +48,25 @@ def zero_padded(conv: nn.Module) -> bool:
     return p != "valid" and (p == "same" or any(v > 0 for v in torch.nn.modules.utils._pair(p)))
 
 
+#: the kinds of a Bayesian model's parameters, for per-kind learning rates (`parameter_kind`)
+PARAMETER_KINDS = ("mean", "variance", "scale")
+
+
+def parameter_kind(name: str, model: nn.Module) -> str:
+    """The kind of the parameter `name` of `model`: "variance" (a weight's or bias's log-variance), "scale"
+    (a group scale's parameters: z's of GNJ, the log-normal factors of GHS), else "mean" (posterior means
+    of weights and biases, and every parameter outside a group-sparse layer, e.g. batch norm's)."""
+    owner, _, local = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if not isinstance(module, GroupSparseLayer):
+        return "mean"
+    if local in ("weight_mu", "bias_mu"):
+        return "mean"
+    if local in ("weight_logvar", "bias_logvar"):
+        return "variance"
+    return "scale"
+
+
 class GroupSparseLayer(nn.Module):
     """Base of every group-sparse layer. Not used directly."""
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..convert import group_layers, kl_divergence
-from ..nn.base import fuse_weight_kl
+from ..nn.base import PARAMETER_KINDS, fuse_weight_kl, parameter_kind
 from . import distributed
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .memory import keep_freed_memory
@@ -74,6 +74,11 @@ class TrainConfig:
       gradient then shows as a non-finite loss one step later, which names the parameter). True: every
       gradient is checked after each backward pass and the first non-finite one is named at once (a
       little slower).
+    - `lr_scale`: per parameter kind ("mean", "variance", "scale": `nn.parameter_kind`), a factor on the
+      learning rate of those parameters (the schedule scales them all alike); a kind not named: 1. Adam's
+      step is about `lr` per step whatever the gradient's size, so a log-variance or a group scale that has
+      to travel from its initial value (log σ² = −9) to a pruned group's (log α above the threshold, several
+      units away) needs thousands of steps at 1e-3: `recipes.FAST` gives them a larger rate.
 
     Not set here: the variance clamp σ² ≤ `max_var` belongs to the layers (`bayesianize(..., max_var=)`,
     per layer or for all; default None: no clamp; the model recipes set the paper's values). `fit` applies
@@ -91,6 +96,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_decay_epochs: float | None = None
     check_grads: bool = False
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -114,6 +120,13 @@ class TrainConfig:
             raise ValueError(f"KL weight must be positive and finite, got {self.kl_weight!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"gradient clip must be positive, got {self.grad_clip}")
+        if not isinstance(self.lr_scale, dict):
+            raise ValueError(f"lr_scale must be a mapping of parameter kind to factor, got {self.lr_scale!r}")
+        for kind, factor in self.lr_scale.items():
+            if kind not in PARAMETER_KINDS:
+                raise ValueError(f"lr_scale names an unknown parameter kind {kind!r}; the kinds: {', '.join(PARAMETER_KINDS)}")
+            if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"lr_scale of {kind!r} must be a positive finite number, got {factor!r}")
         if not isinstance(self.check_grads, bool):
             raise ValueError(f"check_grads must be True or False, got {self.check_grads!r}")
 
@@ -150,7 +163,7 @@ def flush_denormals() -> Iterator[None]:
 
 #: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
 _RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight", "lr_schedule",
-                 "lr_decay_epochs")
+                 "lr_decay_epochs", "lr_scale")
 
 
 @dataclass
@@ -212,12 +225,40 @@ def _clip_gradients(model: nn.Module, max_norm: float, epoch: int, i: int) -> No
     raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
 
 
-def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam with PyTorch's defaults; the fused kernel where this build has it (same update, fewer passes)."""
+def param_groups(model: nn.Module, lr: float, lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: one per parameter kind named in `lr_scale` (learning rate
+    `lr`·factor, the factor kept as the group's "lr_scale"), one for the rest at `lr`, in a fixed order
+    (the rest first, then `PARAMETER_KINDS` order) so that a checkpoint's optimiser state loads back."""
+    lr_scale = lr_scale or {}
+    named: dict[str, list[nn.Parameter]] = {kind: [] for kind in PARAMETER_KINDS}
+    rest: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        kind = parameter_kind(name, model)
+        (named[kind] if kind in lr_scale else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "lr_scale": 1.0}] if rest else []
+    groups += [{"params": named[k], "lr": lr * lr_scale[k], "lr_scale": float(lr_scale[k]), "kind": k}
+               for k in PARAMETER_KINDS if k in lr_scale and named[k]]
+    return groups
+
+
+def _adam(model: nn.Module, lr: float, lr_scale: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    """Adam with PyTorch's defaults over `param_groups`; the fused kernel where this build has it (same
+    update, fewer passes)."""
+    groups = param_groups(model, lr, lr_scale)
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(groups, lr=lr)
+
+
+def _duration(seconds: float) -> str:
+    """A duration for a person: "42 s", "3 min 05 s", "2 h 07 min"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _interactive() -> bool:
@@ -324,6 +365,57 @@ def load_newest_checkpoint(path: Path, repair: bool, purpose: str = "resuming") 
         return state, prev
 
 
+def _training_data(train: Any, batch_size: int, n_train: int | None):
+    """(loader or None, x, y, N, steps per epoch) of `fit`'s `train`: a pair of tensors, or a loader."""
+    if isinstance(train, (tuple, list)) and len(train) == 2 and all(isinstance(t, Tensor) for t in train):
+        x, y = train
+        n = len(x)
+        if n == 0 or len(y) != n:
+            raise ValueError(f"training set must be non-empty with as many labels as inputs ({n} vs {len(y)})")
+        return None, x, y, n, math.ceil(n / batch_size)
+    if not hasattr(train, "__iter__"):
+        raise TypeError(f"training data must be (inputs, labels) tensors or a DataLoader of such batches, got "
+                        f"{type(train).__name__}")
+    try:
+        steps = len(train)
+    except TypeError:
+        raise TypeError("a training DataLoader must have a length (batches per epoch): an iterable-style dataset "
+                        "needs a sized loader") from None
+    if n_train is None:
+        try:
+            n_train = len(train.dataset)
+        except (AttributeError, TypeError):
+            raise ValueError("the number of training examples N (which scales the KL) is unknown: pass n_train=") from None
+    if not isinstance(n_train, int) or n_train < 1 or steps < 1:
+        raise ValueError(f"training set must be non-empty (N = {n_train!r}, {steps} batches per epoch)")
+    return train, None, None, n_train, steps
+
+
+def _tensor_batches(x: Tensor, y: Tensor, order: Tensor, batch_size: int, world: int, rank: int,
+                    transform, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor, int]]:
+    """This process's (inputs, labels, size of the global batch) of each batch of one epoch, in `order`."""
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        if world == 1:
+            xb = x[idx]
+            yield (transform(xb, gen) if transform is not None else xb), y[idx], len(idx)
+        else:
+            # This rank's contiguous share of the global batch. The whole batch is augmented, as on one
+            # process, so augmentations match a single-process run and the generator stays in step.
+            lo, hi = _shard(len(idx), world, rank)
+            xb = transform(x[idx], gen)[lo:hi] if transform is not None else x[idx[lo:hi]]
+            yield xb, y[idx[lo:hi]], len(idx)
+
+
+def _loader_batches(loader: Any, transform, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor, int]]:
+    """(inputs, labels, batch size) of each batch a user's loader yields in one epoch."""
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            raise TypeError(f"a training batch must be (inputs, labels), got {type(batch).__name__}")
+        xb, yb = batch[0], batch[1]
+        yield (transform(xb, gen) if transform is not None else xb), yb, len(yb)
+
+
 def _shard(total: int, world: int, rank: int) -> tuple[int, int]:
     """[lo, hi) of rank's contiguous share of `total` items (shares differ by at most one)."""
     base, extra = divmod(total, world)
@@ -386,12 +478,16 @@ def fit(
     progress: bool = True,
     transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    n_train: int | None = None,
 ) -> TrainResult:
     """Train `model` in place; return its per-epoch history and the training time in seconds.
 
     A model without group-sparse layers is trained on the cross-entropy alone (plain pre-training).
 
-    - `train`, `test`: (inputs, labels) tensors; N = len(train inputs) scales the KL.
+    - `train`, `test`: (inputs, labels) tensors; N = len(train inputs) scales the KL. `train` may also be a
+      `DataLoader` (any sized iterable of (inputs, labels) batches; its own batch size and order are used,
+      `config.batch_size` is not): N is then `n_train`, else the size of its `dataset`. With a loader, no
+      checkpoint, resume or data-parallel run (their bit-exact data order needs the tensors).
     - `checkpoint`: path of a checkpoint written atomically after every epoch (the one before is kept as
       `<name>.prev`); with `resume`, training continues from it (model, optimiser, epoch, data order, random
       state, KL warm-up), bit for bit as if never interrupted. If it cannot be read, the previous one is used,
@@ -409,10 +505,10 @@ def fit(
     are per process, and rank 0's are kept.
     """
     config.validate()
-    x, y = train
-    n = len(x)
-    if n == 0 or len(y) != n:
-        raise ValueError(f"training set must be non-empty with as many labels as inputs ({n} vs {len(y)})")
+    loader, x, y, n, steps_per_epoch = _training_data(train, config.batch_size, n_train)
+    if loader is not None and (checkpoint is not None or resume):
+        raise ValueError("checkpoints and resuming need the training set as (inputs, labels) tensors, not a DataLoader "
+                         "(a resumed run continues the same data order bit for bit)")
     layers = group_layers(model)  # none: a plain model (pre-training), the loss is the cross-entropy alone
     device = next(model.parameters()).device
     if device.type == "cpu":
@@ -420,6 +516,8 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume needs a checkpoint path")
     world = distributed.init_from_env(device)
+    if loader is not None and world > 1:
+        raise ValueError("data-parallel training needs the training set as (inputs, labels) tensors, not a DataLoader")
     rank = distributed.rank()
     main = rank == 0
     if world > 1 and config.batch_size % world:
@@ -429,8 +527,7 @@ def fit(
     # data-parallel run (the same stream everywhere would give example k of every rank's share the same noise).
     torch.manual_seed(distributed.stream_seed(config.seed, rank))
     gen = torch.Generator().manual_seed(config.seed)  # data order and augmentation: the same on every rank
-    optimizer = _adam(model, config.lr)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    optimizer = _adam(model, config.lr, config.lr_scale)
     total_steps = steps_per_epoch * config.epochs
     decay_steps = None if config.lr_decay_epochs is None else round(config.lr_decay_epochs * steps_per_epoch)
     result = TrainResult()
@@ -459,23 +556,16 @@ def fit(
     with fuse_weight_kl(model):  # each layer's weight KL computed in its forward (nn/base.py)
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
-            order = torch.randperm(n, generator=gen)
+            if loader is None:
+                batches = _tensor_batches(x, y, torch.randperm(n, generator=gen), config.batch_size, world, rank,
+                                          transform, gen)
+            else:
+                batches = _loader_batches(loader, transform, gen)
             sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "wrong": 0}
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and main and _interactive()),
                        leave=False, dynamic_ncols=True)  # the per-epoch summary line is printed either way
-            for i in bar:
+            for i, (xb, yb, count) in zip(bar, batches, strict=False):
                 step = epoch * steps_per_epoch + i
-                idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-                if world == 1:
-                    xb, yb = x[idx], y[idx]
-                    if transform is not None:
-                        xb = transform(xb, gen)
-                else:
-                    # This rank's contiguous share of the global batch. The whole batch is augmented, as on one
-                    # process, so augmentations match a single-process run and the generator stays in step.
-                    lo, hi = _shard(len(idx), world, rank)
-                    xb = transform(x[idx], gen)[lo:hi] if transform is not None else x[idx[lo:hi]]
-                    yb = y[idx[lo:hi]]
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 out = net(xb)
                 kl = kl_divergence(model) if layers else out.new_zeros(())
@@ -494,7 +584,7 @@ def fit(
                     # KL: every rank adds the same β·KL/N (N the GLOBAL training-set size), so its gradient is
                     # W·(∇KL/N)/W = ∇KL/N after averaging: counted once, as on one process.
                     nll_sum = F.cross_entropy(out, yb, reduction="sum")
-                    loss = nll_sum * (world / len(idx)) + beta * kl / n
+                    loss = nll_sum * (world / count) + beta * kl / n
                     finite = bool(torch.isfinite(loss))
                     flags = [0.0] * world
                     flags[rank] = 0.0 if finite else 1.0
@@ -516,13 +606,13 @@ def fit(
                 if config.lr_schedule != "constant":
                     lr = lr_at(step, total_steps, config.lr, config.lr_schedule, decay_steps)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
                 optimizer.step()
                 for layer in layers.values():
                     layer.clamp_variances()
                 if world == 1:
-                    sums["loss"] += loss.item() * len(idx)
-                    sums["nll"] += nll.item() * len(idx)
+                    sums["loss"] += loss.item() * count
+                    sums["nll"] += nll.item() * count
                 else:
                     local_nll = nll_sum.item()
                     sums["loss"] += local_nll + beta * kl.item() / n * len(yb)
@@ -571,6 +661,9 @@ def fit(
                 msg = f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  train err {row['train_error']:.2f}%"
                 if "test_error" in row:
                     msg += f"  test err {row['test_error']:.2f}%"
+                left = config.epochs - (epoch + 1)
+                if left:  # the time estimate: this run's mean epoch so far
+                    msg += f"  ~{_duration(left * result.seconds / (epoch + 1))} left"
                 tqdm.write(msg)
             if on_epoch is not None:
                 on_epoch(row)

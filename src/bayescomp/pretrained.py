@@ -1,0 +1,118 @@
+"""compress_pretrained(): a user's trained network, compressed by a named training recipe in one call.
+
+The steps are the CLI's (`pipeline.run`) without its run folder: bayesianize the network keeping its
+weights as posterior means, fit the posterior (`train.fit`, on tensors or any DataLoader), choose the
+thresholds by the recipe's rule (or take the caller's), prune, fine-tune the kept groups, compress
+exactly those. The recipe (`recipes.training_recipe`) says how long and at which rates; every
+argument left at None takes the recipe's value.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .compress import CompressedModel, PruneError, apply_masks, compress, group_masks
+from .compress.thresholds import histogram_thresholds
+from .convert import bayesianize
+from .recipes import TrainingRecipe, training_recipe
+from .train import TrainConfig, finetune_config, fit
+from .train.loop import _duration, flush_denormals
+
+
+def _config(recipe: TrainingRecipe, epochs: int, seed: int) -> TrainConfig:
+    return TrainConfig(epochs, recipe.batch_size, recipe.lr, recipe.warmup_epochs, seed, kl_weight=recipe.kl_weight,
+                       lr_schedule=recipe.lr_schedule, lr_decay_epochs=recipe.decay_epochs(epochs),
+                       lr_scale=dict(recipe.lr_scale))
+
+
+def _thresholds(bmodel: nn.Module, recipe: TrainingRecipe, given: Any) -> dict[str, float] | float:
+    """The caller's thresholds, else the recipe's rule (the histogram split; named layers given keep theirs)."""
+    if given is not None and not isinstance(given, Mapping):
+        return float(given)
+    chosen = {name: c.value for name, c in histogram_thresholds(bmodel, no_split=recipe.no_split).items()}
+    return chosen | {k: float(v) for k, v in (given or {}).items()}
+
+
+def compress_pretrained(
+    model: nn.Module,
+    train: Any,
+    *,
+    prior: str = "gnj",
+    recipe: str | TrainingRecipe = "fast",
+    epochs: int | None = None,
+    finetune_epochs: int | None = None,
+    thresholds: float | Mapping[str, float] | None = None,
+    n_train: int | None = None,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
+    max_var: float | Mapping[str, float] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **prior_options: Any,
+) -> CompressedModel:
+    """Compress a trained plain network: the compressed result (`result.model`, `result.report`).
+
+    - `train`: the training data, a DataLoader of (inputs, labels) batches (its batch size is used; the
+      recipe's `batch_size` applies to tensors) or a pair of tensors. N, the training-set size that scales the KL,
+      is `n_train`, else the size of the loader's dataset.
+    - `prior`: "gnj" or "ghs" (`prior_options`: e.g. `tau0=` for the horseshoe).
+    - `recipe`: "fast" (default; from a trained network in minutes) or "paper", or a `TrainingRecipe`.
+      `epochs`, `finetune_epochs`: override the recipe's.
+    - `thresholds`: None: the recipe's rule on each layer's log α histogram; a float for every layer; a
+      mapping: those layers at the given values, the rule for the others.
+    - `example_input`: a batch the model accepts, needed for a model that is not an `nn.Sequential` chain
+      (residual sums, concatenations: it is traced with torch.fx).
+    - `max_var`: the variance clamp σ² ≤ max_var (all layers, or per layer name); default none.
+
+    The input model is not modified. Progress: one line per epoch with the time left for the whole call.
+    The report adds `recipe`, `train_seconds`, `finetune_seconds`, `seconds`, `thresholds_rule` and the
+    per-epoch `history`.
+    """
+    rec = recipe if isinstance(recipe, TrainingRecipe) else training_recipe(recipe)
+    epochs = rec.epochs if epochs is None else epochs
+    finetune_epochs = rec.finetune_epochs if finetune_epochs is None else finetune_epochs
+    if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ValueError(f"fine-tuning epochs must be an integer ≥ 0, got {finetune_epochs!r}")
+    config = _config(rec, epochs, seed)
+    config.validate()
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    bmodel = bayesianize(copy.deepcopy(model).train(), prior, keep_weights=True, max_var=max_var, **prior_options)
+    total = epochs + finetune_epochs
+    history: list[dict[str, Any]] = []
+
+    def announce(row: dict[str, Any]) -> None:
+        history.append(row)
+        left = total - len(history)
+        if progress and left:
+            tqdm.write(f"compress_pretrained: {len(history)}/{total} epochs, "
+                       f"~{_duration(left * (time.perf_counter() - t0) / len(history))} left in all")
+
+    if progress:
+        tqdm.write(f"compress_pretrained: recipe {rec.name!r}, prior {prior}, {epochs} epochs"
+                   + (f" + {finetune_epochs} fine-tuning" if finetune_epochs else ""))
+    trained = fit(bmodel, train, config, progress=progress, on_epoch=announce, n_train=n_train)
+    chosen = _thresholds(bmodel, rec, thresholds)
+    keeps = group_masks(bmodel, chosen)
+    empty = [name for name, keep in keeps.items() if not bool(keep.any())]
+    if empty:
+        raise PruneError(f"the thresholds prune every group of layer(s) {', '.join(empty)}: no network is left "
+                         f"(thresholds {chosen})")
+    ft_seconds = 0.0
+    if finetune_epochs:
+        apply_masks(bmodel, keeps)
+        with flush_denormals():  # the pruned groups' weights decay towards 0 (`train.loop.flush_denormals`)
+            ft_seconds = fit(bmodel, train, finetune_config(config, finetune_epochs), progress=progress,
+                             on_epoch=announce, n_train=n_train).seconds
+    bmodel.eval()
+    result = compress(bmodel, chosen, keeps=keeps, example_input=example_input)
+    rule = "given" if thresholds is not None and not isinstance(thresholds, Mapping) else f"histogram ({rec.no_split})"
+    result.report.update(recipe=rec.name, train_seconds=trained.seconds, finetune_seconds=ft_seconds,
+                         seconds=time.perf_counter() - t0, thresholds_rule=rule, history=history)
+    return result

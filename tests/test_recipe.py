@@ -1,0 +1,232 @@
+"""Training recipes: per-kind learning rates, the recipe record and its options, fit on a DataLoader, and
+compress_pretrained on a tiny loader (synthetic data: only the mechanics are tested here)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bayescomp
+from bayescomp.compress import PruneError
+from bayescomp.convert import bayesianize
+from bayescomp.nn import parameter_kind
+from bayescomp.recipes import PAPER, RECIPE_OPTIONS, TRAINING_RECIPES, recipe_options, training_recipe
+from bayescomp.train import TrainConfig, fit
+from bayescomp.train.loop import lr_at, param_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes told apart by the first four of twenty features (the other sixteen are noise)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 20, generator=g) * 0.3
+    x[torch.arange(n), y] += 2.0
+    return x, y
+
+
+# ---- parameter kinds and groups -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prior", ["gnj", "ghs"])
+def test_every_parameter_has_its_kind(prior):
+    bmodel = bayesianize(_mlp(), prior)
+    kinds = {name: parameter_kind(name, bmodel) for name, _ in bmodel.named_parameters()}
+    assert kinds["1.weight_mu"] == kinds["1.bias_mu"] == "mean"
+    assert kinds["1.weight_logvar"] == kinds["4.bias_logvar"] == "variance"
+    assert kinds["2.weight"] == kinds["2.bias"] == "mean"  # batch norm: outside the group-sparse layers
+    scale = {n for n, k in kinds.items() if k == "scale"}
+    expected = {"z_mu", "z_logvar"} if prior == "gnj" else {n.split(".")[-1] for n in scale}
+    assert {n.split(".")[-1] for n in scale} == expected and len(scale) >= 4
+    # every layer's own parameters that are neither means nor log-variances are scale parameters
+    assert all(n.split(".")[-1] not in ("weight_mu", "bias_mu", "weight_logvar", "bias_logvar") for n in scale)
+
+
+def test_param_groups_carry_each_kind_at_its_rate():
+    bmodel = bayesianize(_mlp(), "gnj")
+    groups = param_groups(bmodel, 1e-3, {"scale": 10.0, "variance": 3.0})
+    assert [g.get("kind") for g in groups] == [None, "variance", "scale"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 3e-3, 1e-2])
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert set().union(*ids) == {id(p) for p in bmodel.parameters()} and sum(map(len, ids)) == len(list(bmodel.parameters()))
+    assert {id(bmodel[1].z_mu), id(bmodel[1].z_logvar)} <= ids[2]
+    assert len(param_groups(bmodel, 1e-3)) == 1  # no factors: one group, as before recipes existed
+
+
+def test_lr_scale_moves_each_kind_at_its_own_rate():
+    """One Adam step moves a parameter by about its group's rate: a near-zero factor freezes that kind alone."""
+    x, y = _data()
+    bmodel = bayesianize(_mlp(), "gnj")
+    before = copy.deepcopy(bmodel)
+    fit(bmodel, (x, y), TrainConfig(epochs=1, batch_size=96, lr=1e-2, lr_scale={"scale": 1e-8}), progress=False)
+    old = dict(before.named_parameters())
+    moved = {name: float((p - old[name]).detach().abs().max()) for name, p in bmodel.named_parameters()}
+    assert moved["1.z_mu"] < 1e-8 and moved["1.z_logvar"] < 1e-8
+    assert moved["1.weight_mu"] > 1e-3 and moved["1.weight_logvar"] > 1e-3
+
+
+def test_cosine_schedule_keeps_the_factors(monkeypatch):
+    x, y = _data()
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, lr_schedule="cosine", lr_scale={"scale": 5.0})
+    fit(bayesianize(_mlp(), "ghs"), (x, y), cfg, progress=False)
+    assert [s[1] for s in seen] == pytest.approx([5 * lr_at(k, 6, 1e-2, "cosine") for k in range(6)])
+    assert [s[0] for s in seen] == pytest.approx([lr_at(k, 6, 1e-2, "cosine") for k in range(6)])
+
+
+@pytest.mark.parametrize("bad", [{"weights": 2.0}, {"scale": 0.0}, {"scale": float("nan")}, {"scale": -1.0}])
+def test_bad_lr_scale_is_refused(bad):
+    with pytest.raises(ValueError, match="lr_scale"):
+        TrainConfig(lr_scale=bad).validate()
+
+
+def test_resume_refuses_another_lr_scale(tmp_path):
+    x, y = _data()
+    ck = tmp_path / "ck.pt"
+    fit(bayesianize(_mlp(), "gnj"), (x, y), TrainConfig(epochs=1, batch_size=32), checkpoint=ck, progress=False)
+    with pytest.raises(Exception, match="lr_scale"):
+        fit(bayesianize(_mlp(), "gnj"), (x, y), TrainConfig(epochs=2, batch_size=32, lr_scale={"scale": 10.0}),
+            checkpoint=ck, resume=True, progress=False)
+
+
+# ---- fit on a DataLoader ------------------------------------------------------------------------------------
+
+def test_fit_on_a_loader_equals_fit_on_tensors_in_the_same_order():
+    """A loader yielding the batches the tensor path would draw gives the same model, bit for bit."""
+    x, y = _data(n=100)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2, seed=5, lr_scale={"scale": 10.0})
+    a, b = bayesianize(_mlp(), "gnj"), bayesianize(_mlp(), "gnj")
+    ha = fit(a, (x, y), cfg, progress=False).history
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(5))  # what fit draws for epoch 1
+    # (its own generator: a loader draws its workers' base seed from the global stream otherwise, which would
+    # shift the sampling noise)
+    loader = DataLoader(TensorDataset(x[order], y[order]), batch_size=32, shuffle=False, generator=torch.Generator())
+    hb = fit(b, loader, cfg, progress=False).history
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert ha[0]["loss"] == pytest.approx(hb[0]["loss"]) and ha[0]["train_error"] == hb[0]["train_error"]
+
+
+def test_fit_on_a_loader_scales_the_kl_by_n_train():
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=48)
+    torch.manual_seed(0)
+    small = fit(bayesianize(_mlp(), "gnj"), loader, TrainConfig(epochs=1), progress=False).history[0]
+    torch.manual_seed(0)
+    large = fit(bayesianize(_mlp(), "gnj"), loader, TrainConfig(epochs=1), progress=False, n_train=96_000).history[0]
+    # the same first forward, so the same KL value; its weight in the loss is 1/N
+    assert small["loss"] - small["nll"] == pytest.approx(small["kl"] / 96, rel=0.2)
+    assert large["loss"] - large["nll"] < (small["loss"] - small["nll"]) / 100
+
+
+def test_fit_on_a_loader_refuses_what_needs_tensors(tmp_path):
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    with pytest.raises(ValueError, match="DataLoader"):
+        fit(bayesianize(_mlp(), "gnj"), loader, TrainConfig(epochs=1), checkpoint=tmp_path / "c.pt", progress=False)
+    with pytest.raises(TypeError, match="length"):
+        fit(bayesianize(_mlp(), "gnj"), (b for b in loader), TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="n_train"):
+        fit(bayesianize(_mlp(), "gnj"), [(x[:32], y[:32])], TrainConfig(epochs=1), progress=False)
+    with pytest.raises(TypeError, match=r"\(inputs, labels\)"):
+        fit(bayesianize(_mlp(), "gnj"), [x[:32]], TrainConfig(epochs=1), progress=False, n_train=32)
+
+
+# ---- the recipe records -------------------------------------------------------------------------------------
+
+def test_recipes_are_complete_records_with_evidence():
+    assert {"fast", "paper"} <= set(TRAINING_RECIPES)
+    for name, rec in TRAINING_RECIPES.items():
+        assert rec.name == name
+        TrainConfig(rec.epochs, rec.batch_size, rec.lr, rec.warmup_epochs, kl_weight=rec.kl_weight,
+                    lr_schedule=rec.lr_schedule, lr_decay_epochs=rec.decay_epochs(rec.epochs),
+                    lr_scale=dict(rec.lr_scale)).validate()
+        assert rec.evidence, name
+    fast = training_recipe("fast")
+    # every setting in which fast differs from the paper says why
+    differing = [k for k in RECIPE_OPTIONS if getattr(fast, k) != getattr(PAPER, k)]
+    assert differing and all(k in fast.evidence for k in differing), set(differing) - set(fast.evidence)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        training_recipe("quick")
+
+
+def test_recipe_options_lay_the_given_over_the_recipe():
+    fast = training_recipe("fast")
+    plain = recipe_options("fast", {})
+    assert plain["epochs"] == fast.epochs and plain["lr_scale"] == dict(fast.lr_scale)
+    given = recipe_options("fast", {"epochs": 3, "lr": 0.5, "kl_weight": None})
+    assert (given["epochs"], given["lr"], given["kl_weight"]) == (3, 0.5, fast.kl_weight)
+    assert given["lr_decay_epochs"] is None or given["lr_decay_epochs"] <= 3  # never longer than the run
+    assert recipe_options("fast", {"init_from": "net.pt"})["pretrain_epochs"] == 0
+    assert recipe_options("fast", {"init_from": "net.pt", "pretrain_epochs": 2})["pretrain_epochs"] == 2
+    every = recipe_options("fast", {"thresholds": -3.0})
+    assert every["auto_thresholds"] is None and every["no_split"] == "keep"
+    named = recipe_options("fast", {"thresholds": {"fc1": -3.0}})
+    assert named["auto_thresholds"] == fast.auto_thresholds
+    assert recipe_options("fast", {"auto_thresholds": "validation"})["no_split"] == "keep"
+    assert recipe_options("fast", {"lr_schedule": "constant"})["lr_decay_epochs"] is None
+    paper = recipe_options("paper", {})
+    assert (paper["epochs"], paper["lr"], paper["lr_scale"], paper["finetune_epochs"]) == (200, 1e-3, {}, 0)
+
+
+# ---- compress_pretrained ------------------------------------------------------------------------------------
+
+def test_compress_pretrained_on_a_tiny_loader(capsys):
+    x, y = _data(n=256)
+    net = _mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(60):  # the user's own training
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    state = copy.deepcopy(net.state_dict())
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    result = bayescomp.compress_pretrained(net, loader, epochs=3, finetune_epochs=1, progress=True)
+    for k, v in net.state_dict().items():  # the input model is left as it was
+        assert torch.equal(v, state[k]), k
+    assert not any(isinstance(m, bayescomp.nn.GroupSparseLayer) for m in result.model.modules())
+    report = result.report
+    assert report["recipe"] == "fast" and len(report["history"]) == 4
+    assert report["seconds"] >= report["train_seconds"] + report["finetune_seconds"] > 0
+    assert 0 < report["weights_kept_pct"] <= 100
+    out = result.model.eval()(x)
+    assert out.shape == (256, 4) and torch.isfinite(out).all()
+    # the signal sits in the first four inputs: the result still classifies
+    assert float((out.argmax(1) == y).float().mean()) > 0.9
+    printed = capsys.readouterr()
+    assert "left in all" in printed.out + printed.err
+
+
+def test_compress_pretrained_thresholds_and_errors():
+    x, y = _data(n=128)
+    net = _mlp().eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    with pytest.raises(PruneError, match="every group"):
+        bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=0, thresholds=-math.inf, progress=False)
+    with pytest.raises(ValueError, match="fine-tuning epochs"):
+        bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=-1, progress=False)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        bayescomp.compress_pretrained(net, loader, recipe="quick", progress=False)
+    kept_all = bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=0, thresholds=math.inf,
+                                             progress=False)
+    assert kept_all.report["weights_kept_pct"] == pytest.approx(100.0)
+    assert kept_all.report["thresholds_rule"] == "given"
