@@ -4,7 +4,8 @@ The folder appears only when the run succeeds: work happens in ``DIR.partial`` (
 which is renamed to ``DIR`` at the end. A failed or interrupted run leaves ``DIR.partial`` with its
 last good checkpoint and the options it was started with (``options.json``), from which ``resume=True``
 continues (with the same options: others are refused) and which `recompress` can compress while the run
-is still training.
+is still training. The folder's life cycle (the lock on ``DIR.partial``, what may be deleted, the atomic move
+into place) is `rundir`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -39,25 +39,33 @@ from .io import save as save_packed
 from .models import MODELS, build_model
 from .nn import GroupSparseLayer
 from .recipes import recipe
+from .rundir import (
+    CHECKPOINT,
+    FINETUNE_CHECKPOINT,
+    FINETUNE_METRICS,
+    METRICS,
+    MODEL_FILE,
+    OPTIONS,
+    PACKED_FILE,
+    POSTERIOR_FILE,
+    REPORT,
+    RunError,
+    RunFolder,
+    check_out,
+    commit,
+    final_dir,
+    prepare,
+    same_folder,
+    work_dir,
+)
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .train.loop import (
-    discard_checkpoint,
     flush_denormals,
     length_change_refused,
     load_newest_checkpoint,
     previous_checkpoint,
 )
-
-REPORT = "report.json"
-MODEL_FILE = "model.pt"
-PACKED_FILE = "model.bcz"
-POSTERIOR_FILE = "posterior.pt"
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-FINETUNE_CHECKPOINT = "finetune.pt"  # in DIR.partial while the pruned posterior is fine-tuned
-FINETUNE_METRICS = "finetune_metrics.jsonl"
-OPTIONS = "options.json"  # in DIR.partial only: the options the run was started with
 
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
@@ -65,10 +73,6 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
                 "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl",
                 "input_origin")
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or finish; the message says why in one line."""
 
 
 def build_bayesian(model: str, prior: str, *, plain: torch.nn.Module | None = None, keep_weights: bool = False,
@@ -314,33 +318,20 @@ def _plain_start(opts: RunOptions, train, test, progress: bool) -> tuple[torch.n
     return plain, trained
 
 
-def work_dir(run_dir: Path) -> Path:
-    """The working folder of a run: ``DIR.partial`` for ``DIR`` (a path already naming it is returned as is)."""
-    return run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> RunFolder:
+    """Check the output folder can be written, make and lock its working folder ``OUT.partial`` (`rundir.prepare`).
 
-
-def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path, Path]:
-    """Check the output folder can be written; return (final DIR, working DIR.partial)."""
-    final = Path(out)
-    work = work_dir(final)
-    if final.exists() and not force:
-        raise RunError(f"output directory {final} already exists; choose another or pass --force")
-    parent = final.parent if str(final.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/ on a fresh checkout
-    except OSError as exc:
-        raise RunError(f"cannot write output directory {final}: cannot create {parent} ({exc.strerror or exc})") from exc
-    if not os.access(parent, os.W_OK):
-        raise RunError(f"cannot write output directory {final}: parent {parent} is not writable")
-    if resume:
-        if not (work / CHECKPOINT).is_file() and not previous_checkpoint(work / CHECKPOINT).is_file():
-            raise RunError(f"nothing to resume: no checkpoint at {work / CHECKPOINT}")
-    elif distributed.is_main():
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
+    Data-parallel, rank 0 makes and locks it; the other ranks wait for it and share it.
+    """
+    folder = prepare(out, resume=resume, force=force, lock=distributed.is_main())
     distributed.barrier()  # data-parallel: the other ranks wait until rank 0 has made DIR.partial
-    return final, work
+    return folder
+
+
+def _refuse_own_source(run_dir: Path, out: str | os.PathLike) -> None:
+    """`prune`/`finetune` write a new folder: never the run they read, nor its working folder."""
+    if str(out).strip() and any(same_folder(Path(out), p) for p in (final_dir(run_dir), work_dir(run_dir))):
+        raise RunError(f"--out {out} is the run being read ({run_dir}); write the result to another folder")
 
 
 def check_resume_options(work: Path, opts: RunOptions) -> None:
@@ -558,14 +549,26 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     DIR and returns the report, the others return an empty dict.
     """
     validate(opts)
+    check_out(out)
     device = resolve_device(opts.device)
     distributed.init_from_env(device)  # joins the process group under torchrun (gloo on CPU, nccl on CUDA)
-    max_var = recipe(opts.model).clamps(opts.prior) if opts.max_var is None else opts.max_var
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
     train, val = _hold_out(opts, train)
-    final, work = prepare_out(out, resume, force)
-    if resume:
-        check_resume_options(work, opts)
+    with prepare_out(out, resume, force) as folder:  # locked until the run ends, however it ends
+        if folder.interrupted_move:  # killed while its finished folder was moved into place: complete that
+            commit(folder)
+            return json.loads((folder.final / REPORT).read_text())
+        if resume:
+            check_resume_options(folder.work, opts)
+        return _train_and_write(opts, folder, device, train, test, val, resume=resume, progress=progress,
+                                command=command)
+
+
+def _train_and_write(opts: RunOptions, folder: RunFolder, device: torch.device, train, test, val, *, resume: bool,
+                     progress: bool, command: str | None) -> dict[str, Any]:
+    """The body of `run` in its locked working folder: train, compress, evaluate, write, move into place."""
+    work = folder.work
+    max_var = recipe(opts.model).clamps(opts.prior) if opts.max_var is None else opts.max_var
     if distributed.is_main():  # (on resume: what may change, e.g. more epochs, is recorded too)
         atomic_write_bytes(work / OPTIONS, (json.dumps(asdict(opts), indent=2) + "\n").encode())
 
@@ -617,12 +620,13 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
         report["validation_examples"] = len(val[0])
     if command:
         report["command"] = command
-    _finish(work, final, report, compressed, _posterior(opts, bmodel))
+    _finish(folder, report, compressed, _posterior(opts, bmodel))
     return report
 
 
-def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posterior: dict[str, Any]) -> None:
-    """Write the run's files into the working folder, then move it to its final name in one rename."""
+def _finish(folder: RunFolder, report: dict[str, Any], compressed, posterior: dict[str, Any]) -> None:
+    """Write the run's files into the working folder, then move it to its final name (`rundir.commit`)."""
+    work = folder.work
     meta = {k: report.get(k) for k in ("model", "prior", "architecture", "bits", "test_error")}
     save_plain(work / MODEL_FILE, compressed.model, meta)
     save_packed(compressed, work / PACKED_FILE)
@@ -631,12 +635,7 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     report["packed"] = {k: v for k, v in packed.items() if k not in ("cr_max", "file_bytes", "cr_file")}
     save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
-    discard_checkpoint(work / CHECKPOINT)  # and its .prev
-    discard_checkpoint(work / FINETUNE_CHECKPOINT)
-    (work / OPTIONS).unlink(missing_ok=True)  # report.json holds them as `config`
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(work, final)
+    commit(folder)  # (drops the checkpoints and options.json: report.json holds the options as `config`)
 
 
 def named_over(own: Any, given: Any) -> Any:
@@ -673,6 +672,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     `command`; the one that made the run compressed again becomes its `source_command`.
     """
     run_dir = Path(run_dir)
+    check_out(out)
+    _refuse_own_source(run_dir, out)
     posterior_path = run_dir / POSTERIOR_FILE
     unfinished = opts = None
     if posterior_path.is_file():
@@ -693,7 +694,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
                     "config": _config(opts)}
         unfinished = {"from": str(work), "epochs_trained": epoch, "epochs": opts.epochs}
     _, test = load_data(state["model"], data_dir, 1, verify=verify)
-    final, work = prepare_out(out, False, force)
+    folder = prepare_out(out, False, force)
     keeps = choice = None
     try:
         if unfinished is not None:
@@ -705,22 +706,22 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
             thresholds, choice = _decide_again(opts, bmodel, previous, thresholds)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
+        report = _over(previous, figures, compressed)
+        report.pop("threshold_choice", None)
+        if choice:
+            report["threshold_choice"] = choice
+        if unfinished is not None:
+            report["unfinished"] = unfinished
+        else:
+            report["recompressed_from"] = str(run_dir)
+        if "command" in previous:
+            report["source_command"] = report.pop("command")
+        if command:
+            report["command"] = command
+        _finish(folder, report, compressed, state)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abandon()
         raise
-    report = _over(previous, figures, compressed)
-    report.pop("threshold_choice", None)
-    if choice:
-        report["threshold_choice"] = choice
-    if unfinished is not None:
-        report["unfinished"] = unfinished
-    else:
-        report["recompressed_from"] = str(run_dir)
-    if "command" in previous:
-        report["source_command"] = report.pop("command")
-    if command:
-        report["command"] = command
-    _finish(work, final, report, compressed, state)
     return report
 
 
@@ -755,6 +756,8 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     posterior_path = run_dir / POSTERIOR_FILE
     if not isinstance(epochs, int) or epochs < 1:
         raise RunError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
+    check_out(out)
+    _refuse_own_source(run_dir, out)
     if not posterior_path.is_file():
         raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
     try:
@@ -782,27 +785,28 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
             opts.thresholds = {**named, **given}
         else:
             opts.thresholds, opts.auto_thresholds, opts.no_split = thresholds, None, "keep"
-    final, work = prepare_out(out, False, force)
+    folder = prepare_out(out, False, force)
     try:
         example = example_input(opts.model, device=torch_device)
-        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, example=example, progress=progress)
+        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, folder.work, example=example,
+                                progress=progress)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting,
                                                    opts.variance_scale, example=example, keeps=keeps)
+        report = _over(previous, figures, compressed)
+        report["config"] = _config(opts)
+        report["finetune"] = tuned
+        report["finetuned_from"] = str(run_dir)
+        report.pop("threshold_choice", None)
+        if choice:
+            report["threshold_choice"] = choice
+        if "command" in previous:  # the command that trained the posterior, beside this one
+            report["training_command"] = report.pop("command")
+        if command:
+            report["command"] = command
+        _finish(folder, report, compressed, _posterior(opts, bmodel))
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abandon()
         raise
-    report = _over(previous, figures, compressed)
-    report["config"] = _config(opts)
-    report["finetune"] = tuned
-    report["finetuned_from"] = str(run_dir)
-    report.pop("threshold_choice", None)
-    if choice:
-        report["threshold_choice"] = choice
-    if "command" in previous:  # the command that trained the posterior, beside this one
-        report["training_command"] = report.pop("command")
-    if command:
-        report["command"] = command
-    _finish(work, final, report, compressed, _posterior(opts, bmodel))
     return report
 
 
