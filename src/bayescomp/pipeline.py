@@ -55,6 +55,7 @@ from .rundir import (
     commit,
     final_dir,
     prepare,
+    refuse_in_use,
     same_folder,
     work_dir,
 )
@@ -550,6 +551,7 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     """
     validate(opts)
     check_out(out)
+    refuse_in_use(out)
     device = resolve_device(opts.device)
     distributed.init_from_env(device)  # joins the process group under torchrun (gloo on CPU, nccl on CUDA)
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
@@ -674,6 +676,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     run_dir = Path(run_dir)
     check_out(out)
     _refuse_own_source(run_dir, out)
+    refuse_in_use(out)
     posterior_path = run_dir / POSTERIOR_FILE
     unfinished = opts = None
     if posterior_path.is_file():
@@ -758,6 +761,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
         raise RunError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
     check_out(out)
     _refuse_own_source(run_dir, out)
+    refuse_in_use(out)
     if not posterior_path.is_file():
         raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
     try:

@@ -122,6 +122,14 @@ def lock_holder(folder: Path) -> int | None:
     return None
 
 
+def refuse_in_use(out: str | os.PathLike) -> None:
+    """Refuse at once (before any data is loaded) an output whose working folder another writer holds."""
+    work = work_dir(Path(out))
+    pid = lock_holder(work)
+    if pid is not None:
+        raise _in_use(work, pid)
+
+
 @dataclass
 class FolderLock:
     """An exclusive lock on a working folder, held through an open file descriptor of its `lock` file."""
@@ -331,4 +339,5 @@ def commit(folder: RunFolder) -> None:
 
 __all__ = ["CHECKPOINT", "FINETUNE_CHECKPOINT", "FINETUNE_METRICS", "LOCK", "METRICS", "MODEL_FILE", "OPTIONS",
            "PACKED_FILE", "PARTIAL", "POSTERIOR_FILE", "REPORT", "FolderLock", "RunError", "RunFolder", "check_out",
-           "commit", "final_dir", "lock_folder", "lock_holder", "prepare", "remove_temps", "same_folder", "work_dir"]
+           "commit", "final_dir", "lock_folder", "lock_holder", "prepare", "refuse_in_use", "remove_temps", "same_folder",
+           "work_dir"]
