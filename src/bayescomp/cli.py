@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -279,13 +278,13 @@ def _load_any(path: Path):
 def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_verify: bool) -> None:
     """Reload a compressed model (run folder, .bcz or .pt; plain PyTorch) and print its test error."""
     from .pipeline import load_data
+    from .runreport import read_run
     from .train import evaluate
 
     try:
         model, meta = _load_any(Path(run_dir))
-        report_file = Path(run_dir) / "report.json"
-        if report_file.is_file():
-            meta = {**meta, **json.loads(report_file.read_text())}
+        if Path(run_dir).is_dir():
+            meta = {**meta, **(read_run(run_dir, required=False) or {})}
         name = model_name or meta.get("model")
         if name is None:
             raise ValueError(f"{run_dir}: cannot tell which model/dataset this is; pass --model")
@@ -310,13 +309,14 @@ def pack_cmd(run_dir: str, coder: str, out: str | None) -> None:
     from types import SimpleNamespace
 
     from .io import load_plain, packed_report, save
+    from .runreport import read_run
 
     try:
         folder = Path(run_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"run directory not found: {folder}")
+        report = read_run(folder)
         model, _ = load_plain(folder / "model.pt")
-        report = json.loads((folder / "report.json").read_text())
         bits = {layer["name"]: layer["bits"] for layer in report["layers"] if layer.get("bits") is not None}
         compressed = SimpleNamespace(model=model, bits=bits, report=report)
         target = Path(out) if out else folder / "model.bcz"
@@ -339,11 +339,12 @@ def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
     from .data import input_shape
     from .io.export import export_onnx, export_safetensors
     from .recipes import recipe
+    from .runreport import read_run
 
     try:
         folder = Path(run_dir)
         model, meta = _load_any(folder)
-        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
+        report = (read_run(folder, required=False) or {}) if folder.is_dir() else {}
         target = Path(out) if out else folder / f"model.{fmt}"
         if fmt == "onnx":
             name = report.get("model") or meta.get("model")
@@ -599,12 +600,13 @@ def show_cmd(run_dir: str) -> None:
     epochs done, the last epoch's figures, time spent and an estimate of the time left."""
     from .pipeline import run_progress
     from .report.table import progress_rows
+    from .runreport import read_run
 
     report_path = Path(run_dir) / "report.json"
     if report_path.is_file() and not run_dir.rstrip("/").endswith(".partial"):
         try:
-            report = json.loads(report_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            report = read_run(run_dir)
+        except _USER_ERRORS as exc:
             _fail(exc)
         click.echo(format_table(summary_rows(report)))
         return

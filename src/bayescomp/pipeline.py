@@ -59,6 +59,7 @@ from .rundir import (
     same_folder,
     work_dir,
 )
+from .runreport import read_json, read_run, validate_options
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .train.loop import (
@@ -343,10 +344,7 @@ def check_resume_options(work: Path, opts: RunOptions) -> None:
     path = work / OPTIONS
     if not path.is_file():
         return
-    try:
-        started = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the options the run was started with, {path}: {exc}") from exc
+    started = validate_options(read_json(path), path, RunOptions, required=())
     now = asdict(opts)
     keys = list(RESUME_FIXED)
     if "validation" in (started.get("auto_thresholds"), now.get("auto_thresholds")):
@@ -373,11 +371,7 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
     if not (work / OPTIONS).is_file():
         raise RunError(f"no trained posterior at {run_dir / POSTERIOR_FILE}, and no unfinished run at {work} "
                        f"(it needs {OPTIONS} and {CHECKPOINT})")
-    try:
-        saved = json.loads((work / OPTIONS).read_text())
-        opts = RunOptions(**{k: v for k, v in saved.items() if k in RunOptions.__dataclass_fields__})
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise RunError(f"cannot read the options of the unfinished run, {work / OPTIONS}: {exc}") from exc
+    opts = read_options(read_json(work / OPTIONS), work / OPTIONS)
     try:
         state, _ = load_newest_checkpoint(work / CHECKPOINT, repair=False, purpose="compressing")
     except CheckpointError as exc:
@@ -402,9 +396,14 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise RunError(f"no finished run at {run_dir} (no {REPORT}) and no unfinished one at {work} (no {METRICS})")
     try:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        options = json.loads((work / OPTIONS).read_text()) if (work / OPTIONS).is_file() else {}
     except (OSError, json.JSONDecodeError) as exc:
         raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    options: dict[str, Any] = {}
+    if (work / OPTIONS).is_file():
+        options = validate_options(read_json(work / OPTIONS), work / OPTIONS, RunOptions, required=())
+        for key in ("epochs", "finetune_epochs"):
+            if (options.get(key) or 0) < 0:
+                raise RunError(f"{work / OPTIONS}: field {key!r} must be ≥ 0, got {options[key]}")
     out: dict[str, Any] = {"folder": str(work), "model": options.get("model"), "prior": options.get("prior"),
                            "epochs_done": len(rows), "epochs": options.get("epochs")}
     tuning = work / FINETUNE_METRICS
@@ -682,10 +681,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     if posterior_path.is_file():
         state = load_checkpoint(posterior_path)
         bmodel = load_posterior(posterior_path)
-        try:
-            previous = json.loads((run_dir / REPORT).read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {"model": state["model"], "prior": state["prior"]}
+        previous = read_run(run_dir, required=False) or {"model": state["model"], "prior": state["prior"]}
         if no_split is not None:
             opts = _no_split_again(_run_options(run_dir, previous), no_split)
     else:
@@ -730,13 +726,23 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
 
 def _run_options(run_dir: Path, previous: Mapping[str, Any]) -> RunOptions:
     """The options a finished run was made with: its report (`previous`)'s `config`."""
-    try:
-        config = previous["config"]
-        fields = RunOptions.__dataclass_fields__
-        return RunOptions(**{k: v for k, v in config.items() if k in fields and k != "extra"},
-                          extra={k: v for k, v in config.items() if k not in fields})
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc!r}") from exc
+    if "config" not in previous:
+        raise RunError(f"{run_dir / REPORT}: field 'config' is missing: the run's options are unknown")
+    return read_options(previous["config"], run_dir / REPORT, where="config.")
+
+
+def read_options(values: Any, path: Path, where: str = "") -> RunOptions:
+    """The RunOptions recorded in a file (options.json, or report.json's `config` with `where`="config."),
+    checked field by field (`validate_options`) and as a whole (`validate`); errors name the file and field."""
+    validate_options(values, path, RunOptions, where=where)
+    fields = RunOptions.__dataclass_fields__
+    opts = RunOptions(**{k: v for k, v in values.items() if k in fields and k != "extra"},
+                      extra={k: v for k, v in values.items() if k not in fields})
+    try:  # (the run's start file and device need not be here to read what it made)
+        validate(replace(opts, init_from=None, device="cpu"))
+    except RunError as exc:
+        raise RunError(f"{path}: {'field ' + repr(where.rstrip('.')) + ': ' if where else ''}{exc}") from exc
+    return opts
 
 
 def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int, *,
@@ -764,10 +770,7 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     refuse_in_use(out)
     if not posterior_path.is_file():
         raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
-    try:
-        previous = json.loads((run_dir / REPORT).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc}") from exc
+    previous = read_run(run_dir)
     opts = _run_options(run_dir, previous)
     if opts.finetune_epochs:
         raise RunError(f"the run in {run_dir} is fine-tuned already ({opts.finetune_epochs} epochs)")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
 from .pipeline import POSTERIOR_FILE, REPORT, RunError, RunOptions, example_input, load_data, load_posterior, run
+from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
 from .train.checkpoint import atomic_write_bytes, load_checkpoint
 
@@ -194,7 +195,7 @@ def sweep(
         report: dict[str, Any] = {}
         wanted = {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra
         if reuse and not force and (run_dir / REPORT).is_file():
-            report = json.loads((run_dir / REPORT).read_text())
+            report = read_report(run_dir)
             have, want = _comparable(report.get("config", {})), _comparable(wanted)
             differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
             if differ:
@@ -268,10 +269,7 @@ def threshold_sweep(
         raise RunError(f"no trained posterior at {posterior}")
     if not values:
         raise RunError("a threshold sweep needs at least one value")
-    try:
-        previous = json.loads((run_dir / REPORT).read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+    previous = read_run(run_dir, required=False) or {}
     bmodel = load_posterior(posterior)
     model_name = previous.get("model") or load_checkpoint(posterior)["model"]
     base = previous.get("thresholds") or {}

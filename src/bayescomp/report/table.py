@@ -54,7 +54,7 @@ def _thresholds(report: dict[str, Any]) -> str:
     parts = []
     for name, value in report["thresholds"].items():
         text = f"{name} {value:.2f}" if value is not None else f"{name} –"
-        details = (choice.get(name) or {}).get("details", {})
+        details = (choice.get(name) or {}).get("details") or {}
         if details.get("degenerate"):
             floor = details.get("no_split") == "floor"
             text += f" (no split found: {'cut at the noise floor' if floor else 'every group kept'})"
