@@ -38,6 +38,7 @@ from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import MODELS, build_model
 from .nn import GroupSparseLayer
+from .optioncheck import check_number, check_seed, check_thresholds, train_error
 from .recipes import recipe
 from .rundir import (
     CHECKPOINT,
@@ -181,38 +182,42 @@ def _train_config(opts: RunOptions) -> TrainConfig:
 def validate(opts: RunOptions) -> None:
     """Refuse bad options before any work or file is made."""
     if opts.model not in MODELS:
-        raise RunError(f"unknown model {opts.model!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise RunError(f"--model: unknown model {opts.model!r}; choose one of: {', '.join(sorted(MODELS))}")
     if opts.prior not in PRIORS:
-        raise RunError(f"unknown prior {opts.prior!r}; choose one of: {', '.join(sorted(PRIORS))}")
+        raise RunError(f"--prior: unknown prior {opts.prior!r}; choose one of: {', '.join(sorted(PRIORS))}")
     if not isinstance(opts.epochs, int) or opts.epochs < 1:
-        raise RunError(f"epochs must be a positive integer, got {opts.epochs}")
+        raise RunError(f"--epochs: epochs must be a positive integer, got {opts.epochs}")
+    check_seed(opts.seed)
+    check_thresholds(opts.thresholds)
+    check_number(opts.warmup_epochs, "--warmup-epochs", minimum=0)
     if opts.prior != "ghs" and (opts.tau0 is not None or opts.global_kl is not None):
         raise RunError("--tau0 and --global-kl apply to the group horseshoe prior (--prior ghs) only")
     if opts.tau0 is not None and not (opts.tau0 > 0 and opts.tau0 < float("inf")):
-        raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
+        raise RunError(f"--tau0 must be a positive finite number, got {opts.tau0}")
     resolve_device(opts.device)
     _validate_max_var(opts)
     _check_layer_names(opts, opts.thresholds, "--thresholds")
     if opts.input_origin is not None:
         if not (isinstance(opts.input_origin, (int, float)) and math.isfinite(opts.input_origin)):
-            raise RunError(f"input origin must be a finite number, got {opts.input_origin!r}")
+            raise RunError(f"--input-origin: input origin must be a finite number, got {opts.input_origin!r}")
+        check_number(opts.input_origin, "--input-origin", float32=True)
         plain = build_model(opts.model)  # the first layer's twin says whether it can take the origin
         first = first_layer(plain)
         try:
             bayesianize(torch.nn.Sequential(plain.get_submodule(first)), opts.prior, keep_weights=False,
                         input_origin={"0": opts.input_origin})
-        except ValueError as exc:
+        except (ValueError, RuntimeError, OverflowError) as exc:
             raise RunError(f"--input-origin on model {opts.model}: {first}: {str(exc).removeprefix('0: ')}") from exc
     if opts.pretrain_epochs < 0:
-        raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
+        raise RunError(f"--pretrain-epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if not isinstance(opts.finetune_epochs, int) or opts.finetune_epochs < 0:
-        raise RunError(f"fine-tuning epochs must be an integer ≥ 0, got {opts.finetune_epochs!r}")
+        raise RunError(f"--finetune-epochs: fine-tuning epochs must be an integer ≥ 0, got {opts.finetune_epochs!r}")
     if opts.init_from is not None and not Path(opts.init_from).is_file():
         raise RunError(f"--init-from: checkpoint not found: {opts.init_from}")
     if opts.train_subset is not None and opts.train_subset < 1:
-        raise RunError(f"train subset must be ≥ 1, got {opts.train_subset}")
+        raise RunError(f"--train-subset must be ≥ 1, got {opts.train_subset}")
     if opts.auto_thresholds not in (None, "histogram", "validation"):
-        raise RunError(f"auto thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
+        raise RunError(f"--auto-thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
     if opts.auto_thresholds is not None and opts.thresholds is not None:
         if opts.auto_thresholds != "histogram" or not isinstance(opts.thresholds, Mapping):
             raise RunError("--thresholds with --auto-thresholds: only with the histogram rule, and only for named "
@@ -224,17 +229,17 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"--no-split {opts.no_split} says what the histogram rule does in a layer without a split: "
                        "it needs --auto-thresholds histogram")
     if not 0.0 < opts.val_fraction < 1.0:
-        raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
+        raise RunError(f"--val-fraction: validation fraction must be in (0, 1), got {opts.val_fraction}")
     if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):
-        raise RunError(f"validation error budget must be a finite number ≥ 0 (points), got {opts.val_budget}")
+        raise RunError(f"--val-budget: validation error budget must be a finite number ≥ 0 (points), got {opts.val_budget}")
     if not (opts.variance_scale > 0 and opts.variance_scale < float("inf")):
-        raise RunError(f"variance scale must be a positive finite number, got {opts.variance_scale}")
+        raise RunError(f"--variance-scale must be a positive finite number, got {opts.variance_scale}")
     try:
         _train_config(opts).validate()
     except ValueError as exc:
-        raise RunError(str(exc)) from exc
+        raise train_error(exc) from exc
     if opts.batch_size % distributed.world_size():
-        raise RunError(f"batch size {opts.batch_size} is the global batch: it must be divisible by the number of "
+        raise RunError(f"--batch-size {opts.batch_size} is the global batch: it must be divisible by the number of "
                        f"processes ({distributed.world_size()})")
 
 
@@ -268,11 +273,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise RunError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
+        raise RunError(f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} asked for, but this machine/PyTorch build has no CUDA")
+        raise RunError(f"--device {name!r} asked for, but this machine/PyTorch build has no CUDA")
     if device.type not in ("cpu", "cuda"):
-        raise RunError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+        raise RunError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
     return device
 
 
@@ -673,6 +678,10 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     `command`; the one that made the run compressed again becomes its `source_command`.
     """
     run_dir = Path(run_dir)
+    check_thresholds(thresholds)
+    check_number(variance_scale, "--variance-scale", positive=True)
+    if bit_accounting not in ("code", "paper"):
+        raise RunError(f"--bit-accounting must be 'code' or 'paper', got {bit_accounting!r}")
     check_out(out)
     _refuse_own_source(run_dir, out)
     refuse_in_use(out)
@@ -764,7 +773,8 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
     if not isinstance(epochs, int) or epochs < 1:
-        raise RunError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
+        raise RunError(f"--epochs: fine-tuning epochs must be a positive integer, got {epochs!r}")
+    check_thresholds(thresholds)
     check_out(out)
     _refuse_own_source(run_dir, out)
     refuse_in_use(out)

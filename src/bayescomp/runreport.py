@@ -157,10 +157,10 @@ def _check_fields(doc: Mapping[str, Any], fields: Mapping[str, tuple[Check, str,
     for name, (check, what, required) in fields.items():
         if name not in doc:
             if required:
-                raise RunError(f"{path}: field {where}{name!r} is missing")
+                raise RunError(f"{path}: field {where + name!r} is missing")
             continue
         if not check(doc[name]):
-            raise RunError(f"{path}: field {where}{name!r} must be {what}, got {_shown(doc[name])}")
+            raise RunError(f"{path}: field {where + name!r} must be {what}, got {_shown(doc[name])}")
 
 
 def validate_report(report: Any, path: str | os.PathLike) -> dict[str, Any]:

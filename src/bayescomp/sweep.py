@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
+from .optioncheck import check_number, check_thresholds
 from .pipeline import POSTERIOR_FILE, REPORT, RunError, RunOptions, example_input, load_data, load_posterior, run
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
@@ -268,7 +269,11 @@ def threshold_sweep(
     if not posterior.is_file():
         raise RunError(f"no trained posterior at {posterior}")
     if not values:
-        raise RunError("a threshold sweep needs at least one value")
+        raise RunError("--values: a threshold sweep needs at least one value")
+    for v in values:
+        check_thresholds(v, "--values")
+    if variance_scale is not None:
+        check_number(variance_scale, "--variance-scale", positive=True)
     previous = read_run(run_dir, required=False) or {}
     bmodel = load_posterior(posterior)
     model_name = previous.get("model") or load_checkpoint(posterior)["model"]
