@@ -228,3 +228,15 @@ def test_nan_in_the_data_is_named_as_the_data():
     x[5, 3] = float("inf")
     with pytest.raises(TrainingDivergedError, match="the input batch holds NaN/inf values; the data are damaged"):
         fit(model, (x, y), TrainConfig(epochs=1, batch_size=64), progress=False)
+
+
+def test_evaluate_of_a_bare_file_refuses_an_unknown_model_before_any_data(finished, no_data):
+    result = CliRunner().invoke(main, ["evaluate", str(finished / "model.pt"), "--model", "nosuchnet"])
+    assert "--model: unknown model 'nosuchnet'" in _one_line_error(result)
+
+
+def test_export_of_a_bare_model_file_writes_beside_it(finished, tmp_path):
+    shutil.copy(finished / "model.pt", tmp_path / "lenet.pt")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "lenet.pt"), "--format", "safetensors"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "lenet.safetensors").is_file()

@@ -277,6 +277,7 @@ def _load_any(path: Path):
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_verify: bool) -> None:
     """Reload a compressed model (run folder, .bcz or .pt; plain PyTorch) and print its test error."""
+    from .models import MODELS
     from .pipeline import load_data
     from .runreport import read_run
     from .train import evaluate
@@ -288,6 +289,8 @@ def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_
         name = model_name or meta.get("model")
         if name is None:
             raise ValueError(f"{run_dir}: cannot tell which model/dataset this is; pass --model")
+        if name not in MODELS:
+            raise ValueError(f"--model: unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
         _, (x, y) = load_data(name, data_dir, 1, verify=not no_verify)
         err = evaluate(model, x, y)
     except _USER_ERRORS as exc:
@@ -345,7 +348,7 @@ def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
         folder = Path(run_dir)
         model, meta = _load_any(folder)
         report = (read_run(folder, required=False) or {}) if folder.is_dir() else {}
-        target = Path(out) if out else folder / f"model.{fmt}"
+        target = Path(out) if out else folder / f"model.{fmt}" if folder.is_dir() else folder.with_suffix(f".{fmt}")
         if fmt == "onnx":
             name = report.get("model") or meta.get("model")
             export_onnx(model, target, input_shape(recipe(name).dataset))
