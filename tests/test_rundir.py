@@ -284,3 +284,29 @@ def test_force_puts_the_old_folder_back_when_the_new_one_cannot_be_moved_in(tmp_
     commit(prepare(out, resume=True, force=True))  # the complete result is moved in on resume
     assert (out / "report.json").read_text() == "new" and not list(tmp_path.glob(".run.replaced.*"))
 
+
+
+def test_without_flock_a_lock_file_of_a_dead_process_is_stale_and_a_live_one_holds(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # a file system without flock: the pid in the file decides
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (work / "lock").write_text(f"{dead.pid}\n")
+    with prepare(tmp_path / "run", resume=False, force=False):
+        assert (work / "lock").read_text().strip() == str(os.getpid())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / "lock").write_text(f"{alive.pid}\n")
+        with pytest.raises(RunError, match=f"in use by process {alive.pid}"):
+            prepare(tmp_path / "run", resume=False, force=False)
+        assert lock_holder(work) == alive.pid
+    finally:
+        alive.kill()
+        alive.wait()
