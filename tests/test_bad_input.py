@@ -240,3 +240,11 @@ def test_export_of_a_bare_model_file_writes_beside_it(finished, tmp_path):
     result = CliRunner().invoke(main, ["export", str(tmp_path / "lenet.pt"), "--format", "safetensors"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "lenet.safetensors").is_file()
+
+
+def test_sweep_refuses_a_bad_option_before_making_its_folder(tmp_path, no_data):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", "--tau0", "1e-5", "--tau0", "1e-3", "--out", str(out), "--lr", "nan",
+                                       "--quiet"])
+    assert "--lr: learning rate must be positive" in _one_line_error(result)
+    assert not out.exists()

@@ -310,3 +310,14 @@ def test_without_flock_a_lock_file_of_a_dead_process_is_stale_and_a_live_one_hol
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_complete_result_left_by_an_interrupted_move_is_kept_without_force(tmp_path):
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    (work / "report.json").write_text("{}")
+    with pytest.raises(RunError, match="complete result of a run whose final move was interrupted"):
+        prepare(tmp_path / "run", resume=False, force=False)
+    assert (work / "report.json").read_text() == "{}"
+    with prepare(tmp_path / "run", resume=False, force=True):
+        assert [p.name for p in work.iterdir()] == ["lock"]

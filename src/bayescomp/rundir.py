@@ -272,7 +272,13 @@ def prepare(out: str | os.PathLike, *, resume: bool, force: bool, lock: bool = T
     if resume and not work.is_dir():
         raise RunError(f"nothing to resume: no checkpoint at {work / CHECKPOINT}")
     folder = RunFolder(final, work)
-    if not lock:
+    if not lock:  # (read-only: the same refusals as the writer's, so that no process waits for a writer that quit)
+        has_checkpoint = any((work / name).is_file() for name in PROGRESS[:2])
+        if resume and not has_checkpoint and not finished_in_place(work):
+            raise RunError(f"nothing to resume: no checkpoint at {work / CHECKPOINT}")
+        if not resume and not force and progress_files(work):
+            raise RunError(f"{work} holds an interrupted run ({', '.join(progress_files(work))}): continue it with "
+                           "--resume, or pass --force to discard it and start afresh")
         return folder
     folder.created = not work.exists()
     try:
@@ -288,10 +294,13 @@ def prepare(out: str | os.PathLike, *, resume: bool, force: bool, lock: bool = T
             if not has_checkpoint and not folder.interrupted_move:
                 raise RunError(f"nothing to resume: no checkpoint at {work / CHECKPOINT}")
         else:
-            held = progress_files(work) + ([REPORT] if finished_in_place(work) else [])
+            held = progress_files(work)
             if held and not force:
                 raise RunError(f"{work} holds an interrupted run ({', '.join(held)}): continue it with --resume, "
                                "or pass --force to discard it and start afresh")
+            if finished_in_place(work) and not force:
+                raise RunError(f"{work} holds the complete result of a run whose final move was interrupted: "
+                               "`compress --resume` moves it into place; or pass --force to discard it")
             for entry in work.iterdir():
                 if entry.name != LOCK:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

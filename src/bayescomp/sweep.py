@@ -36,7 +36,18 @@ from torch import Tensor, nn
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
 from .optioncheck import check_number, check_thresholds
-from .pipeline import POSTERIOR_FILE, REPORT, RunError, RunOptions, example_input, load_data, load_posterior, run
+from .pipeline import (
+    POSTERIOR_FILE,
+    REPORT,
+    RunError,
+    RunOptions,
+    example_input,
+    load_data,
+    load_posterior,
+    run,
+    validate,
+)
+from .rundir import check_out
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
 from .train.checkpoint import atomic_write_bytes, load_checkpoint
@@ -184,7 +195,9 @@ def sweep(
         raise RunError(f"τ0 values must be positive and finite, got {bad}")
     if len({_tau_dir(t) for t in values}) != len(values):
         raise RunError(f"τ0 values must be distinct, got {values}")
-    out = Path(out_dir)
+    out = check_out(out_dir)
+    for t in values:  # every run's options, before any folder is made or any data loaded
+        validate(replace(base_opts, prior="ghs", tau0=t))
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
