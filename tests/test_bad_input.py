@@ -248,3 +248,19 @@ def test_sweep_refuses_a_bad_option_before_making_its_folder(tmp_path, no_data):
                                        "--quiet"])
     assert "--lr: learning rate must be positive" in _one_line_error(result)
     assert not out.exists()
+
+
+def test_show_of_an_unfinished_run_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    (work / "options.json").write_text(json.dumps({"model": "lenet300", "prior": "gnj", "epochs": 5}))
+    row = {"epoch": 1, "loss": 0.5, "train_error": 9.0, "seconds": 2.0}
+    (work / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "epoch": 2})[:20])
+    result = CliRunner().invoke(main, ["show", str(work)])
+    assert result.exit_code == 0, result.output
+    assert "1 of 5" in result.output
+    (work / "metrics.jsonl").write_text("[1, 2]\n" + json.dumps(row) + "\n")
+    line = _one_line_error(CliRunner().invoke(main, ["show", str(work)]))
+    assert f"{work / 'metrics.jsonl'}: line 1 is not an epoch row" in line
+    (work / "metrics.jsonl").write_text(json.dumps({**row, "seconds": 1e308 * 10}) + "\n")
+    assert "line 1 is not an epoch row" in _one_line_error(CliRunner().invoke(main, ["show", str(work)]))

@@ -60,7 +60,7 @@ from .rundir import (
     same_folder,
     work_dir,
 )
-from .runreport import read_json, read_run, validate_options
+from .runreport import read_json, read_metrics, read_run, validate_options
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .train.loop import (
@@ -399,10 +399,7 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     metrics = work / METRICS
     if not metrics.is_file():
         raise RunError(f"no finished run at {run_dir} (no {REPORT}) and no unfinished one at {work} (no {METRICS})")
-    try:
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    rows = read_metrics(metrics)
     options: dict[str, Any] = {}
     if (work / OPTIONS).is_file():
         options = validate_options(read_json(work / OPTIONS), work / OPTIONS, RunOptions, required=())
@@ -413,14 +410,11 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
                            "epochs_done": len(rows), "epochs": options.get("epochs")}
     tuning = work / FINETUNE_METRICS
     planned_ft = int(options.get("finetune_epochs") or 0)
-    try:
-        ft_rows = [json.loads(line) for line in tuning.read_text().splitlines() if line.strip()] if tuning.is_file() else []
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    ft_rows = read_metrics(tuning) if tuning.is_file() else []
     if planned_ft:
         out.update(finetune_epochs=planned_ft, finetune_epochs_done=len(ft_rows))
     if rows:
-        seconds = [float(r.get("seconds", 0.0)) for r in rows + ft_rows]
+        seconds = [float(r.get("seconds") or 0.0) for r in rows + ft_rows]
         recent = seconds[-5:]  # (fine-tuning epochs, once they run: they take as long as training ones)
         out.update(last=(ft_rows or rows)[-1], seconds_spent=sum(seconds), epoch_seconds=sum(recent) / len(recent))
         if out["epochs"] is not None:

@@ -223,6 +223,29 @@ def read_json(path: str | os.PathLike) -> Any:
         raise RunError(f"{path} is not valid JSON{where}; it may be truncated") from None
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epoch rows of a metrics file (one JSON object a line). A torn last line (the process was killed while
+    appending it) is skipped; any other line that is not an epoch row is a RunError naming the file and line."""
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RunError(f"{path}: line {i + 1} is not valid JSON") from None
+        if not _row(row) or not all(_finite(v) for v in row.values() if _num(v)):
+            raise RunError(f"{path}: line {i + 1} is not an epoch row (an object with an integer 'epoch' and "
+                           "finite numbers)")
+        rows.append(row)
+    return rows
+
+
 def read_report(run_dir: str | os.PathLike, *, required: bool = True) -> dict[str, Any] | None:
     """The validated report.json of a run folder (`validate_report`); None if it has none and not `required`."""
     path = Path(run_dir) / REPORT
@@ -305,5 +328,5 @@ def read_run(run_dir: str | os.PathLike, *, required: bool = True) -> dict[str, 
     return report
 
 
-__all__ = ["REPORT_FIELDS", "check_files", "read_json", "read_report", "read_run", "validate_options",
+__all__ = ["REPORT_FIELDS", "check_files", "read_json", "read_metrics", "read_report", "read_run", "validate_options",
            "validate_report"]

@@ -67,9 +67,11 @@ def _read_history(run_dir: Path, report: Mapping[str, Any]) -> list[dict[str, An
             line = line.strip()
             if line:
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line: the rest still plots
+                if isinstance(row, dict):
+                    rows.append(row)
         if rows:
             return rows
     return list(report.get("history") or [])

@@ -79,9 +79,9 @@ def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("fine-tuning epochs", f"{progress['finetune_epochs_done']} of {progress['finetune_epochs']}"))
     last = progress.get("last")
     if last:
-        if "loss" in last:
+        if last.get("loss") is not None:
             rows.append(("last epoch loss", f"{last['loss']:.4f}"))
-        if "train_error" in last:
+        if last.get("train_error") is not None:
             rows.append(("train error (%, sampled)", f"{last['train_error']:.2f}"))
         if last.get("test_error") is not None:
             rows.append(("test error (%, unpruned)", f"{last['test_error']:.2f}"))
