@@ -200,7 +200,7 @@ def test_python_dash_m_is_the_same_command():
     assert "lenet300" in proc.stdout and "lenet5" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "bayescomp", "compress", "--model", "nope", "--out", "/tmp/x"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: unknown model")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: --model: unknown model")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -318,17 +317,20 @@ def _load_any(path: Path):
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
 def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_verify: bool) -> None:
     """Reload a compressed model (run folder, .bcz or .pt; plain PyTorch) and print its test error."""
+    from .models import MODELS
     from .pipeline import load_data
+    from .runreport import read_run
     from .train import evaluate
 
     try:
         model, meta = _load_any(Path(run_dir))
-        report_file = Path(run_dir) / "report.json"
-        if report_file.is_file():
-            meta = {**meta, **json.loads(report_file.read_text())}
+        if Path(run_dir).is_dir():
+            meta = {**meta, **(read_run(run_dir, required=False) or {})}
         name = model_name or meta.get("model")
         if name is None:
             raise ValueError(f"{run_dir}: cannot tell which model/dataset this is; pass --model")
+        if name not in MODELS:
+            raise ValueError(f"--model: unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
         _, (x, y) = load_data(name, data_dir, 1, verify=not no_verify)
         err = evaluate(model, x, y)
     except _USER_ERRORS as exc:
@@ -350,13 +352,14 @@ def pack_cmd(run_dir: str, coder: str, out: str | None) -> None:
     from types import SimpleNamespace
 
     from .io import load_plain, packed_report, save
+    from .runreport import read_run
 
     try:
         folder = Path(run_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"run directory not found: {folder}")
+        report = read_run(folder)
         model, _ = load_plain(folder / "model.pt")
-        report = json.loads((folder / "report.json").read_text())
         bits = {layer["name"]: layer["bits"] for layer in report["layers"] if layer.get("bits") is not None}
         compressed = SimpleNamespace(model=model, bits=bits, report=report)
         target = Path(out) if out else folder / "model.bcz"
@@ -379,12 +382,13 @@ def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
     from .data import input_shape
     from .io.export import export_onnx, export_safetensors
     from .recipes import recipe
+    from .runreport import read_run
 
     try:
         folder = Path(run_dir)
         model, meta = _load_any(folder)
-        report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
-        target = Path(out) if out else folder / f"model.{fmt}"
+        report = (read_run(folder, required=False) or {}) if folder.is_dir() else {}
+        target = Path(out) if out else folder / f"model.{fmt}" if folder.is_dir() else folder.with_suffix(f".{fmt}")
         if fmt == "onnx":
             name = report.get("model") or meta.get("model")
             export_onnx(model, target, input_shape(recipe(name).dataset))
@@ -639,12 +643,13 @@ def show_cmd(run_dir: str) -> None:
     epochs done, the last epoch's figures, time spent and an estimate of the time left."""
     from .pipeline import run_progress
     from .report.table import progress_rows
+    from .runreport import read_run
 
     report_path = Path(run_dir) / "report.json"
     if report_path.is_file() and not run_dir.rstrip("/").endswith(".partial"):
         try:
-            report = json.loads(report_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            report = read_run(run_dir)
+        except _USER_ERRORS as exc:
             _fail(exc)
         click.echo(format_table(summary_rows(report)))
         return

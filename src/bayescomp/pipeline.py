@@ -4,7 +4,8 @@ The folder appears only when the run succeeds: work happens in ``DIR.partial`` (
 which is renamed to ``DIR`` at the end. A failed or interrupted run leaves ``DIR.partial`` with its
 last good checkpoint and the options it was started with (``options.json``), from which ``resume=True``
 continues (with the same options: others are refused) and which `recompress` can compress while the run
-is still training.
+is still training. The folder's life cycle (the lock on ``DIR.partial``, what may be deleted, the atomic move
+into place) is `rundir`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -38,26 +38,37 @@ from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import MODELS, build_model
 from .nn import GroupSparseLayer
+from .optioncheck import check_number, check_seed, check_thresholds, train_error
 from .recipes import recipe
+from .rundir import (
+    CHECKPOINT,
+    FINETUNE_CHECKPOINT,
+    FINETUNE_METRICS,
+    METRICS,
+    MODEL_FILE,
+    OPTIONS,
+    PACKED_FILE,
+    POSTERIOR_FILE,
+    REPORT,
+    RunError,
+    RunFolder,
+    check_out,
+    commit,
+    final_dir,
+    prepare,
+    refuse_in_use,
+    same_folder,
+    work_dir,
+)
+from .runreport import read_json, read_metrics, read_run, validate_options
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
 from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .train.loop import (
-    discard_checkpoint,
     flush_denormals,
     length_change_refused,
     load_newest_checkpoint,
     previous_checkpoint,
 )
-
-REPORT = "report.json"
-MODEL_FILE = "model.pt"
-PACKED_FILE = "model.bcz"
-POSTERIOR_FILE = "posterior.pt"
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-FINETUNE_CHECKPOINT = "finetune.pt"  # in DIR.partial while the pruned posterior is fine-tuned
-FINETUNE_METRICS = "finetune_metrics.jsonl"
-OPTIONS = "options.json"  # in DIR.partial only: the options the run was started with
 
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
@@ -65,10 +76,6 @@ OPTIONS = "options.json"  # in DIR.partial only: the options the run was started
 RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
                 "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl",
                 "input_origin")
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or finish; the message says why in one line."""
 
 
 def build_bayesian(model: str, prior: str, *, plain: torch.nn.Module | None = None, keep_weights: bool = False,
@@ -178,38 +185,42 @@ def _train_config(opts: RunOptions) -> TrainConfig:
 def validate(opts: RunOptions) -> None:
     """Refuse bad options before any work or file is made."""
     if opts.model not in MODELS:
-        raise RunError(f"unknown model {opts.model!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise RunError(f"--model: unknown model {opts.model!r}; choose one of: {', '.join(sorted(MODELS))}")
     if opts.prior not in PRIORS:
-        raise RunError(f"unknown prior {opts.prior!r}; choose one of: {', '.join(sorted(PRIORS))}")
+        raise RunError(f"--prior: unknown prior {opts.prior!r}; choose one of: {', '.join(sorted(PRIORS))}")
     if not isinstance(opts.epochs, int) or opts.epochs < 1:
-        raise RunError(f"epochs must be a positive integer, got {opts.epochs}")
+        raise RunError(f"--epochs: epochs must be a positive integer, got {opts.epochs}")
+    check_seed(opts.seed)
+    check_thresholds(opts.thresholds)
+    check_number(opts.warmup_epochs, "--warmup-epochs", minimum=0)
     if opts.prior != "ghs" and (opts.tau0 is not None or opts.global_kl is not None):
         raise RunError("--tau0 and --global-kl apply to the group horseshoe prior (--prior ghs) only")
     if opts.tau0 is not None and not (opts.tau0 > 0 and opts.tau0 < float("inf")):
-        raise RunError(f"tau0 must be a positive finite number, got {opts.tau0}")
+        raise RunError(f"--tau0 must be a positive finite number, got {opts.tau0}")
     resolve_device(opts.device)
     _validate_max_var(opts)
     _check_layer_names(opts, opts.thresholds, "--thresholds")
     if opts.input_origin is not None:
         if not (isinstance(opts.input_origin, (int, float)) and math.isfinite(opts.input_origin)):
-            raise RunError(f"input origin must be a finite number, got {opts.input_origin!r}")
+            raise RunError(f"--input-origin: input origin must be a finite number, got {opts.input_origin!r}")
+        check_number(opts.input_origin, "--input-origin", float32=True)
         plain = build_model(opts.model)  # the first layer's twin says whether it can take the origin
         first = first_layer(plain)
         try:
             bayesianize(torch.nn.Sequential(plain.get_submodule(first)), opts.prior, keep_weights=False,
                         input_origin={"0": opts.input_origin})
-        except ValueError as exc:
+        except (ValueError, RuntimeError, OverflowError) as exc:
             raise RunError(f"--input-origin on model {opts.model}: {first}: {str(exc).removeprefix('0: ')}") from exc
     if opts.pretrain_epochs < 0:
-        raise RunError(f"pretrain epochs must be ≥ 0, got {opts.pretrain_epochs}")
+        raise RunError(f"--pretrain-epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if not isinstance(opts.finetune_epochs, int) or opts.finetune_epochs < 0:
-        raise RunError(f"fine-tuning epochs must be an integer ≥ 0, got {opts.finetune_epochs!r}")
+        raise RunError(f"--finetune-epochs: fine-tuning epochs must be an integer ≥ 0, got {opts.finetune_epochs!r}")
     if opts.init_from is not None and not Path(opts.init_from).is_file():
         raise RunError(f"--init-from: checkpoint not found: {opts.init_from}")
     if opts.train_subset is not None and opts.train_subset < 1:
-        raise RunError(f"train subset must be ≥ 1, got {opts.train_subset}")
+        raise RunError(f"--train-subset must be ≥ 1, got {opts.train_subset}")
     if opts.auto_thresholds not in (None, "histogram", "validation"):
-        raise RunError(f"auto thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
+        raise RunError(f"--auto-thresholds must be 'histogram' or 'validation', got {opts.auto_thresholds!r}")
     if opts.auto_thresholds is not None and opts.thresholds is not None:
         if opts.auto_thresholds != "histogram" or not isinstance(opts.thresholds, Mapping):
             raise RunError("--thresholds with --auto-thresholds: only with the histogram rule, and only for named "
@@ -221,17 +232,17 @@ def validate(opts: RunOptions) -> None:
         raise RunError(f"--no-split {opts.no_split} says what the histogram rule does in a layer without a split: "
                        "it needs --auto-thresholds histogram")
     if not 0.0 < opts.val_fraction < 1.0:
-        raise RunError(f"validation fraction must be in (0, 1), got {opts.val_fraction}")
+        raise RunError(f"--val-fraction: validation fraction must be in (0, 1), got {opts.val_fraction}")
     if not (opts.val_budget >= 0 and opts.val_budget < float("inf")):
-        raise RunError(f"validation error budget must be a finite number ≥ 0 (points), got {opts.val_budget}")
+        raise RunError(f"--val-budget: validation error budget must be a finite number ≥ 0 (points), got {opts.val_budget}")
     if not (opts.variance_scale > 0 and opts.variance_scale < float("inf")):
-        raise RunError(f"variance scale must be a positive finite number, got {opts.variance_scale}")
+        raise RunError(f"--variance-scale must be a positive finite number, got {opts.variance_scale}")
     try:
         _train_config(opts).validate()
     except ValueError as exc:
-        raise RunError(str(exc)) from exc
+        raise train_error(exc) from exc
     if opts.batch_size % distributed.world_size():
-        raise RunError(f"batch size {opts.batch_size} is the global batch: it must be divisible by the number of "
+        raise RunError(f"--batch-size {opts.batch_size} is the global batch: it must be divisible by the number of "
                        f"processes ({distributed.world_size()})")
 
 
@@ -265,11 +276,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise RunError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
+        raise RunError(f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} asked for, but this machine/PyTorch build has no CUDA")
+        raise RunError(f"--device {name!r} asked for, but this machine/PyTorch build has no CUDA")
     if device.type not in ("cpu", "cuda"):
-        raise RunError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+        raise RunError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
     return device
 
 
@@ -317,33 +328,20 @@ def _plain_start(opts: RunOptions, train, test, progress: bool) -> tuple[torch.n
     return plain, trained
 
 
-def work_dir(run_dir: Path) -> Path:
-    """The working folder of a run: ``DIR.partial`` for ``DIR`` (a path already naming it is returned as is)."""
-    return run_dir if run_dir.name.endswith(".partial") else run_dir.with_name(run_dir.name + ".partial")
+def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> RunFolder:
+    """Check the output folder can be written, make and lock its working folder ``OUT.partial`` (`rundir.prepare`).
 
-
-def prepare_out(out: str | os.PathLike, resume: bool, force: bool) -> tuple[Path, Path]:
-    """Check the output folder can be written; return (final DIR, working DIR.partial)."""
-    final = Path(out)
-    work = work_dir(final)
-    if final.exists() and not force:
-        raise RunError(f"output directory {final} already exists; choose another or pass --force")
-    parent = final.parent if str(final.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/ on a fresh checkout
-    except OSError as exc:
-        raise RunError(f"cannot write output directory {final}: cannot create {parent} ({exc.strerror or exc})") from exc
-    if not os.access(parent, os.W_OK):
-        raise RunError(f"cannot write output directory {final}: parent {parent} is not writable")
-    if resume:
-        if not (work / CHECKPOINT).is_file() and not previous_checkpoint(work / CHECKPOINT).is_file():
-            raise RunError(f"nothing to resume: no checkpoint at {work / CHECKPOINT}")
-    elif distributed.is_main():
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
+    Data-parallel, rank 0 makes and locks it; the other ranks wait for it and share it.
+    """
+    folder = prepare(out, resume=resume, force=force, lock=distributed.is_main())
     distributed.barrier()  # data-parallel: the other ranks wait until rank 0 has made DIR.partial
-    return final, work
+    return folder
+
+
+def _refuse_own_source(run_dir: Path, out: str | os.PathLike) -> None:
+    """`prune`/`finetune` write a new folder: never the run they read, nor its working folder."""
+    if str(out).strip() and any(same_folder(Path(out), p) for p in (final_dir(run_dir), work_dir(run_dir))):
+        raise RunError(f"--out {out} is the run being read ({run_dir}); write the result to another folder")
 
 
 def check_resume_options(work: Path, opts: RunOptions) -> None:
@@ -354,10 +352,7 @@ def check_resume_options(work: Path, opts: RunOptions) -> None:
     path = work / OPTIONS
     if not path.is_file():
         return
-    try:
-        started = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the options the run was started with, {path}: {exc}") from exc
+    started = validate_options(read_json(path), path, RunOptions, required=())
     now = asdict(opts)
     keys = list(RESUME_FIXED)
     if "validation" in (started.get("auto_thresholds"), now.get("auto_thresholds")):
@@ -384,11 +379,7 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
     if not (work / OPTIONS).is_file():
         raise RunError(f"no trained posterior at {run_dir / POSTERIOR_FILE}, and no unfinished run at {work} "
                        f"(it needs {OPTIONS} and {CHECKPOINT})")
-    try:
-        saved = json.loads((work / OPTIONS).read_text())
-        opts = RunOptions(**{k: v for k, v in saved.items() if k in RunOptions.__dataclass_fields__})
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise RunError(f"cannot read the options of the unfinished run, {work / OPTIONS}: {exc}") from exc
+    opts = read_options(read_json(work / OPTIONS), work / OPTIONS)
     try:
         state, _ = load_newest_checkpoint(work / CHECKPOINT, repair=False, purpose="compressing")
     except CheckpointError as exc:
@@ -411,23 +402,22 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     metrics = work / METRICS
     if not metrics.is_file():
         raise RunError(f"no finished run at {run_dir} (no {REPORT}) and no unfinished one at {work} (no {METRICS})")
-    try:
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        options = json.loads((work / OPTIONS).read_text()) if (work / OPTIONS).is_file() else {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    rows = read_metrics(metrics)
+    options: dict[str, Any] = {}
+    if (work / OPTIONS).is_file():
+        options = validate_options(read_json(work / OPTIONS), work / OPTIONS, RunOptions, required=())
+        for key in ("epochs", "finetune_epochs"):
+            if (options.get(key) or 0) < 0:
+                raise RunError(f"{work / OPTIONS}: field {key!r} must be ≥ 0, got {options[key]}")
     out: dict[str, Any] = {"folder": str(work), "model": options.get("model"), "prior": options.get("prior"),
                            "epochs_done": len(rows), "epochs": options.get("epochs")}
     tuning = work / FINETUNE_METRICS
     planned_ft = int(options.get("finetune_epochs") or 0)
-    try:
-        ft_rows = [json.loads(line) for line in tuning.read_text().splitlines() if line.strip()] if tuning.is_file() else []
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the progress of {work}: {exc}") from exc
+    ft_rows = read_metrics(tuning) if tuning.is_file() else []
     if planned_ft:
         out.update(finetune_epochs=planned_ft, finetune_epochs_done=len(ft_rows))
     if rows:
-        seconds = [float(r.get("seconds", 0.0)) for r in rows + ft_rows]
+        seconds = [float(r.get("seconds") or 0.0) for r in rows + ft_rows]
         recent = seconds[-5:]  # (fine-tuning epochs, once they run: they take as long as training ones)
         out.update(last=(ft_rows or rows)[-1], seconds_spent=sum(seconds), epoch_seconds=sum(recent) / len(recent))
         if out["epochs"] is not None:
@@ -561,14 +551,27 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
     DIR and returns the report, the others return an empty dict.
     """
     validate(opts)
+    check_out(out)
+    refuse_in_use(out)
     device = resolve_device(opts.device)
     distributed.init_from_env(device)  # joins the process group under torchrun (gloo on CPU, nccl on CUDA)
-    max_var = recipe(opts.model).clamps(opts.prior) if opts.max_var is None else opts.max_var
     train, test = load_data(opts.model, opts.data_dir, opts.train_subset, opts.seed, opts.verify_data)  # fail before any folder
     train, val = _hold_out(opts, train)
-    final, work = prepare_out(out, resume, force)
-    if resume:
-        check_resume_options(work, opts)
+    with prepare_out(out, resume, force) as folder:  # locked until the run ends, however it ends
+        if folder.interrupted_move:  # killed while its finished folder was moved into place: complete that
+            commit(folder)
+            return json.loads((folder.final / REPORT).read_text())
+        if resume:
+            check_resume_options(folder.work, opts)
+        return _train_and_write(opts, folder, device, train, test, val, resume=resume, progress=progress,
+                                command=command)
+
+
+def _train_and_write(opts: RunOptions, folder: RunFolder, device: torch.device, train, test, val, *, resume: bool,
+                     progress: bool, command: str | None) -> dict[str, Any]:
+    """The body of `run` in its locked working folder: train, compress, evaluate, write, move into place."""
+    work = folder.work
+    max_var = recipe(opts.model).clamps(opts.prior) if opts.max_var is None else opts.max_var
     if distributed.is_main():  # (on resume: what may change, e.g. more epochs, is recorded too)
         atomic_write_bytes(work / OPTIONS, (json.dumps(asdict(opts), indent=2) + "\n").encode())
 
@@ -620,12 +623,13 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
         report["validation_examples"] = len(val[0])
     if command:
         report["command"] = command
-    _finish(work, final, report, compressed, _posterior(opts, bmodel))
+    _finish(folder, report, compressed, _posterior(opts, bmodel))
     return report
 
 
-def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posterior: dict[str, Any]) -> None:
-    """Write the run's files into the working folder, then move it to its final name in one rename."""
+def _finish(folder: RunFolder, report: dict[str, Any], compressed, posterior: dict[str, Any]) -> None:
+    """Write the run's files into the working folder, then move it to its final name (`rundir.commit`)."""
+    work = folder.work
     meta = {k: report.get(k) for k in ("model", "prior", "architecture", "bits", "test_error")}
     save_plain(work / MODEL_FILE, compressed.model, meta)
     save_packed(compressed, work / PACKED_FILE)
@@ -634,12 +638,7 @@ def _finish(work: Path, final: Path, report: dict[str, Any], compressed, posteri
     report["packed"] = {k: v for k, v in packed.items() if k not in ("cr_max", "file_bytes", "cr_file")}
     save_checkpoint(work / POSTERIOR_FILE, posterior)
     atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
-    discard_checkpoint(work / CHECKPOINT)  # and its .prev
-    discard_checkpoint(work / FINETUNE_CHECKPOINT)
-    (work / OPTIONS).unlink(missing_ok=True)  # report.json holds them as `config`
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(work, final)
+    commit(folder)  # (drops the checkpoints and options.json: report.json holds the options as `config`)
 
 
 def named_over(own: Any, given: Any) -> Any:
@@ -676,15 +675,19 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     `command`; the one that made the run compressed again becomes its `source_command`.
     """
     run_dir = Path(run_dir)
+    check_thresholds(thresholds)
+    check_number(variance_scale, "--variance-scale", positive=True)
+    if bit_accounting not in ("code", "paper"):
+        raise RunError(f"--bit-accounting must be 'code' or 'paper', got {bit_accounting!r}")
+    check_out(out)
+    _refuse_own_source(run_dir, out)
+    refuse_in_use(out)
     posterior_path = run_dir / POSTERIOR_FILE
     unfinished = opts = None
     if posterior_path.is_file():
         state = load_checkpoint(posterior_path)
         bmodel = load_posterior(posterior_path)
-        try:
-            previous = json.loads((run_dir / REPORT).read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {"model": state["model"], "prior": state["prior"]}
+        previous = read_run(run_dir, required=False) or {"model": state["model"], "prior": state["prior"]}
         if no_split is not None:
             opts = _no_split_again(_run_options(run_dir, previous), no_split)
     else:
@@ -696,7 +699,7 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
                     "config": _config(opts)}
         unfinished = {"from": str(work), "epochs_trained": epoch, "epochs": opts.epochs}
     _, test = load_data(state["model"], data_dir, 1, verify=verify)
-    final, work = prepare_out(out, False, force)
+    folder = prepare_out(out, False, force)
     keeps = choice = None
     try:
         if unfinished is not None:
@@ -708,34 +711,44 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
             thresholds, choice = _decide_again(opts, bmodel, previous, thresholds)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,
                                                    example=example_input(state["model"]), keeps=keeps)
+        report = _over(previous, figures, compressed)
+        report.pop("threshold_choice", None)
+        if choice:
+            report["threshold_choice"] = choice
+        if unfinished is not None:
+            report["unfinished"] = unfinished
+        else:
+            report["recompressed_from"] = str(run_dir)
+        if "command" in previous:
+            report["source_command"] = report.pop("command")
+        if command:
+            report["command"] = command
+        _finish(folder, report, compressed, state)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abandon()
         raise
-    report = _over(previous, figures, compressed)
-    report.pop("threshold_choice", None)
-    if choice:
-        report["threshold_choice"] = choice
-    if unfinished is not None:
-        report["unfinished"] = unfinished
-    else:
-        report["recompressed_from"] = str(run_dir)
-    if "command" in previous:
-        report["source_command"] = report.pop("command")
-    if command:
-        report["command"] = command
-    _finish(work, final, report, compressed, state)
     return report
 
 
 def _run_options(run_dir: Path, previous: Mapping[str, Any]) -> RunOptions:
     """The options a finished run was made with: its report (`previous`)'s `config`."""
-    try:
-        config = previous["config"]
-        fields = RunOptions.__dataclass_fields__
-        return RunOptions(**{k: v for k, v in config.items() if k in fields and k != "extra"},
-                          extra={k: v for k, v in config.items() if k not in fields})
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc!r}") from exc
+    if "config" not in previous:
+        raise RunError(f"{run_dir / REPORT}: field 'config' is missing: the run's options are unknown")
+    return read_options(previous["config"], run_dir / REPORT, where="config.")
+
+
+def read_options(values: Any, path: Path, where: str = "") -> RunOptions:
+    """The RunOptions recorded in a file (options.json, or report.json's `config` with `where`="config."),
+    checked field by field (`validate_options`) and as a whole (`validate`); errors name the file and field."""
+    validate_options(values, path, RunOptions, where=where)
+    fields = RunOptions.__dataclass_fields__
+    opts = RunOptions(**{k: v for k, v in values.items() if k in fields and k != "extra"},
+                      extra={k: v for k, v in values.items() if k not in fields})
+    try:  # (the run's start file and device need not be here to read what it made)
+        validate(replace(opts, init_from=None, device="cpu"))
+    except RunError as exc:
+        raise RunError(f"{path}: {'field ' + repr(where.rstrip('.')) + ': ' if where else ''}{exc}") from exc
+    return opts
 
 
 def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int, *,
@@ -757,13 +770,14 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
     run_dir = Path(run_dir)
     posterior_path = run_dir / POSTERIOR_FILE
     if not isinstance(epochs, int) or epochs < 1:
-        raise RunError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
+        raise RunError(f"--epochs: fine-tuning epochs must be a positive integer, got {epochs!r}")
+    check_thresholds(thresholds)
+    check_out(out)
+    _refuse_own_source(run_dir, out)
+    refuse_in_use(out)
     if not posterior_path.is_file():
         raise RunError(f"no trained posterior at {posterior_path}: fine-tuning needs a finished run")
-    try:
-        previous = json.loads((run_dir / REPORT).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read the run's options from {run_dir / REPORT}: {exc}") from exc
+    previous = read_run(run_dir)
     opts = _run_options(run_dir, previous)
     if opts.finetune_epochs:
         raise RunError(f"the run in {run_dir} is fine-tuned already ({opts.finetune_epochs} epochs)")
@@ -785,27 +799,28 @@ def finetune_run(run_dir: str | os.PathLike, out: str | os.PathLike, epochs: int
             opts.thresholds = {**named, **given}
         else:
             opts.thresholds, opts.auto_thresholds, opts.no_split = thresholds, None, "keep"
-    final, work = prepare_out(out, False, force)
+    folder = prepare_out(out, False, force)
     try:
         example = example_input(opts.model, device=torch_device)
-        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, work, example=example, progress=progress)
+        keeps, tuned = finetune(opts, bmodel, train, test, thresholds, folder.work, example=example,
+                                progress=progress)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, opts.bit_accounting,
                                                    opts.variance_scale, example=example, keeps=keeps)
+        report = _over(previous, figures, compressed)
+        report["config"] = _config(opts)
+        report["finetune"] = tuned
+        report["finetuned_from"] = str(run_dir)
+        report.pop("threshold_choice", None)
+        if choice:
+            report["threshold_choice"] = choice
+        if "command" in previous:  # the command that trained the posterior, beside this one
+            report["training_command"] = report.pop("command")
+        if command:
+            report["command"] = command
+        _finish(folder, report, compressed, _posterior(opts, bmodel))
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abandon()
         raise
-    report = _over(previous, figures, compressed)
-    report["config"] = _config(opts)
-    report["finetune"] = tuned
-    report["finetuned_from"] = str(run_dir)
-    report.pop("threshold_choice", None)
-    if choice:
-        report["threshold_choice"] = choice
-    if "command" in previous:  # the command that trained the posterior, beside this one
-        report["training_command"] = report.pop("command")
-    if command:
-        report["command"] = command
-    _finish(work, final, report, compressed, _posterior(opts, bmodel))
     return report
 
 

@@ -35,7 +35,20 @@ from torch import Tensor, nn
 
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
-from .pipeline import POSTERIOR_FILE, REPORT, RunError, RunOptions, example_input, load_data, load_posterior, run
+from .optioncheck import check_number, check_thresholds
+from .pipeline import (
+    POSTERIOR_FILE,
+    REPORT,
+    RunError,
+    RunOptions,
+    example_input,
+    load_data,
+    load_posterior,
+    run,
+    validate,
+)
+from .rundir import check_out
+from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
 from .train.checkpoint import atomic_write_bytes, load_checkpoint
 
@@ -182,7 +195,9 @@ def sweep(
         raise RunError(f"τ0 values must be positive and finite, got {bad}")
     if len({_tau_dir(t) for t in values}) != len(values):
         raise RunError(f"τ0 values must be distinct, got {values}")
-    out = Path(out_dir)
+    out = check_out(out_dir)
+    for t in values:  # every run's options, before any folder is made or any data loaded
+        validate(replace(base_opts, prior="ghs", tau0=t))
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
@@ -194,7 +209,7 @@ def sweep(
         report: dict[str, Any] = {}
         wanted = {k: v for k, v in asdict(opts).items() if k != "extra"} | opts.extra
         if reuse and not force and (run_dir / REPORT).is_file():
-            report = json.loads((run_dir / REPORT).read_text())
+            report = read_report(run_dir)
             have, want = _comparable(report.get("config", {})), _comparable(wanted)
             differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
             if differ:
@@ -267,11 +282,12 @@ def threshold_sweep(
     if not posterior.is_file():
         raise RunError(f"no trained posterior at {posterior}")
     if not values:
-        raise RunError("a threshold sweep needs at least one value")
-    try:
-        previous = json.loads((run_dir / REPORT).read_text())
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+        raise RunError("--values: a threshold sweep needs at least one value")
+    for v in values:
+        check_thresholds(v, "--values")
+    if variance_scale is not None:
+        check_number(variance_scale, "--variance-scale", positive=True)
+    previous = read_run(run_dir, required=False) or {}
     bmodel = load_posterior(posterior)
     model_name = previous.get("model") or load_checkpoint(posterior)["model"]
     base = previous.get("thresholds") or {}

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from ..compress.graph import Realign
 from ..compress.shrink import AppendOnes, FastMaxPool2d, Select
-from ..train.checkpoint import atomic_write
+from ..train.checkpoint import atomic_write, load_error
 
 FORMAT = "bayescomp-plain"
 #: file version of a chain model (the layer list); graph models are written as GRAPH_VERSION
@@ -490,7 +490,7 @@ def load_plain(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelFileError(f"cannot read model file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelFileError(f"cannot read model file {path}: {load_error(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a bayescomp plain model file")
     version = state.get("version")

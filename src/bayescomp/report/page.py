@@ -67,9 +67,11 @@ def _read_history(run_dir: Path, report: Mapping[str, Any]) -> list[dict[str, An
             line = line.strip()
             if line:
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line: the rest still plots
+                if isinstance(row, dict):
+                    rows.append(row)
         if rows:
             return rows
     return list(report.get("history") or [])
@@ -118,9 +120,10 @@ def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method:
     from ..compress import PruneError, compress
     from ..compress.thresholds import histogram_thresholds
     from ..pipeline import POSTERIOR_FILE, example_input, load_data, load_posterior
+    from ..runreport import read_run
     from .plots import plot_log_alpha_histograms, plot_pareto, plot_training_curves, plot_weights
 
-    report = json.loads((run_dir / "report.json").read_text())
+    report = read_run(run_dir)
     lines = [f"# bayescomp run: {report.get('model')} ({report.get('prior')})", "",
              f"Folder `{run_dir.name}`; page written by bayescomp {__version__}.", ""]
     if report.get("command"):

@@ -54,7 +54,7 @@ def _thresholds(report: dict[str, Any]) -> str:
     parts = []
     for name, value in report["thresholds"].items():
         text = f"{name} {value:.2f}" if value is not None else f"{name} –"
-        details = (choice.get(name) or {}).get("details", {})
+        details = (choice.get(name) or {}).get("details") or {}
         if details.get("degenerate"):
             floor = details.get("no_split") == "floor"
             text += f" (no split found: {'cut at the noise floor' if floor else 'every group kept'})"
@@ -79,9 +79,9 @@ def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("fine-tuning epochs", f"{progress['finetune_epochs_done']} of {progress['finetune_epochs']}"))
     last = progress.get("last")
     if last:
-        if "loss" in last:
+        if last.get("loss") is not None:
             rows.append(("last epoch loss", f"{last['loss']:.4f}"))
-        if "train_error" in last:
+        if last.get("train_error") is not None:
             rows.append(("train error (%, sampled)", f"{last['train_error']:.2f}"))
         if last.get("test_error") is not None:
             rows.append(("test error (%, unpruned)", f"{last['test_error']:.2f}"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def load_error(exc: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one line.
+
+    A file that holds anything but tensors and plain containers (a pickled object, code) is named as such,
+    without PyTorch's advice to reload it with `weights_only=False`: that would run whatever the file holds,
+    and bayescomp never does it for a file it is handed.
+    """
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        blocked = re.search(r"unsupported (?:GLOBAL|global) ([\w.]+)", text)
+        what = f" ({blocked.group(1)})" if blocked else ""
+        return (f"it holds Python objects other than tensors and plain containers{what}, which bayescomp does "
+                "not load (it never unpickles code from a file)")
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return f"{type(exc).__name__}: {line}"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`; any failure becomes a `CheckpointError`."""
     path = Path(path)
@@ -61,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle opcode, forbidden global, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_error(exc)}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a dict")
     return state
