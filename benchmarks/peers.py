@@ -43,7 +43,8 @@ Both use the same schedule: step k of S prunes to the fraction k/S of the final 
 Pruning's default `linear_scheduler`) or of the final share of weights removed (magnitude), and the
 fine-tuning budget is spread evenly over the S steps, each followed by its share. Fine-tuning: Adam at
 its default learning rate 1e-3 (`--finetune-lr`; torch.optim.Adam's default, neither peer documents an
-Adam rate), batch 128, cross-entropy, the masks held by `torch.nn.utils.prune`'s reparametrisation.
+Adam rate), batch 128, cross-entropy, a fresh Adam after each pruning step (Torch-Pruning's step
+replaces the parameters), the masks held by `torch.nn.utils.prune`'s reparametrisation.
 
 Two settings per method:
 
