@@ -171,14 +171,19 @@ def pretrain(model_name: str, train, epochs: int, lr: float, batch_size: int, se
     """The plain start every method shares, as `pipeline._plain_start` makes it; and its seconds."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # as pipeline.run before it builds the model
-    plain = build_model(model_name)
-    if init_from is not None:
-        state = torch.load(init_from, map_location="cpu", weights_only=True)
-        plain.load_state_dict(state.get("state_dict", state))
+    plain = build_model(model_name) if init_from is None else _load_start(model_name, init_from)
     if epochs > 0:
         fit(plain, train, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=0.0, seed=seed),
             progress=False)
     return plain, time.perf_counter() - t0
+
+
+def _load_start(model_name: str, path: str) -> nn.Module:
+    """The zoo model with the weights of a state_dict file (or of a checkpoint's `state_dict`); tensors only."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    plain = build_model(model_name)
+    plain.load_state_dict(state.get("state_dict", state))
+    return plain
 
 
 class Batches:
@@ -428,6 +433,11 @@ def check(args: argparse.Namespace) -> dict[str, dict]:
     for name, path in inits.items():
         if not Path(path).is_file():
             raise OptionError(f"--init-from {name}={path}: no such file")
+        try:
+            _load_start(name, path)
+        except Exception as exc:  # any file a user hands over: unreadable, not tensors, or another model's
+            why = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise OptionError(f"--init-from {name}={path}: not a state_dict of {name} ({why})") from None
     targets = {}
     for name in models:
         fast = fast_figures(Path(args.fast), name)

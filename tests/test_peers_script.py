@@ -145,3 +145,18 @@ def test_bad_options_exit_non_zero_with_one_line(tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("peers.py: error: ") and message in lines[0]
     assert not out.exists() and "pretrained" not in proc.stderr
+
+
+def test_init_from_another_models_weights_is_refused(tmp_path):
+    import torch
+
+    from bayescomp.models import build_model
+
+    state = tmp_path / "lenet5.pt"
+    torch.save(build_model("lenet5").state_dict(), state)
+    out = tmp_path / "peers.json"
+    proc = _run("--models", "lenet300", "--kept", "lenet300=10", "--budget", "lenet300=60", "--init-from",
+                f"lenet300={state}", "--out", str(out), timeout=60)
+    assert proc.returncode == 2 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a state_dict of lenet300" in lines[0]
