@@ -1,0 +1,568 @@
+"""Peers side by side: Torch-Pruning and global magnitude pruning against bayescomp's fast recipe.
+
+    python benchmarks/peers.py                                   # targets from benchmarks/results/fast.json
+    python benchmarks/peers.py --models lenet300 --kept lenet300=10 --budget lenet300=300 --out /tmp/peers.json
+    python benchmarks/peers.py --smoke --kept lenet300=20 --budget lenet300=4 --out /tmp/peers_smoke.json
+
+writes benchmarks/results/peers.json (or --out). Per model and seed, one plain network is pretrained
+exactly as bayescomp's `--pretrain-epochs` does it (`bayescomp.train.fit`, Adam, `--pretrain-epochs`,
+`--pretrain-lr`, `--pretrain-batch-size`, the seed), or loaded with `--init-from MODEL=FILE`; every method
+starts from a copy of it, and its pretraining seconds count in every method's wall seconds, as they count
+in bayescomp's.
+
+Methods (each set up as its own documentation shows; nothing is tuned on the test set):
+
+* `torch_pruning`: Torch-Pruning (PyPI `torch-pruning` 1.6.1), its README's high-level pruner usage:
+  `tp.importance.GroupMagnitudeImportance(p=2)`, `tp.pruner.BasePruner(model, example_inputs,
+  importance=..., pruning_ratio=r, iterative_steps=S, ignored_layers=[final classifier])` (README: "DO NOT
+  prune the final classifier!"), local ranking (`global_pruning=False`, the default), no `round_to` (the
+  README recommends rounding for GPU kernels; these are 2-core CPU models and rounding would miss the
+  target). Iterative pruning with fine-tuning between the steps (README, "Interactive Pruning":
+  `for i in range(iterative_steps): ... # finetune your model here`); S = `--prune-steps` (default 5, the
+  example in BasePruner's own comment: "if iterative_steps=5, pruning_ratio=0.5, the pruning ratio of each
+  step will be [0.1, 0.2, 0.3, 0.4, 0.5]"). Torch-Pruning removes whole channels and neurons (a smaller
+  dense model) and never the input pixels. Its `pruning_ratio` is a channel ratio, so r is found by
+  bisection: the ratio whose S-step schedule, run on a copy of the pretrained network without training,
+  leaves the weight count nearest the target (a rule on weight counts; no data is read): a scan of ratios
+  0, 0.05, ..., 0.95, 0.99, then bisection inside the first interval where the count crosses the target. With local
+  ranking the widths depend on r only, so the fine-tuned model has exactly those widths.
+* `torch_pruning_global`: the same with `global_pruning=True` (README, "Global Pruning": it "has the
+  potential to find better structures" but may prune some layers too much). Its widths depend on the
+  weights, which fine-tuning changes between the steps, so the ratio found on the pretrained copy would
+  drift from the target: steps 1..S-1 follow the BasePruner's schedule at that ratio, and the last step is
+  a one-step BasePruner (same settings) whose ratio is found by the same bisection on a copy of the
+  model as fine-tuning has left it (skipped if that model is already at or below the target).
+* `magnitude`: global magnitude pruning with `torch.nn.utils.prune` as the PyTorch pruning tutorial
+  shows it: `prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=n)` over the
+  weights of every Linear/Conv2d layer (biases are neither pruned nor counted, as in bayescomp's rates),
+  applied again at each of the S steps (the tutorial's "iterative pruning": a second call prunes among
+  the weights still left), with fine-tuning between, then `prune.remove`. Shapes stay as they were;
+  pruned weights are zeros.
+
+Both use the same schedule: step k of S prunes to the fraction k/S of the final channel ratio (Torch-
+Pruning's default `linear_scheduler`) or of the final share of weights removed (magnitude), and the
+fine-tuning budget is spread evenly over the S steps, each followed by its share. Fine-tuning: Adam at
+its default learning rate 1e-3 (`--finetune-lr`; torch.optim.Adam's default, neither peer documents an
+Adam rate), batch 128, cross-entropy, a fresh Adam after each pruning step (Torch-Pruning's step
+replaces the parameters), the masks held by `torch.nn.utils.prune`'s reparametrisation.
+
+Two settings per method:
+
+* `equal_kept`: prune to bayescomp's weights kept (`--kept MODEL=PCT`) and fine-tune `--finetune-epochs`
+  epochs in all (default 5, the same fine-tuning budget as bayescomp's recipe).
+* `equal_time`: the same pruning target, but the whole run (pretraining + ratio search + pruning +
+  fine-tuning) stops at bayescomp's wall seconds (`--budget MODEL=SECONDS`): the time left after
+  pretraining is split into S equal slices, each a pruning step and then fine-tuning until the slice
+  ends (checked before every batch). `finetune_epochs` records the epochs this came to.
+
+By default the targets are the mean over seeds of the GNJ row of each model in
+benchmarks/results/fast.json (bayescomp's fast recipe), whose figures are written beside each row
+(`bayescomp`); without that file `--kept` and `--budget` are required. The test set is read once per row,
+after its wall clock has stopped. `file_bytes`: Torch-Pruning's model is the size of its `state_dict`
+written by `torch.save`; the magnitude-pruned model is the size of `torch.save` of a sparse encoding:
+each weight as CSR (row pointers int32, column indices int16 where they fit, else int32, values float32;
+a convolution's weight as its (out, in·k·k) matrix) and each bias as float32. Architecture: kept inputs
+of each fully connected layer and kept output channels of each convolution (bayescomp's notation); for
+`magnitude`, whose shapes do not change, the inputs / channels with at least one nonzero weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from bayescomp.data import load_mnist
+from bayescomp.models import build_model
+from bayescomp.train import TrainConfig, evaluate, fit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAST = RESULTS / "fast.json"
+MODELS = ("lenet300", "lenet5")
+METHODS = ("torch_pruning", "torch_pruning_global", "magnitude")
+SETTINGS = ("equal_kept", "equal_time")
+#: --smoke: training / test examples, and the epochs of pretraining and fine-tuning
+SMOKE = {"train": 400, "test": 1000, "pretrain_epochs": 1, "finetune_epochs": 1}
+
+
+class OptionError(ValueError):
+    """A bad command-line option: printed as one line, exit status 2."""
+
+
+# ---- counting -----------------------------------------------------------------------------------------------
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Linear and Conv2d layers of a model, in order (whose weights bayescomp's rates count)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    return m.weight.detach()
+
+
+def weights_dense(model: nn.Module) -> int:
+    """Weights of the Linear/Conv2d layers (biases excluded, as in `bayescomp.compress.rates`)."""
+    return sum(_weight(m).numel() for _, m in weight_layers(model))
+
+
+def weights_nonzero(model: nn.Module) -> int:
+    """Nonzero weights of the Linear/Conv2d layers (the masked values while a prune mask is attached)."""
+    return sum(int((_weight(m) != 0).sum()) for _, m in weight_layers(model))
+
+
+def architecture(model: nn.Module) -> str:
+    """bayescomp's notation: kept inputs of each Linear, kept output channels of each Conv2d, here those with at
+    least one nonzero weight (for a dense pruned model: all of them, i.e. its widths)."""
+    arch = []
+    for _, m in weight_layers(model):
+        w = _weight(m)
+        if isinstance(m, nn.Linear):
+            arch.append(int((w != 0).any(dim=0).sum()))
+        else:
+            arch.append(int((w.flatten(1) != 0).any(dim=1).sum()))
+    return "-".join(str(a) for a in arch)
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of `torch.save(model.state_dict())`."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def sparse_bytes(model: nn.Module) -> int:
+    """Bytes of `torch.save` of the CSR encoding described in the module docstring."""
+    enc: dict[str, torch.Tensor] = {}
+    for name, m in weight_layers(model):
+        w = _weight(m).flatten(1)
+        nz = w != 0
+        cols = nz.nonzero()[:, 1]
+        enc[f"{name}.crow"] = torch.cat([torch.zeros(1, dtype=torch.int64), nz.sum(1).cumsum(0)]).to(torch.int32)
+        enc[f"{name}.col"] = cols.to(torch.int16 if w.shape[1] <= 32767 else torch.int32)
+        enc[f"{name}.values"] = w[nz].to(torch.float32)
+        if m.bias is not None:
+            enc[f"{name}.bias"] = m.bias.detach().to(torch.float32)
+    buf = io.BytesIO()
+    torch.save(enc, buf)
+    return buf.tell()
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+
+def pretrain(model_name: str, train, epochs: int, lr: float, batch_size: int, seed: int,
+             init_from: str | None) -> tuple[nn.Module, float]:
+    """The plain start every method shares, as `pipeline._plain_start` makes it; and its seconds."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)  # as pipeline.run before it builds the model
+    plain = build_model(model_name) if init_from is None else _load_start(model_name, init_from)
+    if epochs > 0:
+        fit(plain, train, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=0.0, seed=seed),
+            progress=False)
+    return plain, time.perf_counter() - t0
+
+
+def _load_start(model_name: str, path: str) -> nn.Module:
+    """The zoo model with the weights of a state_dict file (or of a checkpoint's `state_dict`); tensors only."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    plain = build_model(model_name)
+    plain.load_state_dict(state.get("state_dict", state))
+    return plain
+
+
+class Batches:
+    """Shuffled minibatch indices, epoch after epoch, from a seeded generator; counts the steps taken."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.per_epoch = math.ceil(n / batch_size)
+        self.steps = 0
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        i = self.steps % self.per_epoch
+        if i == 0:
+            self._order = torch.randperm(self.n, generator=self.gen)
+        self.steps += 1
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def finetune(model: nn.Module, train, batches: Batches, lr: float, steps: int | None = None,
+             deadline: float | None = None) -> None:
+    """Adam on the cross-entropy for `steps` minibatches, or until `deadline` (perf_counter), checked before each."""
+    x, y = train
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    done = 0
+    while (steps is None or done < steps) and (deadline is None or time.perf_counter() < deadline):
+        idx = batches.next()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done += 1
+
+
+# ---- the peers ------------------------------------------------------------------------------------------------
+
+
+#: the input Torch-Pruning traces its dependency graph with (both models read 1×28×28 MNIST images)
+EXAMPLE = torch.zeros(1, 1, 28, 28)
+
+
+def tp_pruner(model: nn.Module, example: torch.Tensor, ratio: float, steps: int, global_pruning: bool):
+    """Torch-Pruning's BasePruner as its README sets it up (see the module docstring)."""
+    import torch_pruning as tp
+
+    last = weight_layers(model)[-1][1]  # the final classifier: never pruned
+    return tp.pruner.BasePruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                pruning_ratio=ratio, iterative_steps=steps, ignored_layers=[last],
+                                global_pruning=global_pruning)
+
+
+def tp_kept_at(plain: nn.Module, example: torch.Tensor, ratio: float, steps: int, global_pruning: bool,
+               total: int) -> float:
+    """Weights kept (%) after the S-step schedule at `ratio`, run on a copy without training."""
+    model = copy.deepcopy(plain)
+    pruner = tp_pruner(model, example, ratio, steps, global_pruning)
+    for _ in range(steps):
+        pruner.step()
+    return 100.0 * weights_dense(model) / total
+
+
+def tp_ratio_for(plain: nn.Module, example: torch.Tensor, target_pct: float, steps: int, global_pruning: bool,
+                 total: int | None = None, iterations: int = 16) -> tuple[float, float]:
+    """(channel ratio, weights kept % it gives): bisection for the kept % nearest the target (module docstring).
+
+    `total`: the original model's weights, when `plain` is already pruned (default: its own)."""
+    total = weights_dense(plain) if total is None else total
+    now = 100.0 * weights_dense(plain) / total
+    if now <= target_pct:
+        return 0.0, now
+    # kept % falls with the ratio, but not everywhere (Torch-Pruning stops pruning a layer down to one channel),
+    # so a coarse scan first, then bisection inside the first interval where the kept % crosses the target
+    grid = [i / 20 for i in range(20)] + [0.99]
+    kept = [now] + [tp_kept_at(plain, example, r, steps, global_pruning, total) for r in grid[1:]]
+    cross = next((i for i in range(len(grid) - 1) if kept[i] > target_pct >= kept[i + 1]), None)
+    if cross is None:
+        i = min(range(len(grid)), key=lambda j: abs(kept[j] - target_pct))
+        return grid[i], kept[i]
+    lo, hi, kept_lo, kept_hi = grid[cross], grid[cross + 1], kept[cross], kept[cross + 1]
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        k = tp_kept_at(plain, example, mid, steps, global_pruning, total)
+        if k > target_pct:
+            lo, kept_lo = mid, k
+        else:
+            hi, kept_hi = mid, k
+    return (lo, kept_lo) if kept_lo - target_pct < target_pct - kept_hi else (hi, kept_hi)
+
+
+def _phases(steps: int, total_steps: int) -> list[int]:
+    """Minibatches after each of `steps` pruning steps: `total_steps` spread evenly."""
+    cuts = [round(total_steps * k / steps) for k in range(steps + 1)]
+    return [b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def run_method(method: str, plain: nn.Module, train, *, target_pct: float, steps: int, lr: float, batch_size: int,
+               seed: int, finetune_epochs: float | None, time_left: float | None, tp_ratio: float | None) -> dict:
+    """Prune a copy of `plain` with `method` in `steps` steps, fine-tuning after each: `finetune_epochs` in all,
+    or until `time_left` seconds from now have passed. Returns the model and what was done."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(plain)
+    total = weights_dense(plain)
+    batches = Batches(len(train[0]), batch_size, seed + 1000)
+    budget = _phases(steps, round(finetune_epochs * batches.per_epoch)) if finetune_epochs is not None else None
+    end = None if time_left is None else t0 + time_left
+    if method.startswith("torch_pruning"):
+        pruner = tp_pruner(model, EXAMPLE, tp_ratio, steps, method == "torch_pruning_global")
+        params = None
+    else:
+        params = [(m, "weight") for _, m in weight_layers(model)]
+        pruner = None
+    def prune_step(k: int) -> None:
+        if pruner is None:
+            _magnitude_step(params, total, target_pct, (k + 1) / steps)
+        elif k < steps - 1 or method == "torch_pruning":
+            pruner.step()
+        else:  # global ranking: the last step lands on the target from where the fine-tuned model is
+            last, _ = tp_ratio_for(model, EXAMPLE, target_pct, 1, True, total=total)
+            if last > 0.0:
+                tp_pruner(model, EXAMPLE, last, 1, True).step()
+
+    trained = 0  # pruning steps taken within the budget, each followed by its fine-tuning
+    for k in range(steps):
+        if end is not None and time.perf_counter() >= end:
+            break  # no time left: the remaining steps are taken below, without fine-tuning
+        prune_step(k)
+        if budget is not None:
+            finetune(model, train, batches, lr, steps=budget[k])
+        else:
+            finetune(model, train, batches, lr, deadline=t0 + time_left * (k + 1) / steps)
+        trained += 1
+    for k in range(trained, steps):
+        prune_step(k)
+    if params is not None:
+        for m, name in params:
+            prune.remove(m, name)
+    seconds = time.perf_counter() - t0
+    return {"model": model, "seconds": seconds, "finetune_epochs": batches.steps / batches.per_epoch,
+            "finetune_steps": batches.steps, "prune_steps_trained": trained}
+
+
+def _magnitude_step(params, total: int, target_pct: float, fraction: float) -> None:
+    """Global L1 magnitude pruning to `fraction` of the final share of weights removed."""
+    zeros_target = round(total * (1 - target_pct / 100.0) * fraction)
+    zeros_now = sum(int((m.weight_mask == 0).sum()) for m, _ in params if hasattr(m, "weight_mask"))
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=max(zeros_target - zeros_now, 0))
+
+
+# ---- targets --------------------------------------------------------------------------------------------------
+
+
+def _pairs(values: list[str], option: str, cast) -> dict[str, float]:
+    out = {}
+    for v in values:
+        name, sep, num = v.partition("=")
+        if not sep:
+            raise OptionError(f"{option} takes MODEL=VALUE, got {v!r}")
+        if name not in MODELS:
+            raise OptionError(f"{option} {v}: unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        try:
+            out[name] = cast(num)
+        except ValueError:
+            raise OptionError(f"{option} {v}: {num!r} is not a number") from None
+    return out
+
+
+def fast_figures(path: Path, model: str) -> dict | None:
+    """bayescomp's fast recipe for `model` from fast.json: the mean over seeds of its GNJ row(s), or None.
+
+    Accepts a list of rows or {"rows": [...]}; a row may hold its seeds' figures in `seeds` (a list of dicts)
+    or be one seed itself (then the rows of that model and prior are its seeds).
+    """
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    rows = data.get("rows", []) if isinstance(data, dict) else data
+    runs = []
+    for row in rows:
+        if row.get("model") != model or row.get("prior") != "gnj":
+            continue
+        per_seed = row.get("seeds") if isinstance(row.get("seeds"), list) else None
+        runs += [dict(s) for s in per_seed] if per_seed and isinstance(per_seed[0], dict) else [row]
+    if not runs:
+        return None
+    out: dict = {"source": str(path), "seeds": [r.get("seed") for r in runs]}
+    for key in ("weights_kept_pct", "wall_seconds", "test_error"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if key != "test_error" and len(vals) != len(runs):
+            raise OptionError(f"{path}: the {model} GNJ row lacks {key}")
+        out[key] = statistics.fmean(vals) if vals else None
+    for key in ("architecture", "file_bytes"):
+        out[key] = [r.get(key) for r in runs]
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--kept", action="append", default=[], help="MODEL=PCT: weights kept to prune to (% of the original)")
+    p.add_argument("--budget", action="append", default=[], help="MODEL=SECONDS: the equal-time wall-clock budget")
+    p.add_argument("--fast", default=str(FAST), help="bayescomp's fast-recipe results, for targets and the comparison")
+    p.add_argument("--pretrain-epochs", type=int, default=5)
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--pretrain-batch-size", type=int, default=128)
+    p.add_argument("--init-from", action="append", default=[], help="MODEL=FILE: a plain state_dict to start from")
+    p.add_argument("--finetune-epochs", type=float, default=5.0)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--prune-steps", type=int, default=5)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny run for the tests: {SMOKE['train']} training and {SMOKE['test']} test examples, "
+                        f"{SMOKE['pretrain_epochs']} pretraining and {SMOKE['finetune_epochs']} fine-tuning epoch")
+    p.add_argument("--out", default=str(RESULTS / "peers.json"))
+    return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> dict[str, dict]:
+    """Validate the options before any data is read; the targets per model."""
+    models = [m for m in args.models.split(",") if m]
+    for name in models:
+        if name not in MODELS:
+            raise OptionError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    for name in args.methods.split(","):
+        if name not in METHODS:
+            raise OptionError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    for name in args.settings.split(","):
+        if name not in SETTINGS:
+            raise OptionError(f"unknown setting {name!r}; choose one of: {', '.join(SETTINGS)}")
+    try:
+        [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise OptionError(f"--seeds takes integers separated by commas, got {args.seeds!r}") from None
+    if args.prune_steps < 1 or args.pretrain_epochs < 0 or args.finetune_epochs < 0 or args.threads < 1:
+        raise OptionError("--prune-steps and --threads must be at least 1, the epoch counts not negative")
+    kept, budget = _pairs(args.kept, "--kept", float), _pairs(args.budget, "--budget", float)
+    inits = _pairs(args.init_from, "--init-from", str)
+    for name, path in inits.items():
+        if not Path(path).is_file():
+            raise OptionError(f"--init-from {name}={path}: no such file")
+        try:
+            _load_start(name, path)
+        except Exception as exc:  # any file a user hands over: unreadable, not tensors, or another model's
+            why = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise OptionError(f"--init-from {name}={path}: not a state_dict of {name} ({why})") from None
+    targets = {}
+    for name in models:
+        fast = fast_figures(Path(args.fast), name)
+        k = kept.get(name, fast and fast["weights_kept_pct"])
+        b = budget.get(name, fast and fast["wall_seconds"])
+        if k is None or b is None:
+            raise OptionError(f"{name}: no target weights kept / budget: {args.fast} has no GNJ row for it; "
+                              f"give --kept {name}=PCT and --budget {name}=SECONDS")
+        if not 0.0 < k <= 100.0:
+            raise OptionError(f"--kept {name}={k:g}: weights kept must be in (0, 100]")
+        if not b > 0.0:
+            raise OptionError(f"--budget {name}={b:g}: the budget must be positive seconds")
+        targets[name] = {"kept": k, "budget": b, "init_from": inits.get(name), "bayescomp": fast}
+    return targets
+
+
+def machine(args: argparse.Namespace) -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+            "torch": torch.__version__, "torch_pruning": metadata.version("torch-pruning"),
+            "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+
+
+def data(args: argparse.Namespace):
+    x, y = load_mnist("train", args.data_dir)
+    xt, yt = load_mnist("test", args.data_dir)
+    if args.smoke:
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: SMOKE["train"]]
+        x, y = x[idx], y[idx]
+        xt, yt = xt[: SMOKE["test"]], yt[: SMOKE["test"]]
+    return (x, y), (xt, yt)
+
+
+SETUP = {
+    "torch_pruning": "Torch-Pruning BasePruner, GroupMagnitudeImportance(p=2), local ranking, final classifier "
+                     "ignored, iterative_steps=S with fine-tuning after each step (README usage)",
+    "torch_pruning_global": "as torch_pruning with global_pruning=True (README, Global Pruning)",
+    "magnitude": "torch.nn.utils.prune.global_unstructured(L1Unstructured) over all Linear/Conv2d weights, S "
+                 "steps with fine-tuning after each, then prune.remove (PyTorch pruning tutorial)",
+}
+SELECTION_HOW = ("fixed beforehand: the peer's documented usage; S = --prune-steps (the iterative_steps example of "
+                 "BasePruner's comment); Adam at its default lr 1e-3, batch 128; Torch-Pruning's channel ratio by "
+                 "bisection on weight counts of the pruned copy (no data); no validation or test data chosen on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.smoke:
+        args.pretrain_epochs, args.finetune_epochs = SMOKE["pretrain_epochs"], SMOKE["finetune_epochs"]
+    try:
+        targets = check(args)
+    except OptionError as exc:
+        print(f"peers.py: error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    result: dict = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+                    "machine": machine(args), "smoke": args.smoke,
+                    "settings": {"pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr,
+                                 "pretrain_batch_size": args.pretrain_batch_size,
+                                 "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
+                                 "batch_size": args.batch_size, "prune_steps": args.prune_steps,
+                                 "file_bytes": {"torch_pruning": "torch.save(state_dict) of the smaller dense model",
+                                                "magnitude": "torch.save of CSR per weight (int32 row pointers, "
+                                                             "int16/int32 column indices, float32 values) + "
+                                                             "float32 biases"},
+                                 "wall_seconds": "pretraining + ratio search + pruning + fine-tuning; the final test "
+                                                 "evaluation is not counted"},
+                    "setup": SETUP, "rows": []}
+    train, test = data(args)
+    for name in args.models.split(","):
+        target = targets[name]
+        for seed in (int(s) for s in args.seeds.split(",")):
+            plain, pre_s = pretrain(name, train, args.pretrain_epochs, args.pretrain_lr, args.pretrain_batch_size,
+                                    seed, target["init_from"])
+            total = weights_dense(plain)
+            print(f"[peers] {name} seed {seed}: pretrained in {pre_s:.1f} s", file=sys.stderr, flush=True)
+            for method in args.methods.split(","):
+                ratio = search_s = None
+                if method.startswith("torch_pruning"):
+                    t = time.perf_counter()
+                    ratio, _ = tp_ratio_for(plain, EXAMPLE, target["kept"], args.prune_steps,
+                                            method == "torch_pruning_global")
+                    search_s = time.perf_counter() - t
+                for setting in args.settings.split(","):
+                    torch.manual_seed(seed)
+                    equal_time = setting == "equal_time"
+                    time_left = target["budget"] - pre_s - (search_s or 0.0) if equal_time else None
+                    out = run_method(method, plain, train, target_pct=target["kept"], steps=args.prune_steps,
+                                     lr=args.finetune_lr, batch_size=args.batch_size, seed=seed,
+                                     finetune_epochs=None if equal_time else args.finetune_epochs,
+                                     time_left=max(time_left, 0.0) if equal_time else None, tp_ratio=ratio)
+                    model = out["model"]
+                    wall = pre_s + (search_s or 0.0) + out["seconds"]
+                    structured = method.startswith("torch_pruning")
+                    kept_w = weights_dense(model) if structured else weights_nonzero(model)
+                    row = {
+                        "model": name, "method": method, "setting": setting, "seed": seed,
+                        "test_error": evaluate(model, *test),
+                        "weights_kept_pct": 100.0 * kept_w / total, "target_weights_kept_pct": target["kept"],
+                        "weights_kept": kept_w, "weights_total": total,
+                        "zeros_fraction": 1.0 - weights_nonzero(model) / weights_dense(model),
+                        "architecture": architecture(model),
+                        "file_bytes": state_dict_bytes(model) if structured else sparse_bytes(model),
+                        "wall_seconds": wall, "budget_seconds": target["budget"] if equal_time else None,
+                        "pretrain_seconds": pre_s, "ratio_search_seconds": search_s,
+                        "prune_finetune_seconds": out["seconds"],
+                        "finetune_epochs": out["finetune_epochs"], "finetune_steps": out["finetune_steps"],
+                        "prune_steps": args.prune_steps,
+                        "prune_steps_trained": out["prune_steps_trained"],
+                        "channel_ratio": ratio, "pretrained_from": target["init_from"],
+                        "selection": "fixed", "selection_how": SELECTION_HOW,
+                        "bayescomp": target["bayescomp"],
+                    }
+                    result["rows"].append(row)
+                    print(f"[peers] {name} s{seed} {method} {setting}: {row['test_error']:.2f}% error, "
+                          f"{row['weights_kept_pct']:.2f}% kept, {row['architecture']}, {wall:.1f} s, "
+                          f"{row['finetune_epochs']:.2f} fine-tuning epochs", file=sys.stderr, flush=True)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out_path)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
