@@ -176,6 +176,8 @@ _FINETUNE_EPOCHS = click.option(
     help="Train the plain model this many epochs first, then start the Bayesian model from it (default: the "
     "recipe's, 0 with --init-from).",
 )
+@click.option("--pretrain-lr", type=float, default=None,
+              help="Adam's learning rate for --pretrain-epochs (default: the recipe's; the paper recipe's: --lr).")
 @_INPUT_ORIGIN
 @click.option("--no-augment", is_flag=True, help="CIFAR-10: no random crops and flips.")
 @click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
@@ -230,6 +232,7 @@ def compress_cmd(
     dataset,
     init_from,
     pretrain_epochs,
+    pretrain_lr,
     input_origin,
     no_augment,
     no_verify,
@@ -254,7 +257,7 @@ def compress_cmd(
         _fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
     parsed_thresholds = _parse_thresholds(thresholds)
     settings = recipe_options(recipe, dict(
-        init_from=init_from, thresholds=parsed_thresholds, pretrain_epochs=pretrain_epochs, epochs=epochs,
+        init_from=init_from, thresholds=parsed_thresholds, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_scale=_parse_lr_scale(lr_scale), lr_schedule=lr_schedule,
         lr_decay_epochs=lr_decay_epochs, warmup_epochs=warmup_epochs, kl_weight=kl_weight,
         finetune_epochs=finetune_epochs, auto_thresholds=auto_thresholds, no_split=no_split))

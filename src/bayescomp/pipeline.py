@@ -74,7 +74,7 @@ from .train.loop import (
 #: (`epochs` may grow; thresholds, bits, device, data location may change). `val_fraction` counts only
 #: where a validation split is held out.
 RESUME_FIXED = ("model", "prior", "seed", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs", "warmup_epochs",
-                "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "augment", "tau0", "global_kl",
+                "kl_weight", "max_var", "train_subset", "grad_clip", "init_from", "pretrain_epochs", "pretrain_lr", "augment", "tau0", "global_kl",
                 "input_origin")
 
 
@@ -159,6 +159,7 @@ class RunOptions:
     grad_clip: float | None = None
     init_from: str | None = None  # a state_dict of the plain model to start from (posterior means)
     pretrain_epochs: int = 0  # train the plain twin this long first, then start the Bayesian model from it
+    pretrain_lr: float | None = None  # Adam's rate for that pretraining (None: lr)
     augment: bool = True  # CIFAR-10: random crops and flips during training
     verify_data: bool = True  # check the data files' published checksums (off only for data you made)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
@@ -211,6 +212,8 @@ def validate(opts: RunOptions) -> None:
                         input_origin={"0": opts.input_origin})
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise RunError(f"--input-origin on model {opts.model}: {first}: {str(exc).removeprefix('0: ')}") from exc
+    if opts.pretrain_lr is not None and not (isinstance(opts.pretrain_lr, (int, float)) and 0 < opts.pretrain_lr < float("inf")):
+        raise RunError(f"--pretrain-lr must be a positive finite number, got {opts.pretrain_lr!r}")
     if opts.pretrain_epochs < 0:
         raise RunError(f"--pretrain-epochs must be ≥ 0, got {opts.pretrain_epochs}")
     if not isinstance(opts.finetune_epochs, int) or opts.finetune_epochs < 0:
@@ -320,7 +323,8 @@ def _plain_start(opts: RunOptions, train, test, progress: bool) -> tuple[torch.n
             raise RunError(f"--init-from {opts.init_from} does not fit model {opts.model}: {exc}") from exc
         trained = True
     if opts.pretrain_epochs > 0:
-        config = TrainConfig(opts.pretrain_epochs, opts.batch_size, opts.lr, 0.0, opts.seed, opts.grad_clip)
+        lr = opts.lr if opts.pretrain_lr is None else opts.pretrain_lr
+        config = TrainConfig(opts.pretrain_epochs, opts.batch_size, lr, 0.0, opts.seed, opts.grad_clip)
         plain = plain.to(resolve_device(opts.device))
         fit(plain, train, config, test=test, progress=progress, transform=_augmentation(opts))
         plain = plain.cpu()

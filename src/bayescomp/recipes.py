@@ -58,6 +58,8 @@ class TrainingRecipe:
     name: str
     #: plain epochs before the Bayesian ones, when no trained network is given (CLI: --pretrain-epochs)
     pretrain_epochs: int
+    #: Adam's rate for that pretraining (None: `lr`)
+    pretrain_lr: float | None
     #: Bayesian training epochs
     epochs: int
     batch_size: int
@@ -84,7 +86,7 @@ class TrainingRecipe:
 
 
 #: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
-RECIPE_OPTIONS = ("pretrain_epochs", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
+RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
                   "warmup_epochs", "kl_weight", "finetune_epochs", "auto_thresholds", "no_split")
 
 
@@ -112,7 +114,7 @@ def recipe_options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 PAPER = TrainingRecipe(
-    name="paper", pretrain_epochs=0, epochs=200, batch_size=128, lr=1e-3, lr_scale={}, lr_schedule="constant",
+    name="paper", pretrain_epochs=0, pretrain_lr=None, epochs=200, batch_size=128, lr=1e-3, lr_scale={}, lr_schedule="constant",
     lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=0, auto_thresholds=None, no_split="keep",
     evidence={
         "epochs": "200 for MNIST: the method notes' reading of the paper ('200 plausible'); Table 1's rows "
@@ -124,7 +126,7 @@ PAPER = TrainingRecipe(
 )
 
 FAST = TrainingRecipe(
-    name="fast", pretrain_epochs=5, epochs=20, batch_size=128, lr=1e-3, lr_scale={"scale": 10.0},
+    name="fast", pretrain_epochs=10, pretrain_lr=1e-3, epochs=40, batch_size=128, lr=1e-3, lr_scale={"scale": 10.0},
     lr_schedule="cosine", lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=5,
     auto_thresholds="histogram", no_split="keep",
     evidence={

@@ -1,0 +1,108 @@
+"""The search behind the fast recipe: one configuration trained and cut, measured on a validation split.
+
+    python benchmarks/recipe_search.py --model lenet300 --prior gnj --pre 10 --epochs 40 --lr 1e-2 \
+        --sched cosine --clip 0.04 --tag H2
+
+Trains on 90% of the MNIST training set and measures on the other 10% (`validation_split(60000, 0.1,
+seed=0)`); the test set is never read. A plain network is pretrained `--pre` epochs at `--pre-lr`, turned
+Bayesian keeping its weights, trained `--epochs` epochs (`--lr`, per-kind factors `--mean/--var/--scale`,
+`--sched`, `--decay`, `--kl`, `--warmup`, `--bs`, the variance clamp `--clip` on the first layer), then cut by
+three threshold rules, each measured: `histogram` (the Otsu split per layer), `default` (the prior's default
+threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for LeNet-300-100 with GNJ);
+`--rule` is the one fine-tuned for `--ft` epochs. One JSON line per run is appended to
+benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
+kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
+validation error at four points of training (`curve`).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bayescomp import bayesianize, compress
+from bayescomp.compress import apply_masks, group_masks
+from bayescomp.compress.thresholds import histogram_thresholds, validation_split
+from bayescomp.data import load_mnist
+from bayescomp.models import build_model
+from bayescomp.recipes import recipe as model_recipe
+from bayescomp.train import TrainConfig, evaluate, finetune_config, fit
+from bayescomp.train.loop import flush_denormals
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--model", default="lenet300")
+ap.add_argument("--prior", default="gnj")
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--pre", type=int, default=5)
+ap.add_argument("--pre-lr", type=float, default=1e-3)
+ap.add_argument("--epochs", type=int, default=20)
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--var", type=float, default=1.0)
+ap.add_argument("--scale", type=float, default=1.0)
+ap.add_argument("--mean", type=float, default=1.0)
+ap.add_argument("--kl", type=float, default=1.0)
+ap.add_argument("--warmup", type=float, default=0.0)
+ap.add_argument("--sched", default="constant")
+ap.add_argument("--decay", type=float, default=None)
+ap.add_argument("--bs", type=int, default=128)
+ap.add_argument("--ft", type=int, default=0)
+ap.add_argument("--no-split", default="keep")
+ap.add_argument("--origin", type=float, default=None)
+ap.add_argument("--clip", type=float, default=None)
+ap.add_argument("--tag", default="")
+ap.add_argument("--rule", default="histogram")
+ap.add_argument("--data-dir", default=None)
+ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
+ap.add_argument("--save-posterior", default=None, help="a folder to keep each posterior in (state_dict)")
+a = ap.parse_args()
+torch.set_num_threads(1)
+t0 = time.perf_counter()
+x, y = load_mnist("train", a.data_dir)
+tr, va = validation_split(len(x), 0.1, seed=0)
+train, val = (x[tr], y[tr]), (x[va], y[va])
+torch.manual_seed(a.seed)
+plain = build_model(a.model)
+if a.pre:
+    fit(plain, train, TrainConfig(a.pre, a.bs, a.pre_lr, 0.0, a.seed), progress=False)
+pre_err = evaluate(plain, *val)
+t_pre = time.perf_counter() - t0
+origin = None
+if a.origin is not None:
+    first = next(n for n, m in plain.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    origin = {first: a.origin}
+mv = {"lenet300": {"fc1": a.clip}, "lenet5": {"conv1": a.clip}}[a.model] if a.clip else None
+b = bayesianize(plain, a.prior, keep_weights=a.pre > 0, input_origin=origin, max_var=mv)
+scale = {k: v for k, v in (("variance", a.var), ("scale", a.scale), ("mean", a.mean)) if v != 1.0}
+cfg = TrainConfig(a.epochs, a.bs, a.lr, a.warmup, a.seed, kl_weight=a.kl, lr_schedule=a.sched,
+                  lr_decay_epochs=a.decay, lr_scale=scale, eval_every=max(1, a.epochs // 4))
+hist = fit(b, train, cfg, test=val, progress=False).history
+unc = evaluate(b, *val)
+if a.save_posterior:
+    Path(a.save_posterior).mkdir(parents=True, exist_ok=True)
+    torch.save(b.state_dict(), Path(a.save_posterior) / f"{a.tag}.pt")
+rules = {"histogram": {k: c.value for k, c in histogram_thresholds(b, no_split=a.no_split).items()},
+         "default": None, "recipe": model_recipe(a.model).thresholds.get(a.prior)}
+others = {}
+for name, t in rules.items():
+    r = compress(b, t)
+    others[name] = (round(evaluate(r.model, *val), 2), round(r.report["weights_kept_pct"], 2), r.report["architecture"])
+th = rules[a.rule]
+res = compress(b, th)
+err = evaluate(res.model, *val)
+out = {"tag": a.tag, "args": vars(a), "pre_val": pre_err, "val_unc": unc, "val": err, "kept": res.report["weights_kept_pct"],
+       "arch": res.report["architecture"], "thr": th, "rules": others}
+if a.ft:
+    keeps = group_masks(b, th)
+    apply_masks(b, keeps)
+    with flush_denormals():
+        fit(b, train, finetune_config(cfg, a.ft), progress=False)
+    res = compress(b, th, keeps=keeps)
+    out.update(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
+               ft_arch=res.report["architecture"])
+out["seconds"] = time.perf_counter() - t0
+out["pre_seconds"] = t_pre
+out["curve"] = [(r["epoch"], round(r.get("test_error", -1), 2), r.get("groups_kept")) for r in hist if "test_error" in r]
+print(json.dumps(out))
+with open(a.out, "a") as f:
+    f.write(json.dumps(out) + "\n")
