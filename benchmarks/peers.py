@@ -89,10 +89,12 @@ from torch.nn.utils import prune
 
 from bayescomp.data import load_mnist
 from bayescomp.models import build_model
+from bayescomp.recipes import training_recipe
 from bayescomp.train import TrainConfig, evaluate, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAST = RESULTS / "fast.json"
+FAST_RECIPE = training_recipe("fast")  # the pretraining every method starts from
 MODELS = ("lenet300", "lenet5")
 METHODS = ("torch_pruning", "torch_pruning_global", "magnitude")
 SETTINGS = ("equal_kept", "equal_time")
@@ -393,8 +395,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kept", action="append", default=[], help="MODEL=PCT: weights kept to prune to (% of the original)")
     p.add_argument("--budget", action="append", default=[], help="MODEL=SECONDS: the equal-time wall-clock budget")
     p.add_argument("--fast", default=str(FAST), help="bayescomp's fast-recipe results, for targets and the comparison")
-    p.add_argument("--pretrain-epochs", type=int, default=5)
-    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--pretrain-epochs", type=int, default=FAST_RECIPE.pretrain_epochs,
+                   help="default: the fast recipe's, so every method starts from bayescomp's own start")
+    p.add_argument("--pretrain-lr", type=float, default=FAST_RECIPE.pretrain_lr)
     p.add_argument("--pretrain-batch-size", type=int, default=128)
     p.add_argument("--init-from", action="append", default=[], help="MODEL=FILE: a plain state_dict to start from")
     p.add_argument("--finetune-epochs", type=float, default=5.0)
