@@ -230,3 +230,52 @@ def test_compress_pretrained_thresholds_and_errors():
                                              progress=False)
     assert kept_all.report["weights_kept_pct"] == pytest.approx(100.0)
     assert kept_all.report["thresholds_rule"] == "given"
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--lr-scale", "weights=3"], 1, "--lr-scale: lr_scale names an unknown parameter kind 'weights'"),
+    (["--lr-scale", "scale=0"], 1, "--lr-scale"),
+    (["--lr-scale", "3"], 2, "kind=factor pairs"),
+    (["--recipe", "quick"], 2, "'quick' is not one of"),
+    (["--pretrain-lr", "-1"], 1, "--pretrain-lr must be a positive finite number"),
+])
+def test_bad_recipe_options_are_refused_before_any_data(tmp_path, monkeypatch, args, code, message):
+    from click.testing import CliRunner
+
+    from bayescomp import pipeline
+    from bayescomp.cli import main
+
+    def no_data(*a, **k):  # pragma: no cover - reached only if validation came too late
+        raise AssertionError("data loaded before the options were checked")
+
+    monkeypatch.setattr(pipeline, "load_data", no_data)
+    result = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "o"), "--recipe", "fast", *args])
+    assert result.exit_code == code and message in result.output, result.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_cli_recipe_fills_what_is_not_given(tmp_path, monkeypatch):
+    """--recipe fast sets the recipe's values; a given option wins; the report's config records both."""
+    from click.testing import CliRunner
+
+    from bayescomp import pipeline
+    from bayescomp.cli import main
+
+    seen = {}
+
+    def stop(opts, *a, **k):
+        seen["opts"] = opts
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    result = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "o"), "--recipe", "fast", "--epochs", "7",
+                                       "--lr-scale", "scale=4"])
+    assert result.exit_code == 1 and "stop before training" in result.output
+    opts, fast = seen["opts"], training_recipe("fast")
+    assert (opts.recipe, opts.epochs, opts.lr, opts.lr_scale) == ("fast", 7, fast.lr, {"scale": 4.0})
+    assert (opts.pretrain_epochs, opts.pretrain_lr, opts.lr_schedule) == (fast.pretrain_epochs, fast.pretrain_lr,
+                                                                          fast.lr_schedule)
+    result = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "o"), "--epochs", "2"])
+    assert seen["opts"].recipe == "paper" and seen["opts"].lr == PAPER.lr and seen["opts"].pretrain_epochs == 0

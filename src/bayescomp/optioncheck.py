@@ -20,7 +20,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 #: how the training settings' own errors (`TrainConfig.validate`) begin, and the option each is about
 _TRAIN_FLAGS = (("epochs", "--epochs"), ("batch size", "--batch-size"), ("learning-rate schedule", "--lr-schedule"),
                 ("learning rate", "--lr"), ("lr_decay_epochs", "--lr-decay-epochs"), ("warm-up", "--warmup-epochs"),
-                ("KL weight", "--kl-weight"), ("gradient clip", "--grad-clip"))
+                ("KL weight", "--kl-weight"), ("gradient clip", "--grad-clip"), ("lr_scale", "--lr-scale"))
 
 
 def _is_number(value: Any) -> bool:

@@ -32,12 +32,20 @@ def _config(recipe: TrainingRecipe, epochs: int, seed: int) -> TrainConfig:
                        lr_scale=dict(recipe.lr_scale))
 
 
-def _thresholds(bmodel: nn.Module, recipe: TrainingRecipe, given: Any) -> dict[str, float] | float:
-    """The caller's thresholds, else the recipe's rule (the histogram split; named layers given keep theirs)."""
+def _thresholds(bmodel: nn.Module, recipe: TrainingRecipe, given: Any) -> tuple[dict[str, float] | float | None, str]:
+    """(thresholds, how they were chosen): the caller's for every layer (a number); else the recipe's rule for
+    the layers the caller does not name: the histogram split, or (a recipe without a rule) each prior's
+    default threshold."""
     if given is not None and not isinstance(given, Mapping):
-        return float(given)
-    chosen = {name: c.value for name, c in histogram_thresholds(bmodel, no_split=recipe.no_split).items()}
-    return chosen | {k: float(v) for k, v in (given or {}).items()}
+        return float(given), "given"
+    named = {k: float(v) for k, v in (given or {}).items()}
+    if recipe.auto_thresholds == "histogram":
+        chosen = {name: c.value for name, c in histogram_thresholds(bmodel, no_split=recipe.no_split).items()}
+        return chosen | named, f"histogram ({recipe.no_split})"
+    if recipe.auto_thresholds is not None:
+        raise ValueError(f"compress_pretrained applies the histogram rule or the priors' defaults, not the recipe's "
+                         f"{recipe.auto_thresholds!r} rule")
+    return (named or None), "the priors' defaults"
 
 
 def compress_pretrained(
@@ -64,8 +72,9 @@ def compress_pretrained(
     - `prior`: "gnj" or "ghs" (`prior_options`: e.g. `tau0=` for the horseshoe).
     - `recipe`: "fast" (default; from a trained network in minutes) or "paper", or a `TrainingRecipe`.
       `epochs`, `finetune_epochs`: override the recipe's.
-    - `thresholds`: None: the recipe's rule on each layer's log α histogram; a float for every layer; a
-      mapping: those layers at the given values, the rule for the others.
+    - `thresholds`: None: the recipe's rule (the fast recipe: each prior's default threshold, log α −3 for
+      GNJ, 2.5 for GHS; a recipe with the histogram rule: the split of each layer's log α histogram); a float
+      for every layer; a mapping: those layers at the given values, the rule for the others.
     - `example_input`: a batch the model accepts, needed for a model that is not an `nn.Sequential` chain
       (residual sums, concatenations: it is traced with torch.fx).
     - `max_var`: the variance clamp σ² ≤ max_var (all layers, or per layer name); default none.
@@ -90,7 +99,7 @@ def compress_pretrained(
     def announce(row: dict[str, Any]) -> None:
         history.append(row)
         left = total - len(history)
-        if progress and left:
+        if progress and left and finetune_epochs:  # (fit's own line gives the time left of its epochs)
             tqdm.write(f"compress_pretrained: {len(history)}/{total} epochs, "
                        f"~{_duration(left * (time.perf_counter() - t0) / len(history))} left in all")
 
@@ -98,7 +107,7 @@ def compress_pretrained(
         tqdm.write(f"compress_pretrained: recipe {rec.name!r}, prior {prior}, {epochs} epochs"
                    + (f" + {finetune_epochs} fine-tuning" if finetune_epochs else ""))
     trained = fit(bmodel, train, config, progress=progress, on_epoch=announce, n_train=n_train)
-    chosen = _thresholds(bmodel, rec, thresholds)
+    chosen, rule = _thresholds(bmodel, rec, thresholds)
     keeps = group_masks(bmodel, chosen)
     empty = [name for name, keep in keeps.items() if not bool(keep.any())]
     if empty:
@@ -112,7 +121,6 @@ def compress_pretrained(
                              on_epoch=announce, n_train=n_train).seconds
     bmodel.eval()
     result = compress(bmodel, chosen, keeps=keeps, example_input=example_input)
-    rule = "given" if thresholds is not None and not isinstance(thresholds, Mapping) else f"histogram ({rec.no_split})"
     result.report.update(recipe=rec.name, train_seconds=trained.seconds, finetune_seconds=ft_seconds,
                          seconds=time.perf_counter() - t0, thresholds_rule=rule, history=history)
     return result
