@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scalars import const
+from .scalars import const, const_vector
 
 #: floor of the pre-activation variance before the square root (keeps 1/√v finite at v = 0)
 TINY = 1e-16
@@ -42,40 +42,48 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
-def _gaussian_kl(mu: Tensor, logvar: Tensor, var: Tensor) -> Tensor:
-    """½ Σ(σ² − log σ² + μ² − 1): KL from N(0, 1), from the σ² the forward already has."""
-    flat = mu.reshape(-1)
-    total = torch.sub(var.sum(), logvar.sum()).add_(torch.dot(flat, flat)).sub_(const(mu.numel(), mu))
-    return total.mul_(const(0.5, mu))
-
-
 def _params_kl(mu: Tensor, logvar: Tensor, var_w: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
                b_var: Tensor | None) -> Tensor:
-    """The KL of the weights and (if any) the bias: what `with_kl=True` returns."""
-    kl = _gaussian_kl(mu, logvar, var_w)
-    if b_mu is not None and b_logvar is not None:
-        kl = kl + _gaussian_kl(b_mu, b_logvar, b_var)
-    return kl
+    """The KL of the weights and (if any) the bias from N(0, 1), ½Σ(σ² − log σ² + μ² − 1), from the σ² the forward
+    already has: what `with_kl=True` returns.
+
+    The sums are stacked and weighted by (½, −½, ½) in one dot product: three operations where the term-by-term
+    arithmetic takes seven per parameter pair (each a dispatch on a 0-dim tensor; measured on LeNet-300-100).
+    """
+    flat = mu.reshape(-1)
+    parts = [var_w.sum(), logvar.sum(), torch.dot(flat, flat)]
+    count = mu.numel()
+    if b_mu is not None and b_logvar is not None and b_var is not None:
+        parts += [b_var.sum(), b_logvar.sum(), torch.dot(b_mu, b_mu)]
+        count += b_mu.numel()
+    weights = const_vector((0.5, -0.5, 0.5) * (len(parts) // 3), mu)
+    return torch.dot(torch.stack(parts), weights).sub_(const(0.5 * count, mu))
 
 
-def _finish_param_grads(gmu: Tensor | None, glv_pre: Tensor | None, mu: Tensor, var_w: Tensor,
-                         g_kl: Tensor | None, pre_scale: float = 1.0) -> tuple[Tensor | None, Tensor | None]:
-    """Finish the gradients of a (μ, log σ²) pair — the weights or the bias: ∂/∂log σ² = σ²·(∂L/∂σ²) and, when
-    their KL was an output too,
-    + g_kl·μ and + ½g_kl(σ² − 1), in place ((M + ½g)·σ² − ½g for the second). `glv_pre` holds
-    `pre_scale`·∂L/∂σ² (the convolution passes 2·∂L/∂v down, which spares a pass over its output)."""
-    if glv_pre is not None and pre_scale != 1.0:
-        glv_pre.mul_(const(1.0 / pre_scale, glv_pre))
-    if g_kl is None:
-        return gmu, None if glv_pre is None else glv_pre.mul_(var_w)
-    half = g_kl * const(0.5, g_kl)
-    if gmu is not None:
-        gmu.add_(mu * g_kl)
-    glv = None if glv_pre is None else glv_pre.add_(half).mul_(var_w).sub_(half)
-    return gmu, glv
+def _finish_param_grads(gmu: Tensor | None, gvar: Tensor | None, mu: Tensor, var_w: Tensor,
+                        g_kl: Tensor | None, pre_scale: float = 1.0) -> tuple[Tensor | None, Tensor | None]:
+    """Finish the gradients of a (μ, log σ²) pair — the weights or the bias — in place.
+
+    `gvar` holds `pre_scale`·∂L/∂σ² (the convolution passes 2·∂L/∂v down, which spares a pass over its output).
+    ∂/∂log σ² = σ²·∂L/∂σ², and when the pair's KL was an output too, + g_kl·μ and + ½g_kl(σ² − 1):
+    written σ²·(∂L/∂σ² + ½g_kl) − ½g_kl, one add and one addcmul (two passes over the weights where the
+    term-by-term form takes five; fc1 of LeNet-300-100 has 235,200).
+    """
+    if gvar is not None:
+        if g_kl is None:
+            gvar = torch.addcmul(const(0.0, gvar), gvar, var_w, value=1.0 / pre_scale, out=gvar)
+        else:
+            gvar.add_(g_kl * const(0.5 * pre_scale, g_kl))
+            gvar = torch.addcmul(g_kl * const(-0.5, g_kl), gvar, var_w, value=1.0 / pre_scale, out=gvar)
+    if gmu is not None and g_kl is not None:
+        gmu.addcmul_(mu, g_kl)
+    return gmu, gvar
 
 
 class _LinearLRT(torch.autograd.Function):
+    """The gated linear layer's sample. The forward keeps r = ½ε/√v, so that the backward's ∂L/∂v = g·ε/(2√v)
+    is one product g·r (three operations from ε and √v)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
                 b_logvar: Tensor | None, eps: Tensor | None, with_kl: bool = False):  # type: ignore[override]
@@ -84,28 +92,31 @@ class _LinearLRT(torch.autograd.Function):
         var_w = logvar.exp()
         b_var = None if b_logvar is None else b_logvar.exp()
         u2 = u * u
-        std = F.linear(u2, var_w, b_var).clamp_min_(TINY).sqrt_()
+        var = F.linear(u2, var_w, b_var).clamp_min_(TINY)
         if eps is None:
-            eps = torch.randn_like(std)
-        out = F.linear(u, mu, b_mu).addcmul_(std, eps)
-        ctx.save_for_backward(x, z, u, u2, mu, var_w, b_mu, b_var, std, eps)
+            eps = torch.randn_like(var)
+        inv_std = var.rsqrt_()  # (v is not needed again)
+        r = torch.addcmul(const(0.0, inv_std), eps, inv_std, value=0.5)  # ½ε/√v
+        out = F.linear(u, mu, b_mu).addcdiv_(eps, inv_std)  # m + √v·ε
+        ctx.save_for_backward(x, z, u, u2, mu, var_w, b_mu, b_var, r)
         if with_kl:
             return out, _params_kl(mu, logvar, var_w, b_mu, b_logvar, b_var)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
-        x, z, u, u2, mu, var_w, b_mu, b_var, std, eps = ctx.saved_tensors
+        x, z, u, u2, mu, var_w, b_mu, b_var, r = ctx.saved_tensors
         nx, nz, nmu, nlv, nbm, nbl = ctx.needs_input_grad[:6]
         if g is None:  # only the KL output is used
-            g = torch.zeros_like(std)
-        g_var = torch.mul(g, eps).div_(std).mul_(const(0.5, g))
+            g = torch.zeros_like(r)
+        g_var = g * r  # ∂L/∂v
         gx = gz = None
         gmu = g.t().mm(u) if nmu else None
         glv = g_var.t().mm(u2) if nlv else None
         gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl)
         if nx or nz:
-            gu = torch.addcmul(g.mm(mu), u, g_var.mm(var_w), value=2.0)
+            # ∂L/∂u = g μ + 2u ⊙ (∂L/∂v σ²), the sum made by the second product (β = 2): one pass fewer
+            gu = g_var.mm(var_w).mul_(u).addmm_(g, mu, beta=2.0)
             gx = gu * z if nx else None
             gz = gu.mul_(x) if nz else None
         gbm = g.sum(0) if nbm else None
