@@ -80,50 +80,109 @@ def _finish_param_grads(gmu: Tensor | None, gvar: Tensor | None, mu: Tensor, var
     return gmu, gvar
 
 
-class _LinearLRT(torch.autograd.Function):
-    """The gated linear layer's sample. The forward keeps r = ½ε/√v, so that the backward's ∂L/∂v = g·ε/(2√v)
-    is one product g·r (three operations from ε and √v)."""
+def _linear_forward(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
+                    b_logvar: Tensor | None, eps: Tensor | None) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """The gated linear sample and what its gradient needs: (x, z, u, u2, μ, σ², b_μ, σ²_b, r).
 
+    r = ½ε/√v is kept instead of ε and √v, so that the backward's ∂L/∂v = g·ε/(2√v) is one product g·r (three
+    operations from ε and √v).
+    """
+    u = x * z
+    var_w = logvar.exp()
+    b_var = None if b_logvar is None else b_logvar.exp()
+    u2 = u * u
+    var = F.linear(u2, var_w, b_var).clamp_min_(TINY)
+    if eps is None:
+        eps = torch.randn_like(var)
+    inv_std = var.rsqrt_()  # (v is not needed again)
+    r = torch.addcmul(const(0.0, inv_std), eps, inv_std, value=0.5)  # ½ε/√v
+    out = F.linear(u, mu, b_mu).addcdiv_(eps, inv_std)  # m + √v·ε
+    return out, (x, z, u, u2, mu, var_w, b_mu, b_var, r)
+
+
+def _linear_backward(saved: tuple[Tensor | None, ...], g: Tensor | None, g_kl: Tensor | None,
+                     needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """(∂/∂x, ∂/∂z, ∂/∂μ, ∂/∂log σ², ∂/∂b_μ, ∂/∂log σ²_b) of `_linear_forward`, each only where `needs` says;
+    with `g_kl`, the weights' and bias's KL gradient is added (see `_finish_param_grads`)."""
+    x, z, u, u2, mu, var_w, b_mu, b_var, r = saved
+    nx, nz, nmu, nlv, nbm, nbl = needs
+    if g is None:  # only the KL output is used
+        g = torch.zeros_like(r)
+    g_var = g * r  # ∂L/∂v
+    gx = gz = None
+    gmu = g.t().mm(u) if nmu else None
+    glv = g_var.t().mm(u2) if nlv else None
+    gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl)
+    if nx or nz:
+        # ∂L/∂u = g μ + 2u ⊙ (∂L/∂v σ²), the sum made by the second product (β = 2): one pass fewer
+        gu = g_var.mm(var_w).mul_(u).addmm_(g, mu, beta=2.0)
+        gx = gu * z if nx else None
+        gz = gu.mul_(x) if nz else None
+    gbm = g.sum(0) if nbm else None
+    gbl = g_var.sum(0) if nbl else None
+    if b_var is not None:
+        gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl)
+    return gx, gz, gmu, glv, gbm, gbl
+
+
+class _LinearLRT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
                 b_logvar: Tensor | None, eps: Tensor | None, with_kl: bool = False):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        u = x * z
-        var_w = logvar.exp()
-        b_var = None if b_logvar is None else b_logvar.exp()
-        u2 = u * u
-        var = F.linear(u2, var_w, b_var).clamp_min_(TINY)
-        if eps is None:
-            eps = torch.randn_like(var)
-        inv_std = var.rsqrt_()  # (v is not needed again)
-        r = torch.addcmul(const(0.0, inv_std), eps, inv_std, value=0.5)  # ½ε/√v
-        out = F.linear(u, mu, b_mu).addcdiv_(eps, inv_std)  # m + √v·ε
-        ctx.save_for_backward(x, z, u, u2, mu, var_w, b_mu, b_var, r)
+        out, saved = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, eps)
+        ctx.save_for_backward(*saved)
         if with_kl:
-            return out, _params_kl(mu, logvar, var_w, b_mu, b_logvar, b_var)
+            return out, _params_kl(mu, logvar, saved[5], b_mu, b_logvar, saved[7])
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
-        x, z, u, u2, mu, var_w, b_mu, b_var, r = ctx.saved_tensors
-        nx, nz, nmu, nlv, nbm, nbl = ctx.needs_input_grad[:6]
-        if g is None:  # only the KL output is used
-            g = torch.zeros_like(r)
-        g_var = g * r  # ∂L/∂v
-        gx = gz = None
-        gmu = g.t().mm(u) if nmu else None
-        glv = g_var.t().mm(u2) if nlv else None
-        gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl)
-        if nx or nz:
-            # ∂L/∂u = g μ + 2u ⊙ (∂L/∂v σ²), the sum made by the second product (β = 2): one pass fewer
-            gu = g_var.mm(var_w).mul_(u).addmm_(g, mu, beta=2.0)
-            gx = gu * z if nx else None
-            gz = gu.mul_(x) if nz else None
-        gbm = g.sum(0) if nbm else None
-        gbl = g_var.sum(0) if nbl else None
-        if b_var is not None:
-            gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl)
-        return gx, gz, gmu, glv, gbm, gbl, None, None
+        return *_linear_backward(ctx.saved_tensors, g, g_kl, ctx.needs_input_grad[:6]), None, None
+
+
+class _GatedLinearLRT(torch.autograd.Function):
+    """A group-sparse Linear layer's whole training forward in one autograd node: z drawn from its parameters
+    (the layer's `_z_draw`), the local reparameterisation sample, and (`with_kl`) the layer's whole KL — scales,
+    weights and bias — with every gradient written out (`_z_grads`, `_kl_z_backward`, `_linear_backward`).
+
+    What it spares, against z from `sample_z` and the KL from `kl()`: the autograd nodes of the sample and of the
+    scale KL, and their bookkeeping, three times per step on LeNet-300-100, where a step's cost beyond its matrix
+    products is mostly such operations. The arithmetic is the same functions' (the tests compare the two paths).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
+                layer, with_kl: bool, *z_params: Tensor):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        z, z_saved = layer._z_draw(z_params, x.shape[0])
+        out, saved = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, None)
+        ctx.layer = layer
+        ctx.counts = (len(z_saved), 0)
+        if not with_kl:
+            ctx.save_for_backward(*saved, *z_saved)
+            return out
+        kl_z, kl_saved = layer._kl_z_forward(z_params)
+        ctx.counts = (len(z_saved), len(kl_saved))
+        ctx.save_for_backward(*saved, *z_saved, *kl_saved)
+        return out, _params_kl(mu, logvar, saved[5], b_mu, b_logvar, saved[7]).add_(kl_z)
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
+        tensors = ctx.saved_tensors
+        n_z, n_kl = ctx.counts
+        saved, z_saved, kl_saved = tensors[:9], tensors[9 : 9 + n_z], tensors[9 + n_z : 9 + n_z + n_kl]
+        needs = ctx.needs_input_grad
+        nz = any(needs[7:])
+        gx, gz, gmu, glv, gbm, gbl = _linear_backward(saved, g, g_kl, (needs[0], nz, *needs[1:5]))
+        n_params = len(needs) - 7
+        grads: list[Tensor | None] = [None] * n_params
+        if gz is not None:
+            grads = list(ctx.layer._z_grads(z_saved, gz))
+        if g_kl is not None and n_kl:
+            for i, k in enumerate(ctx.layer._kl_z_backward(kl_saved, g_kl)):
+                grads[i] = k if grads[i] is None else grads[i].add_(k)
+        return gx, gmu, glv, gbm, gbl, None, None, *grads
 
 
 def linear_lrt(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
@@ -144,6 +203,15 @@ def linear_lrt_reference(x, z, mu, logvar, b_mu, b_logvar, eps) -> Tensor:
     mean = F.linear(u, mu, b_mu)
     var = F.linear(u * u, logvar.exp(), None if b_logvar is None else b_logvar.exp())
     return mean + torch.sqrt(var.clamp_min(TINY)) * eps
+
+
+def gated_linear_lrt(x: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None, layer,
+                     with_kl: bool = False):
+    """`linear_lrt` with z drawn inside from `layer`'s scale parameters (its `_z_params`, `_z_draw`, `_z_grads`),
+    x of shape (n, in); `with_kl=True` also returns the layer's whole KL (`_kl_z_forward`, `_kl_z_backward` and the
+    weights' and bias's). The same sample as `linear_lrt(x, layer.sample_z(n), ...)` on the same random numbers.
+    """
+    return _GatedLinearLRT.apply(x, mu, logvar, b_mu, b_logvar, layer, with_kl, *layer._z_params())
 
 
 class _Conv2dLRT(torch.autograd.Function):
