@@ -1,4 +1,4 @@
-"""The local reparameterisation trick as two autograd functions with their gradients written out.
+"""The local reparameterisation trick as autograd functions with their gradients written out.
 
 Training a group-sparse layer samples its pre-activation b = m + √v·ε from the Gaussian that the
 weights' posterior induces (Kingma, Salimans & Welling 2015):
@@ -24,6 +24,12 @@ gradient is needed for z (a Linear layer's gates sit on its inputs).
 
 The noise ε is an argument, not drawn inside, so that a test can compare both functions with the
 plain autograd expressions on the same ε (`tests/test_lrt.py`).
+
+`gated_linear_lrt` is a Linear layer's whole training forward in one node: z drawn from the layer's
+scale parameters, the sample, and the layer's KL, each gradient written out. On LeNet-300-100 a
+training step's cost beyond its matrix products is mostly operations on small tensors, each paying
+its dispatch: this path takes a GNJ step from 309 to 261 operations (profiler, top level) and ~0.3 ms
+off ~7 ms (interleaved with the previous code in one process, thread time).
 """
 
 from __future__ import annotations
