@@ -220,6 +220,10 @@ class GroupSparseLayer(nn.Module):
         """The parameters' gradients for ∂L/∂z = gz (not modified)."""
         raise NotImplementedError
 
+    def _z_grads_of_gated_input(self, saved: tuple[Tensor, ...], gu: Tensor, x: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        """`_z_grads` where z gates a Linear layer's inputs, u = x ⊙ z, from gu = ∂L/∂u (overwritten): ∂L/∂z = x ⊙ gu."""
+        return self._z_grads(saved, gu.mul_(x))
+
     def _kl_z_forward(self, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:  # pragma: no cover
         """`kl_z()` from `params`, and the tensors `_kl_z_backward` needs."""
         raise NotImplementedError

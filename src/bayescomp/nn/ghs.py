@@ -74,8 +74,12 @@ def sample_log_normal_z_backward(saved: tuple[Tensor, ...], g: Tensor) -> tuple[
         ∂L/∂a_mu = ∂L/∂b_mu = ½ Σ_k h,    ∂L/∂sa_mu = ∂L/∂sb_mu = ½ Σ_{k,i} h,
         ∂L/∂σ²_z = Σ_k h·ε / (2σ_z),     ∂L/∂a_lv = ¼ e^{a_lv}·∂L/∂σ²_z (likewise b), ∂L/∂sa_lv = ¼ e^{sa_lv} Σ_i ∂L/∂σ²_z.
     """
-    z, eps, std, e_a, e_b, e_sa, e_sb = saved
-    h = g * z
+    return sample_log_normal_z_backward_log(saved, g * saved[0])
+
+
+def sample_log_normal_z_backward_log(saved: tuple[Tensor, ...], h: Tensor) -> tuple[Tensor, ...]:
+    """`sample_log_normal_z_backward` from h = ∂L/∂log z (overwritten)."""
+    _, eps, std, e_a, e_b, e_sa, e_sb = saved
     g_mu = h.sum(0).mul_(const(0.5, h))  # the same for a_mu and b_mu
     g_var = (h.mul_(eps)).sum(0).div_(std).mul_(const(0.125, h))  # ¼·∂L/∂σ²_z = ¼·Σ h·ε/(2σ)
     g_global_mu = g_mu.sum()
@@ -194,6 +198,10 @@ class _GroupHS:
 
     def _z_grads(self, saved: tuple[Tensor, ...], gz: Tensor) -> tuple[Tensor, ...]:
         return sample_log_normal_z_backward(saved, gz)
+
+    def _z_grads_of_gated_input(self, saved: tuple[Tensor, ...], gu: Tensor, x: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        # ∂L/∂log z = z ⊙ x ⊙ ∂L/∂u = u ⊙ ∂L/∂u: one pass over the (n, groups) gradient, not two
+        return sample_log_normal_z_backward_log(saved, gu.mul_(u))
 
     def _kl_z_forward(self, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         sa_mu, sb_mu, a_mu, b_mu, sa_lv, sb_lv, a_lv, b_lv = params

@@ -107,9 +107,10 @@ def _linear_forward(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tens
 
 
 def _linear_backward(saved: tuple[Tensor | None, ...], g: Tensor | None, g_kl: Tensor | None,
-                     needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+                     needs: tuple[bool, ...], grad_u: bool = False) -> tuple[Tensor | None, ...]:
     """(∂/∂x, ∂/∂z, ∂/∂μ, ∂/∂log σ², ∂/∂b_μ, ∂/∂log σ²_b) of `_linear_forward`, each only where `needs` says;
-    with `g_kl`, the weights' and bias's KL gradient is added (see `_finish_param_grads`)."""
+    with `g_kl`, the weights' and bias's KL gradient is added (see `_finish_param_grads`). `grad_u=True` gives
+    ∂/∂u in place of ∂/∂z (= x ⊙ ∂/∂u), for a caller that needs another product of it."""
     x, z, u, u2, mu, var_w, b_mu, b_var, r = saved
     nx, nz, nmu, nlv, nbm, nbl = needs
     if g is None:  # only the KL output is used
@@ -123,7 +124,7 @@ def _linear_backward(saved: tuple[Tensor | None, ...], g: Tensor | None, g_kl: T
         # ∂L/∂u = g μ + 2u ⊙ (∂L/∂v σ²), the sum made by the second product (β = 2): one pass fewer
         gu = g_var.mm(var_w).mul_(u).addmm_(g, mu, beta=2.0)
         gx = gu * z if nx else None
-        gz = gu.mul_(x) if nz else None
+        gz = gu if grad_u else gu.mul_(x) if nz else None
     gbm = g.sum(0) if nbm else None
     gbl = g_var.sum(0) if nbl else None
     if b_var is not None:
@@ -180,11 +181,11 @@ class _GatedLinearLRT(torch.autograd.Function):
         saved, z_saved, kl_saved = tensors[:9], tensors[9 : 9 + n_z], tensors[9 + n_z : 9 + n_z + n_kl]
         needs = ctx.needs_input_grad
         nz = any(needs[7:])
-        gx, gz, gmu, glv, gbm, gbl = _linear_backward(saved, g, g_kl, (needs[0], nz, *needs[1:5]))
+        gx, gu, gmu, glv, gbm, gbl = _linear_backward(saved, g, g_kl, (needs[0], nz, *needs[1:5]), grad_u=nz)
         n_params = len(needs) - 7
         grads: list[Tensor | None] = [None] * n_params
-        if gz is not None:
-            grads = list(ctx.layer._z_grads(z_saved, gz))
+        if gu is not None:
+            grads = list(ctx.layer._z_grads_of_gated_input(z_saved, gu, saved[0], saved[2]))
         if g_kl is not None and n_kl:
             for i, k in enumerate(ctx.layer._kl_z_backward(kl_saved, g_kl)):
                 grads[i] = k if grads[i] is None else grads[i].add_(k)
