@@ -187,12 +187,18 @@ def step_breakdown(model_name: str, prior: str, rounds: int, reps: int) -> dict:
     cache: dict = {}
     randn, randn_like = torch.randn, torch.randn_like
 
+    # (draw only on a miss: `cache.setdefault(key, randn(...))` would draw every time and time the draws anyway)
     def cached(*shape, **kw):
         key = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return cache.setdefault(key, randn(*shape, **kw))
+        if key not in cache:
+            cache[key] = randn(*shape, **kw)
+        return cache[key]
 
     def cached_like(t, **kw):
-        return cache.setdefault(tuple(t.shape), randn_like(t))
+        key = tuple(t.shape)
+        if key not in cache:
+            cache[key] = randn_like(t)
+        return cache[key]
 
     def make(model, kl=True, opt_on=True, rng=True):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)

@@ -212,3 +212,77 @@ def test_kl_output_alone_backpropagates():
     kl.backward()
     torch.testing.assert_close(mu.grad, mu.detach())
     torch.testing.assert_close(lv.grad, 0.5 * (lv.detach().exp() - 1.0))
+
+
+def _kl_reference(layer):
+    """The layer's KL as plain expressions: the scales' (GNJ: Molchanov's fit of log α; GHS: the four KL functions)
+    and the weights' and bias's Gaussian KL ½Σ(σ² − log σ² + μ² − 1)."""
+    kl_z = kl_log_uniform_reference(layer.log_alpha()) if layer.prior == "gnj" else layer.kl_z_terms()
+    gauss = [(layer.weight_mu, layer.weight_logvar), (layer.bias_mu, layer.bias_logvar)]
+    return kl_z + sum(0.5 * (lv.exp() - lv + mu * mu - 1.0).sum() for mu, lv in gauss)
+
+
+@pytest.mark.parametrize("with_kl", [True, False])
+@pytest.mark.parametrize("cls", [LinearGroupNJ, LinearGroupHS])
+def test_gated_linear_lrt_equals_sample_z_then_linear_lrt(cls, with_kl):
+    """The fused node (z drawn inside, the whole KL as a second output) against the reference path on the same
+    draws: z from `sample_z_reference`, the sample from `linear_lrt_reference`, the KL from plain expressions;
+    values and the gradients of every parameter and of the input, float64."""
+    from bayescomp.nn.lrt import gated_linear_lrt
+
+    torch.manual_seed(10)
+    layer = cls(7, 5).double().train()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("logvar"):
+                p.uniform_(-4.0, 0.5)  # far from the initial −9: every term of the KL and of z matters
+    x = _leaf(6, 7)
+    params = [x, *layer.parameters()]
+
+    torch.manual_seed(11)
+    res = gated_linear_lrt(x, layer.weight_mu, layer.weight_logvar, layer.bias_mu, layer.bias_logvar, layer,
+                           with_kl=with_kl)
+    out, kl = res if with_kl else (res, None)
+    torch.manual_seed(11)
+    eps_z, eps = torch.randn(6, 7, dtype=F64), torch.randn(6, 5, dtype=F64)
+    z = layer.sample_z_reference(eps_z)
+    ref_out = linear_lrt_reference(x, z, layer.weight_mu, layer.weight_logvar, layer.bias_mu, layer.bias_logvar, eps)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(6, 5, dtype=F64)
+    loss, ref_loss = (out * weights).sum(), (ref_out * weights).sum()
+    if with_kl:
+        ref_kl = _kl_reference(layer)
+        torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-10)
+        loss, ref_loss = loss + 0.3 * kl, ref_loss + 0.3 * ref_kl
+    for p, a, b in zip(params, torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params), strict=True):
+        assert a.shape == p.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [LinearGroupNJ, Conv2dGroupNJ])
+def test_gnj_sample_z_node_equals_the_expression_with_its_gradients(cls):
+    layer = (cls(6, 4) if cls is LinearGroupNJ else cls(3, 6, 3)).double()  # six groups either way
+    with torch.no_grad():
+        layer.z_logvar.uniform_(-4.0, 0.5)
+    torch.manual_seed(12)
+    z = layer.sample_z(5)
+    torch.manual_seed(12)
+    reference = layer.sample_z_reference(torch.randn(5, 6, dtype=F64))
+    torch.testing.assert_close(z, reference, rtol=1e-14, atol=0)
+    w = torch.randn(5, 6, dtype=F64)
+    params = [layer.z_mu, layer.z_logvar]
+    for a, b in zip(torch.autograd.grad((z * w).sum(), params), torch.autograd.grad((reference * w).sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_layer_kl_from_the_fused_forward_equals_the_fresh_one():
+    """Under fuse_weight_kl a Linear layer's kl() is the whole KL its forward computed: the same as computed afresh."""
+    for cls in (LinearGroupNJ, LinearGroupHS):
+        layer = cls(5, 3).double().train()
+        with fuse_weight_kl(layer):
+            layer(torch.randn(4, 5, dtype=F64))
+            assert layer._kl_stash is not None and layer._kl_stash[2]  # the whole layer's
+            fused = layer.kl()
+        torch.testing.assert_close(fused, layer.kl(), rtol=1e-13, atol=0)
+        torch.testing.assert_close(fused, _kl_reference(layer), rtol=1e-12, atol=1e-10)

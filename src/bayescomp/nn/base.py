@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kl import kl_gaussian_std_normal
-from .lrt import conv2d_lrt, conv2d_lrt_reference, linear_lrt
+from .lrt import conv2d_lrt, conv2d_lrt_reference, gated_linear_lrt, linear_lrt
 
 _LOGVAR_INIT = -9.0
 _INIT_STD = 1e-2
@@ -67,6 +67,27 @@ def parameter_kind(name: str, model: nn.Module) -> str:
     return "scale"
 
 
+class _SampledZ(torch.autograd.Function):
+    """z drawn by a layer's `_z_draw` from its scale parameters, as one autograd node whose gradient is the
+    layer's `_z_grads` (the prior's expression written out: one node where autograd records three to fifteen)."""
+
+    @staticmethod
+    def forward(ctx, layer, n: int, *params: Tensor) -> Tensor:  # type: ignore[override]
+        z, saved = layer._z_draw(params, n)
+        ctx.layer = layer
+        ctx.save_for_backward(*saved)
+        return z
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return None, None, *ctx.layer._z_grads(ctx.saved_tensors, g)
+
+
+def sampled_z(layer: GroupSparseLayer, n: int) -> Tensor:
+    """One z per example and group, shape (n, n_groups), drawn from `layer`'s posterior (see `_SampledZ`)."""
+    return _SampledZ.apply(layer, n, *layer._z_params())
+
+
 class GroupSparseLayer(nn.Module):
     """Base of every group-sparse layer. Not used directly."""
 
@@ -81,8 +102,9 @@ class GroupSparseLayer(nn.Module):
 
     #: set by `fuse_weight_kl`: the training forward also returns the weights' KL (see there)
     _fuse_kl: bool = False
-    #: (KL tensor of weights and bias, versions of those parameters) left by the last fused forward
-    _kl_stash: tuple[Tensor, tuple[int, ...]] | None = None
+    #: (KL tensor, versions of the layer's parameters, whether it is the whole layer's KL or only the weights' and
+    #: bias's) left by the last fused forward
+    _kl_stash: tuple[Tensor, tuple[int, ...], bool] | None = None
 
     weight_mu: nn.Parameter
     weight_logvar: nn.Parameter
@@ -184,31 +206,63 @@ class GroupSparseLayer(nn.Module):
         """One pruning score per group: high means prunable."""
         raise NotImplementedError
 
+    # The same, as parts of one fused training step (`_SampledZ`, `lrt.gated_linear_lrt`): functions of the scale
+    # parameters and of what their forward saved, with the gradients written out.
+    def _z_params(self) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
+        """The scale parameters, in the order the four functions below take and return them."""
+        raise NotImplementedError
+
+    def _z_draw(self, params: tuple[Tensor, ...], n: int) -> tuple[Tensor, tuple[Tensor, ...]]:  # pragma: no cover
+        """`sample_z(n)` from `params`, and the tensors `_z_grads` needs."""
+        raise NotImplementedError
+
+    def _z_grads(self, saved: tuple[Tensor, ...], gz: Tensor) -> tuple[Tensor, ...]:  # pragma: no cover
+        """The parameters' gradients for ∂L/∂z = gz (not modified)."""
+        raise NotImplementedError
+
+    def _z_grads_of_gated_input(self, saved: tuple[Tensor, ...], gu: Tensor, x: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        """`_z_grads` where z gates a Linear layer's inputs, u = x ⊙ z, from gu = ∂L/∂u (overwritten): ∂L/∂z = x ⊙ gu."""
+        return self._z_grads(saved, gu.mul_(x))
+
+    def _kl_z_forward(self, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:  # pragma: no cover
+        """`kl_z()` from `params`, and the tensors `_kl_z_backward` needs."""
+        raise NotImplementedError
+
+    def _kl_z_backward(self, saved: tuple[Tensor, ...], g: Tensor) -> tuple[Tensor, ...]:  # pragma: no cover
+        """The parameters' gradients of `kl_z()` times g."""
+        raise NotImplementedError
+
     # ---- the shared part ----------------------------------------------------------------------
     def kl(self) -> Tensor:
-        """KL(q || p) of the whole layer: scales, weights and bias. Non-negative."""
+        """KL(q || p) of the whole layer: scales, weights and bias. Non-negative.
+
+        Under `fuse_weight_kl` the training forward has computed it (all of it, or the weights' and bias's part)
+        on the same parameter values; it is used once, then computed afresh.
+        """
+        stash = self._kl_stash
+        if stash is not None:
+            self.__dict__["_kl_stash"] = None
+            value, versions, whole = stash
+            if versions == self._versions():
+                return value if whole else self.kl_z() + value
         return self.kl_z() + self._params_kl()
 
     def _versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in (self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
-                     if p is not None)
+        return tuple(p._version for p in self._parameters.values() if p is not None)
 
     def _params_kl(self) -> Tensor:
         """KL of the weights and the bias from N(0, 1)."""
-        stash, self._kl_stash = self._kl_stash, None
-        if stash is not None and stash[1] == self._versions():
-            return stash[0]  # computed by this step's forward, on the same parameter values
         kl = kl_gaussian_std_normal(self.weight_mu, self.weight_logvar)
         if self.bias_mu is not None:
             kl = kl + kl_gaussian_std_normal(self.bias_mu, self.bias_logvar)
         return kl
 
-    def _keep_kl(self, result):
-        """The output of a fused training forward: stash the KL, return the sample."""
+    def _keep_kl(self, result, whole: bool = False):
+        """The output of a fused training forward: stash the KL (of the whole layer if `whole`), return the sample."""
         if not self._fuse_kl:
             return result
         out, kl = result
-        self._kl_stash = (kl, self._versions())
+        self.__dict__["_kl_stash"] = (kl, self._versions(), whole)
         return out
 
     def _z_shape(self) -> list[int]:
@@ -268,10 +322,19 @@ class GroupSparseLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._origin != 0.0:
             x = x - self._origin
+        if self.training and self._fused_forward_applies(x):
+            return self._fused_stochastic(x)
         z = self._gate(x.shape[0])
         if self.training:
             return self._stochastic(x, z)
         return self._deterministic(x, z)
+
+    def _fused_forward_applies(self, x: Tensor) -> bool:
+        """Whether the training forward can draw z inside one fused node (`_fused_stochastic`)."""
+        return False
+
+    def _fused_stochastic(self, x: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
+        raise NotImplementedError
 
     def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
         raise NotImplementedError
@@ -282,13 +345,14 @@ class GroupSparseLayer(nn.Module):
 
 @contextmanager
 def fuse_weight_kl(model: nn.Module) -> Iterator[None]:
-    """Within this block, each training forward of a group-sparse layer also computes the KL of its
-    weights and bias.
+    """Within this block, each training forward of a group-sparse layer also computes its KL: a Linear
+    layer's whole KL (scales, weights, bias: its forward is one node, `lrt.gated_linear_lrt`), a
+    convolution's weights and bias.
 
     The next `kl()` of the layer then returns that value, and its gradient is added inside the layer's
     own backward pass: the σ² = exp(log σ²) of the forward is reused, and no second set of weight-sized
     gradient buffers is made and summed (for LeNet-300-100's fc1, one exp and about four passes over its
-    235,200 weights fewer per step; the whole step's time moved by less than this machine's noise).
+    235,200 weights fewer per step), and a Linear layer's scale KL needs no autograd node of its own.
     `fit` uses it; the result is the same as without it.
 
     The contract it relies on, which `fit` keeps: after each forward, the loss adds `kl()` and ONE
@@ -335,6 +399,16 @@ class _LinearKind(GroupSparseLayer):
         zx = self._expand_z(x, z).expand_as(x).reshape(-1, x.shape[-1])
         out = self._keep_kl(linear_lrt(x.reshape(-1, x.shape[-1]), zx, *params, with_kl=self._fuse_kl))
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _fused_forward_applies(self, x: Tensor) -> bool:
+        # a batch of vectors, every group on (a masked or a sequence input takes `_stochastic`)
+        return x.dim() == 2 and self._mask_is_full()
+
+    def _fused_stochastic(self, x: Tensor) -> Tensor:
+        """z drawn, the sample taken and (under `fuse_weight_kl`) the whole layer's KL computed in one node."""
+        result = gated_linear_lrt(x, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar, self,
+                                  with_kl=self._fuse_kl)
+        return self._keep_kl(result, whole=True)
 
     def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:
         return F.linear(x * self._expand_z(x, z), self.weight_mu, self.bias_mu)

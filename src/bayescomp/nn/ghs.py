@@ -25,13 +25,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind
+from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind, sampled_z
 from .horseshoe_kl import (
     kl_global_sa_paper,
     kl_lognormal_gamma_half,
     kl_lognormal_gamma_half_logscale,
     kl_lognormal_invgamma_half,
     lognormal_kls,
+    lognormal_kls_backward,
+    lognormal_kls_forward,
 )
 from .scalars import const
 
@@ -50,35 +52,40 @@ def _check_hs_args(tau0: float, global_kl: str) -> tuple[float, str]:
     return tau0, global_kl
 
 
-class _SampleZ(torch.autograd.Function):
-    """z = exp(μ_z + σ_z·ε) from the scale parameters, with its gradient written out.
+def sample_log_normal_z(params: tuple[Tensor, ...], eps: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """z = exp(μ_z + σ_z·ε) from the eight scale parameters (sa_mu, sb_mu, a_mu, b_mu, sa_lv, sb_lv, a_lv, b_lv),
+    and what its gradient needs (`sample_log_normal_z_backward`).
 
     μ_z = ½(sa_mu + sb_mu + a_mu + b_mu), σ²_z = ¼(e^{sa_lv} + e^{sb_lv} + e^{a_lv} + e^{b_lv}) (per group; the
-    global terms are shared). With g = ∂L/∂z and h = g·z = ∂L/∂log z:
+    global terms are shared).
+    """
+    sa_mu, sb_mu, a_mu, b_mu, sa_lv, sb_lv, a_lv, b_lv = params
+    e_a, e_b, e_sa, e_sb = a_lv.exp(), b_lv.exp(), sa_lv.exp(), sb_lv.exp()
+    std = (e_a + e_b + (e_sa + e_sb)).mul_(const(0.25, e_a)).sqrt_()
+    mu = (a_mu + b_mu + (sa_mu + sb_mu)).mul_(const(0.5, a_mu))
+    z = torch.exp(torch.addcmul(mu, std, eps))
+    return z, (z, eps, std, e_a, e_b, e_sa, e_sb)
+
+
+def sample_log_normal_z_backward(saved: tuple[Tensor, ...], g: Tensor) -> tuple[Tensor, ...]:
+    """The eight parameters' gradients of `sample_log_normal_z` for g = ∂L/∂z.
+
+    With h = g·z = ∂L/∂log z:
         ∂L/∂a_mu = ∂L/∂b_mu = ½ Σ_k h,    ∂L/∂sa_mu = ∂L/∂sb_mu = ½ Σ_{k,i} h,
         ∂L/∂σ²_z = Σ_k h·ε / (2σ_z),     ∂L/∂a_lv = ¼ e^{a_lv}·∂L/∂σ²_z (likewise b), ∂L/∂sa_lv = ¼ e^{sa_lv} Σ_i ∂L/∂σ²_z.
-    One autograd node where the expression records fifteen (per layer and training step).
     """
+    return sample_log_normal_z_backward_log(saved, g * saved[0])
 
-    @staticmethod
-    def forward(ctx, sa_mu, sb_mu, a_mu, b_mu, sa_lv, sb_lv, a_lv, b_lv, eps):  # type: ignore[override]
-        e_a, e_b, e_sa, e_sb = a_lv.exp(), b_lv.exp(), sa_lv.exp(), sb_lv.exp()
-        std = (e_a + e_b + (e_sa + e_sb)).mul_(const(0.25, e_a)).sqrt_()
-        mu = (a_mu + b_mu + (sa_mu + sb_mu)).mul_(const(0.5, a_mu))
-        z = torch.exp(torch.addcmul(mu, std, eps))
-        ctx.save_for_backward(z, eps, std, e_a, e_b, e_sa, e_sb)
-        return z
 
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        z, eps, std, e_a, e_b, e_sa, e_sb = ctx.saved_tensors
-        h = g * z
-        g_mu = h.sum(0).mul_(const(0.5, h))  # the same for a_mu and b_mu
-        g_var = (h.mul_(eps)).sum(0).div_(std).mul_(const(0.125, h))  # ¼·∂L/∂σ²_z = ¼·Σ h·ε/(2σ)
-        g_global_mu = g_mu.sum()
-        g_var_total = g_var.sum()
-        return (g_global_mu, g_global_mu.clone(), g_mu, g_mu.clone(), g_var_total * e_sa, g_var_total * e_sb,
-                g_var * e_a, g_var * e_b, None)
+def sample_log_normal_z_backward_log(saved: tuple[Tensor, ...], h: Tensor) -> tuple[Tensor, ...]:
+    """`sample_log_normal_z_backward` from h = ∂L/∂log z (overwritten)."""
+    _, eps, std, e_a, e_b, e_sa, e_sb = saved
+    g_mu = h.sum(0).mul_(const(0.5, h))  # the same for a_mu and b_mu
+    g_var = (h.mul_(eps)).sum(0).div_(std).mul_(const(0.125, h))  # ¼·∂L/∂σ²_z = ¼·Σ h·ε/(2σ)
+    g_global_mu = g_mu.sum()
+    g_var_total = g_var.sum()
+    return (g_global_mu, g_global_mu.clone(), g_mu, g_mu.clone(), g_var_total * e_sa, g_var_total * e_sb,
+            g_var * e_a, g_var * e_b)
 
 
 class _GroupHS:
@@ -174,12 +181,39 @@ class _GroupHS:
     def sample_z(self, n: int) -> Tensor:
         """z_{k,i} = exp(μ_zi + σ_zi·ε_{k,i}), one per example k and group i: shape (n, n_groups).
 
-        One autograd function (`_SampleZ`) from the eight scale parameters; `sample_z_reference` is the
-        same expression through `log_z_mean`/`log_z_variance` (the tests compare the two).
+        One autograd node (`sample_log_normal_z`, its gradient written out) from the eight scale parameters;
+        `sample_z_reference` is the same expression through `log_z_mean`/`log_z_variance` (the tests compare the two).
         """
-        eps = torch.randn(n, self.n_groups, device=self.a_mu.device, dtype=self.a_mu.dtype)
-        return _SampleZ.apply(self.sa_mu, self.sb_mu, self.a_mu, self.b_mu, self.sa_logvar, self.sb_logvar,
-                              self.a_logvar, self.b_logvar, eps)
+        return sampled_z(self, n)
+
+    # ---- the parts of a fused training step (`base.GroupSparseLayer`, `lrt.gated_linear_lrt`) ----------------
+    def _z_params(self) -> tuple[Tensor, ...]:
+        return (self.sa_mu, self.sb_mu, self.a_mu, self.b_mu, self.sa_logvar, self.sb_logvar, self.a_logvar,
+                self.b_logvar)
+
+    def _z_draw(self, params: tuple[Tensor, ...], n: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        a_mu = params[2]
+        eps = torch.randn(n, a_mu.shape[0], device=a_mu.device, dtype=a_mu.dtype)
+        return sample_log_normal_z(params, eps)
+
+    def _z_grads(self, saved: tuple[Tensor, ...], gz: Tensor) -> tuple[Tensor, ...]:
+        return sample_log_normal_z_backward(saved, gz)
+
+    def _z_grads_of_gated_input(self, saved: tuple[Tensor, ...], gu: Tensor, x: Tensor, u: Tensor) -> tuple[Tensor, ...]:
+        # ∂L/∂log z = z ⊙ x ⊙ ∂L/∂u = u ⊙ ∂L/∂u: one pass over the (n, groups) gradient, not two
+        return sample_log_normal_z_backward_log(saved, gu.mul_(u))
+
+    def _kl_z_forward(self, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        sa_mu, sb_mu, a_mu, b_mu, sa_lv, sb_lv, a_lv, b_lv = params
+        sign, c, const_total = self._kl_z_priors()
+        mu = torch.cat([sa_mu.reshape(1), sb_mu.reshape(1), a_mu, b_mu])
+        logvar = torch.cat([sa_lv.reshape(1), sb_lv.reshape(1), a_lv, b_lv])
+        return lognormal_kls_forward(mu, logvar, sign, c, const_total)
+
+    def _kl_z_backward(self, saved: tuple[Tensor, ...], g: Tensor) -> tuple[Tensor, ...]:
+        g_mu, g_lv = lognormal_kls_backward(saved, g)
+        n = self.n_groups
+        return (g_mu[0], g_mu[1], g_mu[2 : 2 + n], g_mu[2 + n :], g_lv[0], g_lv[1], g_lv[2 : 2 + n], g_lv[2 + n :])
 
     def sample_z_reference(self, eps: Tensor) -> Tensor:
         """`sample_z` for given standard-normal draws ε, as plain autograd expressions."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind
-from .kl import kl_group_nj
+from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind, sampled_z
+from .kl import group_nj_kl_backward, group_nj_kl_forward, kl_group_nj
 from .scalars import const
 
 _EPS = 1e-8
@@ -42,8 +42,34 @@ class _GroupNJ:
         return self.z_logvar.exp()
 
     def sample_z(self, n: int) -> Tensor:
-        eps = torch.randn(n, self.n_groups, device=self.z_mu.device, dtype=self.z_mu.dtype)
-        return torch.addcmul(self.z_mu, torch.exp(self.z_logvar * const(0.5, self.z_logvar)), eps)
+        """z = μ + σ·ε per example and group, shape (n, n_groups): one autograd node (`_z_draw`, `_z_grads`)."""
+        return sampled_z(self, n)
+
+    def sample_z_reference(self, eps: Tensor) -> Tensor:
+        """`sample_z` for given standard-normal draws ε, as the plain autograd expression."""
+        return torch.addcmul(self.z_mu, torch.exp(self.z_logvar * 0.5), eps)
+
+    # ---- the parts of a fused training step (`base.GroupSparseLayer`, `lrt.gated_linear_lrt`) ----------------
+    def _z_params(self) -> tuple[Tensor, ...]:
+        return (self.z_mu, self.z_logvar)
+
+    def _z_draw(self, params: tuple[Tensor, ...], n: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """z = μ + e^{½ log σ²}·ε and what its gradient needs."""
+        mu, logvar = params
+        eps = torch.randn(n, mu.shape[0], device=mu.device, dtype=mu.dtype)
+        std = torch.exp(logvar * const(0.5, logvar))
+        return torch.addcmul(mu, std, eps), (eps, std)
+
+    def _z_grads(self, saved: tuple[Tensor, ...], gz: Tensor) -> tuple[Tensor, ...]:
+        """∂/∂μ = Σ_k g, ∂/∂log σ² = ½σ·Σ_k g·ε for g = ∂L/∂z."""
+        eps, std = saved
+        return gz.sum(0), torch.mul(gz, eps).sum(0).mul_(std).mul_(const(0.5, std))
+
+    def _kl_z_forward(self, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return group_nj_kl_forward(params[0], params[1], _EPS)
+
+    def _kl_z_backward(self, saved: tuple[Tensor, ...], g: Tensor) -> tuple[Tensor, ...]:
+        return group_nj_kl_backward(saved, g)
 
     def log_alpha(self) -> Tensor:
         """log α_i = log σ_zi² − log μ_zi²: the log dropout rate of group i."""

@@ -58,31 +58,46 @@ class _LogNormalKL(torch.autograd.Function):
         return g_mu, g_lv, None, None, None
 
 
+def lognormal_kls_forward(mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor,
+                          const: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Several `_LogNormalKL` terms at once, element i with its own sign_i and c_i, and what the gradient needs:
+
+        Σ_i [e^{sign_i·μ_i + σ_i²/2 − c_i} − ½(sign_i·μ_i + log σ_i²) − ½ − ½ log 2] + const
+
+    (`const` the sum of the priors' constants, as in `lognormal_kls`).
+
+    A function, not an autograd node, so that a layer's fused training step can run it inside its own node.
+    """
+    var = logvar.exp()
+    e = torch.exp(torch.addcmul(torch.sub(var * _c(0.5, var), c), sign, mu))
+    value = e.sum().sub_(torch.add(logvar.sum(), torch.dot(sign, mu)), alpha=0.5)
+    return value.add_(_c(const - (0.5 + _HALF_LOG_2) * mu.numel(), value)), (var, e, sign)
+
+
+def lognormal_kls_backward(saved: tuple[Tensor, ...], grad: Tensor) -> tuple[Tensor, Tensor]:
+    """∂/∂μ_i = sign_i·(E_i − ½) and ∂/∂log σ_i² = ½·(σ_i²·E_i − 1) (E_i the exponential), times `grad`."""
+    var, e, sign = saved
+    half = _c(0.5, e)
+    g_mu = torch.sub(e, half).mul_(sign).mul_(grad)
+    g_lv = torch.mul(e, var).sub_(_c(1.0, e)).mul_(grad * half)
+    return g_mu, g_lv
+
+
 class _LogNormalKLs(torch.autograd.Function):
-    """Several `_LogNormalKL` terms in one function: element i has its own sign_i and c_i.
-
-        Σ_i [e^{sign_i·μ_i + σ_i²/2 − c_i} − ½(sign_i·μ_i + log σ_i²)] + const_total
-
-    with ∂/∂μ_i = sign_i·(E_i − ½) and ∂/∂log σ_i² = ½·(σ_i²·E_i − 1), as for one term. A horseshoe layer's
-    four scale KLs are one call of this on its concatenated scale parameters (`_GroupHS.kl_z`): a step
-    spends its time on operations here, not arithmetic, and this is about a quarter of them.
+    """`lognormal_kls_forward` as an autograd node. A horseshoe layer's four scale KLs are one call of this on its
+    concatenated scale parameters (`_GroupHS.kl_z`): a step spends its time on operations here, not arithmetic,
+    and this is about a quarter of them.
     """
 
     @staticmethod
-    def forward(ctx, mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor, const_total: float) -> Tensor:  # type: ignore[override]
-        var = logvar.exp()
-        e = torch.exp(torch.addcmul(torch.sub(var * _c(0.5, var), c), sign, mu))
-        ctx.save_for_backward(var, e, sign)
-        value = e.sum().sub_(torch.add(logvar.sum(), torch.dot(sign, mu)), alpha=0.5)
-        return value.add_(_c(const_total, value))
+    def forward(ctx, mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor, const: float) -> Tensor:  # type: ignore[override]
+        value, saved = lognormal_kls_forward(mu, logvar, sign, c, const)
+        ctx.save_for_backward(*saved)
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        var, e, sign = ctx.saved_tensors
-        half = _c(0.5, e)
-        g_mu = torch.sub(e, half).mul_(sign).mul_(grad)
-        g_lv = torch.mul(e, var).sub_(_c(1.0, e)).mul_(grad * half)
-        return g_mu, g_lv, None, None, None
+        return *lognormal_kls_backward(ctx.saved_tensors, grad), None, None, None
 
 
 def lognormal_kls(mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor, const: float) -> Tensor:
@@ -93,8 +108,7 @@ def lognormal_kls(mu: Tensor, logvar: Tensor, sign: Tensor, c: Tensor, const: fl
     sign +1, c = log τ0, const = −log τ0: the paper-literal s_a term (`kl_global_sa_paper`).
     `const` is the sum of the elements' constants.
     """
-    total = const - (0.5 + _HALF_LOG_2) * mu.numel()
-    return _LogNormalKLs.apply(mu, logvar, sign, c, total)
+    return _LogNormalKLs.apply(mu, logvar, sign, c, const)
 
 
 def _log_positive(value: float | Tensor, name: str, like: Tensor) -> float | Tensor:

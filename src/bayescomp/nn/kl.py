@@ -72,31 +72,47 @@ def kl_log_uniform(log_alpha: Tensor) -> Tensor:
     return _LogUniformKL.apply(log_alpha)
 
 
-class _GroupNJKL(torch.autograd.Function):
-    """`kl_log_uniform(z_logvar − log(z_mu² + ε))` from (z_mu, z_logvar) in one function.
+def group_nj_kl_forward(z_mu: Tensor, z_logvar: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """`kl_log_uniform(z_logvar − log(z_mu² + ε))` and what its gradient needs (`group_nj_kl_backward`).
 
-    With a = log α = z_logvar − log(z_mu² + ε) and f′(a) the gradient of `_LogUniformKL`:
-    ∂/∂z_logvar = f′(a), ∂/∂z_mu = −f′(a)·2z_mu/(z_mu² + ε). The scale KL runs every step on a few
-    hundred groups, where each tensor operation costs its dispatch, not its arithmetic; this is
-    about a third of the operations autograd records for the expression.
+    Σ_i ½·softplus(−a_i) − k1·σ(t_i) + k1 with t = k2 + k3·a, written −½·Σ(log σ(a) + 2k1·σ(t)) + k1·n
+    (softplus(−a) = −log σ(a)): one reduction. A function, not an autograd node, so that a layer's fused
+    training step (`lrt.gated_linear_lrt`) can run it inside its own node.
+    """
+    m2 = torch.addcmul(const(eps, z_mu), z_mu, z_mu)
+    la = z_logvar - m2.log()
+    s = torch.sigmoid(torch.add(const(_K2, la), la, alpha=_K3))
+    value = torch.add(torch.nn.functional.logsigmoid(la), s, alpha=2.0 * _K1).sum().mul_(const(-0.5, la))
+    return value.add_(const(_K1 * la.numel(), la)), (z_mu, m2, la, s)
+
+
+def group_nj_kl_backward(saved: tuple[Tensor, ...], grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(∂/∂z_mu, ∂/∂z_logvar) of `group_nj_kl_forward`'s value times `grad`.
+
+    With a = log α and f′(a) = −k1·k3·σ(t)(1 − σ(t)) − ½·σ(−a), the gradient of `_LogUniformKL`:
+    ∂/∂z_logvar = f′(a), ∂/∂z_mu = −f′(a)·2z_mu/(z_mu² + ε).
+    """
+    z_mu, m2, la, s = saved
+    d = torch.addcmul(s, s, s, value=-1.0).mul_(const(-_K1 * _K3, s)).sub_(torch.sigmoid(la.neg()), alpha=0.5).mul_(grad)
+    return (z_mu * d).div_(m2).mul_(const(-2.0, d)), d
+
+
+class _GroupNJKL(torch.autograd.Function):
+    """`group_nj_kl_forward` as an autograd node, its gradient written out (`group_nj_kl_backward`).
+
+    The scale KL runs every step on a few hundred groups, where each tensor operation costs its dispatch,
+    not its arithmetic; this is about a third of the operations autograd records for the expression.
     """
 
     @staticmethod
     def forward(ctx, z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        m2 = torch.mul(z_mu, z_mu).add_(const(eps, z_mu))
-        la = z_logvar - m2.log()
-        s = torch.sigmoid(torch.add(const(_K2, la), la, alpha=_K3))
-        ctx.save_for_backward(z_mu, m2, la, s)
-        # Σ ½·softplus(−a) − k1·σ(t) + k1
-        per = torch.add(torch.nn.functional.softplus(la.neg()).mul_(const(0.5, la)), s, alpha=-_K1)
-        return per.sum().add_(const(_K1 * la.numel(), la))
+        value, saved = group_nj_kl_forward(z_mu, z_logvar, eps)
+        ctx.save_for_backward(*saved)
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        z_mu, m2, la, s = ctx.saved_tensors
-        # f′(a) = −k1·k3·σ(t)(1 − σ(t)) − ½·σ(−a), times the incoming gradient
-        d = torch.sub(s, s * s).mul_(const(-_K1 * _K3, s)).sub_(torch.sigmoid(la.neg()), alpha=0.5).mul_(grad)
-        return (z_mu * d).div_(m2).mul_(const(-2.0, d)), d, None
+        return *group_nj_kl_backward(ctx.saved_tensors, grad), None
 
 
 def kl_group_nj(z_mu: Tensor, z_logvar: Tensor, eps: float) -> Tensor:

@@ -27,3 +27,15 @@ def const(value: float, like: Tensor) -> Tensor:
     if t is None:
         t = _cache[key] = torch.tensor(float(value), dtype=like.dtype, device=like.device)
     return t
+
+
+_vectors: dict[tuple[tuple[float, ...], torch.dtype, torch.device], Tensor] = {}
+
+
+def const_vector(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """A cached 1-dim tensor holding `values`, in `like`'s dtype and on its device (never modify it in place)."""
+    key = (tuple(float(v) for v in values), like.dtype, like.device)
+    t = _vectors.get(key)
+    if t is None:
+        t = _vectors[key] = torch.tensor(key[0], dtype=like.dtype, device=like.device)
+    return t
