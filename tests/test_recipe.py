@@ -279,3 +279,22 @@ def test_cli_recipe_fills_what_is_not_given(tmp_path, monkeypatch):
                                                                           fast.lr_schedule)
     result = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "o"), "--epochs", "2"])
     assert seen["opts"].recipe == "paper" and seen["opts"].lr == PAPER.lr and seen["opts"].pretrain_epochs == 0
+
+
+def test_prior_settings_apply_to_their_prior_only(monkeypatch):
+    import dataclasses
+
+    from bayescomp import recipes
+
+    rec = dataclasses.replace(training_recipe("fast"), prior_settings={"ghs": {"kl_weight": 0.25, "finetune_epochs": 2}})
+    assert rec.for_prior("ghs").kl_weight == 0.25 and rec.for_prior("gnj") is rec and rec.for_prior(None) is rec
+    monkeypatch.setitem(recipes.TRAINING_RECIPES, "fast", rec)
+    assert recipe_options("fast", {}, prior="ghs")["kl_weight"] == 0.25
+    assert recipe_options("fast", {"kl_weight": 1.0}, prior="ghs")["kl_weight"] == 1.0  # what is given wins
+    assert recipe_options("fast", {}, prior="gnj")["kl_weight"] == rec.kl_weight
+
+
+def test_shipped_prior_settings_say_why():
+    for shipped in TRAINING_RECIPES.values():
+        for prior, own in shipped.prior_settings.items():
+            assert all(f"{prior}: {k}" in shipped.evidence for k in own), (shipped.name, prior)

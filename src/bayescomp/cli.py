@@ -260,7 +260,7 @@ def compress_cmd(
         init_from=init_from, thresholds=parsed_thresholds, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_scale=_parse_lr_scale(lr_scale), lr_schedule=lr_schedule,
         lr_decay_epochs=lr_decay_epochs, warmup_epochs=warmup_epochs, kl_weight=kl_weight,
-        finetune_epochs=finetune_epochs, auto_thresholds=auto_thresholds, no_split=no_split))
+        finetune_epochs=finetune_epochs, auto_thresholds=auto_thresholds, no_split=no_split), prior=prior)
     opts = RunOptions(
         recipe=recipe,
         init_from=init_from,

@@ -83,7 +83,7 @@ def compress_pretrained(
     The report adds `recipe`, `train_seconds`, `finetune_seconds`, `seconds`, `thresholds_rule` and the
     per-epoch `history`.
     """
-    rec = recipe if isinstance(recipe, TrainingRecipe) else training_recipe(recipe)
+    rec = (recipe if isinstance(recipe, TrainingRecipe) else training_recipe(recipe)).for_prior(prior)
     epochs = rec.epochs if epochs is None else epochs
     finetune_epochs = rec.finetune_epochs if finetune_epochs is None else finetune_epochs
     if not isinstance(finetune_epochs, int) or finetune_epochs < 0:

@@ -6,7 +6,7 @@ Each value says where it comes from; a user's command-line flag always wins.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -79,6 +79,13 @@ class TrainingRecipe:
     no_split: str
     #: per setting, why it has its value (the measurement behind it)
     evidence: Mapping[str, str] = field(default_factory=dict)
+    #: settings that differ for one prior: {prior: {setting: value}} (`for_prior`)
+    prior_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def for_prior(self, prior: str | None) -> TrainingRecipe:
+        """The recipe with `prior`'s own settings laid over (itself for a prior without any)."""
+        own = dict(self.prior_settings.get(prior, {})) if prior is not None else {}
+        return replace(self, **own) if own else self
 
     def decay_epochs(self, epochs: int) -> float | None:
         """The cosine fall's length for a run of `epochs` epochs (never longer than the run)."""
@@ -90,14 +97,15 @@ RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr"
                   "warmup_epochs", "kl_weight", "finetune_epochs", "auto_thresholds", "no_split")
 
 
-def recipe_options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The `RECIPE_OPTIONS` of recipe `name`, with the options the user `given` (None: not given) laid over.
+def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None) -> dict[str, Any]:
+    """The `RECIPE_OPTIONS` of recipe `name` (for `prior`: its own settings, `TrainingRecipe.for_prior`), with the
+    options the user `given` (None: not given) laid over.
 
     Where a given option excludes a recipe setting, the setting yields: a trained start (`init_from`) needs no
     pretraining; thresholds given for every layer (a number) or another threshold rule replace the recipe's
     rule (and its `no_split`); a constant learning rate has no fall (`lr_decay_epochs`).
     """
-    rec = training_recipe(name)
+    rec = training_recipe(name).for_prior(prior)
     given = {k: v for k, v in given.items() if v is not None}
     out: dict[str, Any] = {k: getattr(rec, k) for k in RECIPE_OPTIONS}
     out["lr_scale"] = dict(rec.lr_scale)
