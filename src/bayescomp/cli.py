@@ -203,6 +203,8 @@ _FINETUNE_EPOCHS = click.option(
     help="After pruning, train the kept groups' posterior this many epochs more (the learning rate falling to 0), "
     "then compress exactly the groups kept" + _RECIPE_DEFAULT,
 )
+@click.option("--finetune-lr", type=float, default=None,
+              help="The fine-tuning's starting learning rate, falling to 0 (default: the recipe's; else --lr).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA when available).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUT.partial.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -243,6 +245,7 @@ def compress_cmd(
     val_fraction,
     variance_scale,
     finetune_epochs,
+    finetune_lr,
     resume,
     force,
     quiet,
@@ -260,7 +263,8 @@ def compress_cmd(
         init_from=init_from, thresholds=parsed_thresholds, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr, epochs=epochs,
         batch_size=batch_size, lr=lr, lr_scale=_parse_lr_scale(lr_scale), lr_schedule=lr_schedule,
         lr_decay_epochs=lr_decay_epochs, warmup_epochs=warmup_epochs, kl_weight=kl_weight,
-        finetune_epochs=finetune_epochs, auto_thresholds=auto_thresholds, no_split=no_split), prior=prior)
+        finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, auto_thresholds=auto_thresholds,
+        no_split=no_split), prior=prior)
     opts = RunOptions(
         recipe=recipe,
         init_from=init_from,

@@ -172,6 +172,7 @@ class RunOptions:
     val_fraction: float = 0.1  # validation: share of the training set held out (never trained on)
     variance_scale: float = 1.0  # precision: Var[w] is multiplied by this before the bits are read (> 1: fewer bits)
     finetune_epochs: int = 0  # after pruning, train the kept groups' posterior this many epochs more (`finetune`)
+    finetune_lr: float | None = None  # the fine-tuning's starting learning rate (None: lr)
     recipe: str | None = None  # the training recipe the settings came from (recipes.TRAINING_RECIPES), for the record
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -212,6 +213,8 @@ def validate(opts: RunOptions) -> None:
                         input_origin={"0": opts.input_origin})
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise RunError(f"--input-origin on model {opts.model}: {first}: {str(exc).removeprefix('0: ')}") from exc
+    if opts.finetune_lr is not None and not (isinstance(opts.finetune_lr, (int, float)) and 0 < opts.finetune_lr < float("inf")):
+        raise RunError(f"--finetune-lr must be a positive finite number, got {opts.finetune_lr!r}")
     if opts.pretrain_lr is not None and not (isinstance(opts.pretrain_lr, (int, float)) and 0 < opts.pretrain_lr < float("inf")):
         raise RunError(f"--pretrain-lr must be a positive finite number, got {opts.pretrain_lr!r}")
     if opts.pretrain_epochs < 0:
@@ -529,7 +532,7 @@ def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds,
     checkpoint = work / FINETUNE_CHECKPOINT
     resume = resume and (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file())
     with flush_denormals():  # the pruned groups' weights decay towards 0 (see there)
-        result = fit(bmodel, train, finetune_config(_train_config(opts), opts.finetune_epochs), test=test,
+        result = fit(bmodel, train, finetune_config(_train_config(opts), opts.finetune_epochs, opts.finetune_lr), test=test,
                      checkpoint=checkpoint, resume=resume, metrics=work / FINETUNE_METRICS, progress=progress,
                      transform=_augmentation(opts))
     return keeps, record | {"seconds": result.seconds, "history": result.history}

@@ -73,6 +73,8 @@ class TrainingRecipe:
     kl_weight: float
     #: epochs of training the kept groups after the cut (`pipeline.finetune`)
     finetune_epochs: int
+    #: the fine-tuning's starting learning rate (None: `lr`); it falls to 0 along a cosine
+    finetune_lr: float | None
     #: how thresholds are chosen when the user gives none: None (the model's or prior's defaults) or "histogram"
     auto_thresholds: str | None
     #: the histogram rule in a layer without a split: "keep" or "floor" (`compress.thresholds`)
@@ -94,7 +96,7 @@ class TrainingRecipe:
 
 #: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
 RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
-                  "warmup_epochs", "kl_weight", "finetune_epochs", "auto_thresholds", "no_split")
+                  "warmup_epochs", "kl_weight", "finetune_epochs", "finetune_lr", "auto_thresholds", "no_split")
 
 
 def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None) -> dict[str, Any]:
@@ -123,7 +125,8 @@ def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None
 
 PAPER = TrainingRecipe(
     name="paper", pretrain_epochs=0, pretrain_lr=None, epochs=200, batch_size=128, lr=1e-3, lr_scale={}, lr_schedule="constant",
-    lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=0, auto_thresholds=None, no_split="keep",
+    lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=0, finetune_lr=None,
+    auto_thresholds=None, no_split="keep",
     evidence={
         "epochs": "200 for MNIST: the method notes' reading of the paper ('200 plausible'); Table 1's rows "
                   "(benchmarks/table1.py) reach the paper's LeNet figures with it",
@@ -136,7 +139,7 @@ PAPER = TrainingRecipe(
 FAST = TrainingRecipe(
     name="fast", pretrain_epochs=10, pretrain_lr=1e-3, epochs=40, batch_size=128, lr=1e-2, lr_scale={},
     lr_schedule="cosine", lr_decay_epochs=None, warmup_epochs=0.0, kl_weight=1.0, finetune_epochs=0,
-    auto_thresholds=None, no_split="keep",
+    finetune_lr=None, auto_thresholds=None, no_split="keep",
     # Chosen on a validation split (10% of the MNIST training set, seed 0), LeNet-300-100 with GNJ, one seed
     # each: benchmarks/recipe_search.py, figures in benchmarks/results/recipe_search.jsonl (val: validation
     # error after the cut, with the model's thresholds unless said).
