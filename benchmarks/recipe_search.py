@@ -9,7 +9,7 @@ Bayesian keeping its weights, trained `--epochs` epochs (`--lr`, per-kind factor
 `--sched`, `--decay`, `--kl`, `--warmup`, `--bs`, the variance clamp `--clip` on the first layer), then cut by
 three threshold rules, each measured: `histogram` (the Otsu split per layer), `default` (the prior's default
 threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for LeNet-300-100 with GNJ);
-`--rule` is the one fine-tuned for `--ft` epochs. One JSON line per run is appended to
+`--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0). One JSON line per run is appended to
 benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
 kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
 validation error at four points of training (`curve`).
@@ -52,6 +52,7 @@ ap.add_argument("--origin", type=float, default=None)
 ap.add_argument("--clip", type=float, default=None)
 ap.add_argument("--tag", default="")
 ap.add_argument("--rule", default="histogram")
+ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's starting rate (default: --lr)")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
 ap.add_argument("--save-posterior", default=None, help="a folder to keep each posterior in (state_dict)")
@@ -96,7 +97,7 @@ if a.ft:
     keeps = group_masks(b, th)
     apply_masks(b, keeps)
     with flush_denormals():
-        fit(b, train, finetune_config(cfg, a.ft), progress=False)
+        fit(b, train, finetune_config(cfg, a.ft, a.ft_lr), progress=False)
     res = compress(b, th, keeps=keeps)
     out.update(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
                ft_arch=res.report["architecture"])
