@@ -570,8 +570,12 @@ def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force
             return json.loads((folder.final / REPORT).read_text())
         if resume:
             check_resume_options(folder.work, opts)
-        return _train_and_write(opts, folder, device, train, test, val, resume=resume, progress=progress,
-                                command=command)
+        report = _train_and_write(opts, folder, device, train, test, val, resume=resume, progress=progress,
+                                  command=command)
+    # Data-parallel: every process leaves together. A rank that tears its process group down while rank 0 still
+    # compresses and writes can be aborted by gloo at exit ("terminate called without an active exception").
+    distributed.barrier()
+    return report
 
 
 def _train_and_write(opts: RunOptions, folder: RunFolder, device: torch.device, train, test, val, *, resume: bool,
