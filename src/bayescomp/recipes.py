@@ -146,7 +146,7 @@ FAST = TrainingRecipe(
     # error after the cut, with the model's thresholds unless said). Measured on the test set afterwards,
     # once per run (benchmarks/results/fast.json): GNJ 1.82% at 7.79% kept in 162 s, GHS 1.96% at 7.13% in
     # 175 s (means of seeds 0-2). Only LeNet-300-100 has been searched: on other models (LeNet-5-Caffe's
-    # Bayesian epoch costs about 20 of LeNet-300-100's here) the same settings are a starting point, untested.
+    # Bayesian epoch took 80-200 s here, LeNet-300-100's about 3 s) the same settings are a starting point, untested.
     evidence={
         "pretrain_epochs": "10 plain epochs at 1e-3 (val 3.1%) against 5 (val 3.4%): the Bayesian run from the "
                            "better start ends 0.1 points lower (F-s10pre10 2.08% against F-s10 2.15%, histogram "
