@@ -298,3 +298,22 @@ def test_shipped_prior_settings_say_why():
     for shipped in TRAINING_RECIPES.values():
         for prior, own in shipped.prior_settings.items():
             assert all(f"{prior}: {k}" in shipped.evidence for k in own), (shipped.name, prior)
+
+
+def test_recipes_command_lists_and_explains():
+    from click.testing import CliRunner
+
+    from bayescomp.cli import main
+
+    listing = CliRunner().invoke(main, ["recipes"])
+    assert listing.exit_code == 0 and listing.output.startswith("fast") and "\npaper " in listing.output
+    fast = training_recipe("fast")
+    shown = CliRunner().invoke(main, ["recipes", "fast"])
+    assert shown.exit_code == 0
+    lines = shown.output.splitlines()
+    assert f"lr               {fast.lr}" in lines
+    assert any(line.strip() == f"why: {fast.evidence['lr']}" for line in lines)
+    for prior, own in fast.prior_settings.items():
+        for key, value in own.items():
+            assert any(line.startswith(f"{prior}: {key}") and line.endswith(str(value)) for line in lines)
+    assert CliRunner().invoke(main, ["recipes", "quick"]).exit_code == 2

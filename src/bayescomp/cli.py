@@ -623,6 +623,34 @@ def models_cmd() -> None:
         click.echo(f"{name:{width}s}  {dataset:{data_width}s}  {doc[0] if doc else ''}".rstrip())
 
 
+@main.command("recipes")
+@click.argument("name", required=False, type=click.Choice(sorted(TRAINING_RECIPES)))
+def recipes_cmd(name) -> None:
+    """List the training recipes (`compress --recipe`), or show one: each setting and why it has its value."""
+    from .recipes import RECIPE_OPTIONS
+
+    if name is None:
+        for rec in TRAINING_RECIPES.values():
+            fall = f", falling along a {rec.lr_schedule}" if rec.lr_schedule != "constant" else ""
+            click.echo(f"{rec.name:6s}  {rec.pretrain_epochs} plain epochs, {rec.epochs} Bayesian epochs at {rec.lr:g}{fall}"
+                       + (f", {rec.finetune_epochs} fine-tuning epochs" if rec.finetune_epochs else ""))
+        return
+    rec = TRAINING_RECIPES[name]
+    for key in RECIPE_OPTIONS:
+        value = getattr(rec, key)
+        click.echo(f"{key:16s} {dict(value) if key == 'lr_scale' else value}")
+        if key in rec.evidence:
+            click.echo(f"{'':16s} why: {rec.evidence[key]}")
+    for prior, own in rec.prior_settings.items():
+        for key, value in own.items():
+            click.echo(f"{prior + ': ' + key:16s} {value}")
+            if f"{prior}: {key}" in rec.evidence:
+                click.echo(f"{'':16s} why: {rec.evidence[f'{prior}: {key}']}")
+    for key, text in rec.evidence.items():
+        if key not in RECIPE_OPTIONS and ": " not in key:
+            click.echo(f"{key:16s} why: {text}")
+
+
 @main.group("data")
 def data_group() -> None:
     """Datasets: fetch them into the data root."""
