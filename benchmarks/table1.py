@@ -64,6 +64,7 @@ import sys
 import time
 from pathlib import Path
 
+from bayescomp.compress.rates import stored_bits
 from bayescomp.pipeline import (
     RunError,
     RunOptions,
@@ -247,6 +248,14 @@ def _fmt(v, spec: str = ".2f") -> str:
     return str(v)
 
 
+def _total_bits(r: dict) -> str:
+    """Bits stored per weight in each layer, sign and exponent included (1 + E + T: `rates.stored_bits`, the
+    paper code's accounting; a layer kept in float32: 32), as "8-8-14"; "–" for a file without exponent bits."""
+    if r.get("exponent_bits") is None or not isinstance(r.get("bits"), list):
+        return "–"
+    return "-".join(str(stored_bits(b, int(r["exponent_bits"]), "code")) for b in r["bits"])
+
+
 def build_table(rows: list[str], seeds: list[int], results: Path, status: dict[str, str]) -> list[dict]:
     table = []
     for row in rows:
@@ -330,22 +339,26 @@ def write_markdown(table: list[dict], path: Path, note: str) -> None:
         *[f"`{name}`: the {base} row's setting with {', '.join(f'{k}={v}' for k, v in changes.items())} "
           "(bayescomp's recipe, not the paper's setting)." for name, (base, changes) in RECIPE_ROWS.items()],
         "",
-        "| row | seed | epochs | test error % | weights kept % | architecture | bits | CR arch | CR fast | CR max "
-        "| CR file | train h | meets paper |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`bits per weight`: what a stored weight of each layer costs, sign and exponent included (1 + E + T, as "
+        "the paper's code counts it), beside the paper's per-layer figures as the method notes read them; "
+        "`mantissa bits`: T alone, the part the posterior variance sets.",
+        "",
+        "| row | seed | epochs | test error % | weights kept % | architecture | bits per weight | mantissa bits "
+        "| CR arch | CR fast | CR max | CR file | train h | meets paper |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         p = r["paper"]
         if r["status"] != "run":
             lines.append(f"| {r['row']} | – | – | – ({p['test_error']}) | – ({p['weights_kept_pct']}) | – "
-                         f"({p['architecture']}) | – ({p['bits']}) | – ({p['cr_architecture']}) | – ({p['cr_fast']}) "
+                         f"({p['architecture']}) | – ({p['bits']}) | – | – ({p['cr_architecture']}) | – ({p['cr_fast']}) "
                          f"| – ({p['cr_max']}) | – | – | {r['status']} |")
             continue
         hours = r.get("train_seconds")
         lines.append(
             f"| {r['row']} | {r['seed']} | {r['epochs']} | {_fmt(r['test_error'])} ({p['test_error']}) "
             f"| {_fmt(r['weights_kept_pct'])} ({p['weights_kept_pct']}) | {r['architecture']} ({p['architecture']}) "
-            f"| {_fmt(r['bits'])} ({p['bits']}) | {_fmt(r['cr_architecture'], '.1f')} ({p['cr_architecture']}) "
+            f"| {_total_bits(r)} ({p['bits']}) | {_fmt(r['bits'])} | {_fmt(r['cr_architecture'], '.1f')} ({p['cr_architecture']}) "
             f"| {_fmt(r['cr_fast'], '.1f')} ({p['cr_fast']}) | {_fmt(r.get('cr_max'), '.1f')} ({p['cr_max']}) "
             f"| {_fmt(r.get('cr_file'), '.1f')} | {_fmt(hours / 3600 if hours else None)} | {r['meets_paper']} |")
     summary = summary_lines(seed_summary(table))
@@ -363,7 +376,7 @@ BEGIN, END = "<!-- table1:begin (written by benchmarks/table1.py) -->", "<!-- ta
 
 def readme_block(table: list[dict]) -> str:
     """The MNIST rows of the table in the README's short form (full form: table1.md)."""
-    lines = [BEGIN, "", "| row | test error % (unpruned) | architecture | weights kept % | bits | CR fast | CR max "
+    lines = [BEGIN, "", "| row | test error % (unpruned) | architecture | weights kept % | bits per weight (mantissa) | CR fast | CR max "
              "(paper acct.) | file bytes (CR file) | paper: error, kept | meets paper |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
@@ -377,7 +390,7 @@ def readme_block(table: list[dict]) -> str:
         size = f"{r['file_bytes']:,} ({r['cr_file']:.1f})" if r.get("file_bytes") else "–"
         name = r["row"] if not r.get("seed") else f"{r['row']} (seed {r['seed']})"
         lines.append(f"| {name} | {_fmt(r['test_error'])} ({_fmt(r.get('test_error_uncompressed'))}) "
-                     f"| {r['architecture']} | {_fmt(r['weights_kept_pct'])} | {_fmt(r['bits'])} "
+                     f"| {r['architecture']} | {_fmt(r['weights_kept_pct'])} | {_total_bits(r)} ({_fmt(r['bits'])}) "
                      f"| {_fmt(r['cr_fast'], '.1f')} | {_fmt(r.get('cr_max'), '.1f')} | {size} | {paper} "
                      f"| {r['meets_paper']} |")
     summary = summary_lines(seed_summary(table))

@@ -21,7 +21,7 @@ def table1():
 def _table(table1):
     run = {"row": "lenet300_gnj", "seed": 0, "status": "run", "paper": table1.PAPER["lenet300_gnj"],
            "test_error": 1.79, "test_error_uncompressed": 1.81, "architecture": "287-102-18",
-           "weights_kept_pct": 11.75, "bits": [5, 5, 11], "cr_fast": 33.9, "cr_max": 48.8, "file_bytes": 20919,
+           "weights_kept_pct": 11.75, "bits": [5, 5, 11], "exponent_bits": 2, "cr_fast": 33.9, "cr_max": 48.8, "file_bytes": 20919,
            "cr_file": 50.9}
     run["meets_paper"] = table1.meets_paper(run, run["paper"])
     pending = {"row": "lenet5_gnj", "status": "in progress: 55 of 200 epochs", "paper": table1.PAPER["lenet5_gnj"]}
@@ -41,9 +41,16 @@ def test_readme_block_holds_the_mnist_rows(table1):
     assert block.startswith(table1.BEGIN) and block.endswith(table1.END)
     lines = [line for line in block.splitlines() if line.startswith("| lenet")]
     assert len(lines) == 2  # VGG rows are in table1.md only
-    assert lines[0] == ("| lenet300_gnj | 1.79 (1.81) | 287-102-18 | 11.75 | 5-5-11 | 33.9 | 48.8 | 20,919 (50.9) "
+    assert lines[0] == ("| lenet300_gnj | 1.79 (1.81) | 287-102-18 | 11.75 | 8-8-14 (5-5-11) | 33.9 | 48.8 | 20,919 (50.9) "
                         "| 1.8%, 10.8% | no: kept 11.75% > 10.8% |")
     assert lines[1].endswith("| 1.0%, 0.9% | in progress: 55 of 200 epochs |")
+
+
+def test_total_bits_are_sign_exponent_and_mantissa(table1):
+    """Table 1 compares bits per stored weight with the paper's: 1 + E + T by hand, 32 for a float32 layer."""
+    assert table1._total_bits({"bits": [5, 5, 11], "exponent_bits": 2}) == "8-8-14"
+    assert table1._total_bits({"bits": [17, 8, None], "exponent_bits": 3}) == "21-12-32"
+    assert table1._total_bits({"bits": [5, 5, 11]}) == "–"  # a file without exponent bits: not guessed
 
 
 def test_readme_block_replaces_only_what_is_between_the_markers(table1, tmp_path):
