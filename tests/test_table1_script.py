@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,15 @@ def test_origin_recipe_row_shifts_the_inputs_and_cuts_unsplit_layers_at_the_floo
     assert not table1._same_setting(saved, origin) and not table1._same_setting(saved, tempered)
     saved["config"].update(thresholds=None, no_split="floor")
     assert table1._same_setting(saved, origin) and not table1._same_setting(saved, tempered)
+
+
+def test_rows_chosen_on_test_errors_never_say_meets_paper(table1, tmp_path):
+    """A recipe row whose settings were adopted after comparing test errors is a diagnostic, however good."""
+    good = {"test_error": 1.5, "weights_kept_pct": 5.0, "architecture": "200-50-10", "bits": [5, 5, 11]}
+    for row in ("lenet300_gnj", "lenet300_gnj_ft"):
+        (tmp_path / f"{row}.json").write_text(json.dumps(good))
+    table = {r["row"]: r for r in table1.build_table(["lenet300_gnj", "lenet300_gnj_ft"], [0], tmp_path, {})}
+    assert (table["lenet300_gnj"]["selection"], table["lenet300_gnj"]["meets_paper"]) == ("fixed", "yes")
+    assert (table["lenet300_gnj_ft"]["selection"], table["lenet300_gnj_ft"]["meets_paper"]) == ("test", table1.DIAGNOSTIC)
+    summary = table1.summary_lines(table1.seed_summary([table["lenet300_gnj_ft"], {**table["lenet300_gnj_ft"], "seed": 1}]))
+    assert "| diagnostic |" in summary[-1]
