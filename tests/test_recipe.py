@@ -317,3 +317,10 @@ def test_recipes_command_lists_and_explains():
         for key, value in own.items():
             assert any(line.startswith(f"{prior}: {key}") and line.endswith(str(value)) for line in lines)
     assert CliRunner().invoke(main, ["recipes", "quick"]).exit_code == 2
+
+
+def test_time_left_is_written_for_a_person():
+    from bayescomp.train.loop import format_duration
+
+    assert [format_duration(s) for s in (0, 41.6, 185, 3600 + 7 * 60 + 20)] == ["0 s", "42 s", "3 min 05 s",
+                                                                                  "1 h 07 min"]

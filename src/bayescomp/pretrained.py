@@ -23,7 +23,7 @@ from .compress.thresholds import histogram_thresholds
 from .convert import bayesianize
 from .recipes import TrainingRecipe, training_recipe
 from .train import TrainConfig, finetune_config, fit
-from .train.loop import _duration, flush_denormals
+from .train.loop import flush_denormals, format_duration
 
 
 def _config(recipe: TrainingRecipe, epochs: int, seed: int) -> TrainConfig:
@@ -101,7 +101,7 @@ def compress_pretrained(
         left = total - len(history)
         if progress and left and finetune_epochs:  # (fit's own line gives the time left of its epochs)
             tqdm.write(f"compress_pretrained: {len(history)}/{total} epochs, "
-                       f"~{_duration(left * (time.perf_counter() - t0) / len(history))} left in all")
+                       f"~{format_duration(left * (time.perf_counter() - t0) / len(history))} left in all")
 
     if progress:
         tqdm.write(f"compress_pretrained: recipe {rec.name!r}, prior {prior}, {epochs} epochs"

@@ -304,7 +304,7 @@ def _adam(model: nn.Module, lr: float, lr_scale: dict[str, float] | None = None)
         return torch.optim.Adam(groups, lr=lr)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """A duration for a person: "42 s", "3 min 05 s", "2 h 07 min"."""
     seconds = max(0, round(seconds))
     if seconds < 60:
@@ -715,7 +715,7 @@ def fit(
                     msg += f"  test err {row['test_error']:.2f}%"
                 left = config.epochs - (epoch + 1)
                 if left:  # the time estimate: this run's mean epoch so far
-                    msg += f"  ~{_duration(left * result.seconds / (epoch + 1))} left"
+                    msg += f"  ~{format_duration(left * result.seconds / (epoch + 1))} left"
                 tqdm.write(msg)
             if on_epoch is not None:
                 on_epoch(row)
