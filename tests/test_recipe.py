@@ -324,3 +324,18 @@ def test_time_left_is_written_for_a_person():
 
     assert [format_duration(s) for s in (0, 41.6, 185, 3600 + 7 * 60 + 20)] == ["0 s", "42 s", "3 min 05 s",
                                                                                   "1 h 07 min"]
+
+
+def test_compress_pretrained_refuses_a_rule_it_cannot_apply_before_training(monkeypatch):
+    import dataclasses
+
+    from bayescomp import pretrained
+
+    def no_training(*a, **k):  # pragma: no cover - reached only if the check came too late
+        raise AssertionError("trained before the recipe was checked")
+
+    monkeypatch.setattr(pretrained, "fit", no_training)
+    rec = dataclasses.replace(training_recipe("fast"), auto_thresholds="validation")
+    x, y = _data()
+    with pytest.raises(ValueError, match="'validation' rule"):
+        bayescomp.compress_pretrained(_mlp(), (x, y), recipe=rec, progress=False)

@@ -42,9 +42,6 @@ def _thresholds(bmodel: nn.Module, recipe: TrainingRecipe, given: Any) -> tuple[
     if recipe.auto_thresholds == "histogram":
         chosen = {name: c.value for name, c in histogram_thresholds(bmodel, no_split=recipe.no_split).items()}
         return chosen | named, f"histogram ({recipe.no_split})"
-    if recipe.auto_thresholds is not None:
-        raise ValueError(f"compress_pretrained applies the histogram rule or the priors' defaults, not the recipe's "
-                         f"{recipe.auto_thresholds!r} rule")
     return (named or None), "the priors' defaults"
 
 
@@ -88,6 +85,9 @@ def compress_pretrained(
     finetune_epochs = rec.finetune_epochs if finetune_epochs is None else finetune_epochs
     if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise ValueError(f"fine-tuning epochs must be an integer ≥ 0, got {finetune_epochs!r}")
+    if rec.auto_thresholds not in (None, "histogram"):  # refused before any training
+        raise ValueError(f"compress_pretrained applies the histogram rule or the priors' defaults, not the recipe's "
+                         f"{rec.auto_thresholds!r} rule")
     config = _config(rec, epochs, seed)
     config.validate()
     t0 = time.perf_counter()
