@@ -196,6 +196,7 @@ class Batches:
         self.gen = torch.Generator().manual_seed(seed)
         self.per_epoch = math.ceil(n / batch_size)
         self.steps = 0
+        self.last_at: float | None = None  # perf_counter when the last minibatch was handed out (a step began)
         self._order = torch.empty(0, dtype=torch.long)
 
     def next(self) -> torch.Tensor:
@@ -203,6 +204,7 @@ class Batches:
         if i == 0:
             self._order = torch.randperm(self.n, generator=self.gen)
         self.steps += 1
+        self.last_at = time.perf_counter()
         return self._order[i * self.batch_size : (i + 1) * self.batch_size]
 
 
@@ -325,8 +327,9 @@ def run_method(method: str, plain: nn.Module, train, *, target_pct: float, steps
         for m, name in params:
             prune.remove(m, name)
     seconds = time.perf_counter() - t0
+    last = None if batches.last_at is None else batches.last_at - t0
     return {"model": model, "seconds": seconds, "finetune_epochs": batches.steps / batches.per_epoch,
-            "finetune_steps": batches.steps, "prune_steps_trained": trained}
+            "finetune_steps": batches.steps, "prune_steps_trained": trained, "last_step_started": last}
 
 
 def _magnitude_step(params, total: int, target_pct: float, fraction: float) -> None:
@@ -546,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
                         "wall_seconds": wall, "budget_seconds": target["budget"] if equal_time else None,
                         "pretrain_seconds": pre_s, "ratio_search_seconds": search_s,
                         "prune_finetune_seconds": out["seconds"],
+                        # when the last fine-tuning step began, from the start of the row (pretraining included):
+                        # with an equal-time budget, no step begins after it
+                        "last_step_started_seconds": (None if out["last_step_started"] is None else
+                                                      pre_s + (search_s or 0.0) + out["last_step_started"]),
                         "finetune_epochs": out["finetune_epochs"], "finetune_steps": out["finetune_steps"],
                         "prune_steps": args.prune_steps,
                         "prune_steps_trained": out["prune_steps_trained"],
