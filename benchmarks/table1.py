@@ -210,6 +210,7 @@ def train_row(row: str, seed: int, opts: RunOptions, work: Path, out: Path, comm
     report = run(opts, run_dir, resume=resume, force=not resume, progress=True, command=command)
     report["command"] = command
     report["wall_seconds_this_invocation"] = time.time() - t0
+    report["selection"], report["selection_note"] = run_selection(row, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -223,6 +224,20 @@ def _num(v):
 
 #: the verdict of a row whose settings were chosen by comparing test errors: it cannot say "meets paper"
 DIAGNOSTIC = "diagnostic (settings chosen on test errors)"
+
+
+def run_selection(row: str, opts: RunOptions) -> tuple[str, str]:
+    """The `selection` and `selection_note` a results file written by this script records: "test" for the recipe
+    rows, "validation" or "rule" where the run chooses its thresholds after training, else "fixed"."""
+    if row in RECIPE_ROWS:
+        return "test", ("bayescomp's recipe: its settings were adopted after comparing the test errors of variants "
+                        "(issue 24); a diagnostic")
+    if opts.auto_thresholds == "validation":
+        return "validation", ("the paper's training settings; thresholds chosen on a split held out of the training "
+                              f"set (val_fraction {opts.val_fraction})")
+    if opts.auto_thresholds:
+        return "rule", f"the paper's training settings; thresholds by the {opts.auto_thresholds} rule on the posterior"
+    return "fixed", "the paper's training settings and thresholds (the model's defaults), set before any run"
 
 
 def selection_of(row: str, report: dict | None = None) -> str:

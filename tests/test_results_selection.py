@@ -149,3 +149,14 @@ def test_the_recipe_search_reads_validation_data_only():
     for line in load(RESULTS / "recipe_search.jsonl"):
         assert line["selection"] == "validation"
         assert "val" in line and not any("test" in key for key in line)  # its figures are validation figures
+
+
+def test_table1_stamps_the_selection_of_each_row_it_trains():
+    """A results file table1.py writes records its selection, so a rerun row passes the folder test."""
+    spec = importlib.util.spec_from_file_location("table1_for_stamp", ROOT / "benchmarks" / "table1.py")
+    table1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table1)
+    stamped = {row: table1.run_selection(row, table1.row_options(row, 0, True, None))
+               for row in ("lenet300_gnj", "lenet300_ghs", "lenet300_gnj_ft", "lenet300_ghs_origin_ft")}
+    assert [stamped[r][0] for r in stamped] == ["fixed", "rule", "test", "test"]
+    assert all(problems(row, {"selection": sel, "selection_note": note}) == [] for row, (sel, note) in stamped.items())
