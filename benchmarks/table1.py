@@ -210,6 +210,7 @@ def train_row(row: str, seed: int, opts: RunOptions, work: Path, out: Path, comm
     report = run(opts, run_dir, resume=resume, force=not resume, progress=True, command=command)
     report["command"] = command
     report["wall_seconds_this_invocation"] = time.time() - t0
+    report["selection"], report["selection_note"] = run_selection(row, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -225,11 +226,38 @@ def _num(v):
 DIAGNOSTIC = "diagnostic (settings chosen on test errors)"
 
 
-def selection_of(row: str) -> str:
-    """How a row's settings were chosen: "fixed" (the paper's setting, set before any run) or "test" (the
-    recipe rows: their KL weight, pretraining, input origin and fc1 cuts were adopted after comparing test
-    errors of variants; kept as diagnostics until they are chosen again on a validation split)."""
+def run_selection(row: str, opts: RunOptions) -> tuple[str, str]:
+    """The `selection` and `selection_note` a results file written by this script records: "test" for the recipe
+    rows, "validation" or "rule" where the run chooses its thresholds after training, else "fixed"."""
+    if row in RECIPE_ROWS:
+        return "test", ("bayescomp's recipe: its settings were adopted after comparing the test errors of variants "
+                        "(issue 24); a diagnostic")
+    if opts.auto_thresholds == "validation":
+        return "validation", ("the paper's training settings; thresholds chosen on a split held out of the training "
+                              f"set (val_fraction {opts.val_fraction})")
+    if opts.auto_thresholds:
+        return "rule", f"the paper's training settings; thresholds by the {opts.auto_thresholds} rule on the posterior"
+    return "fixed", "the paper's training settings and thresholds (the model's defaults), set before any run"
+
+
+def selection_of(row: str, report: dict | None = None) -> str:
+    """How a row's settings were chosen: the results file's own `selection` where it records one ("fixed",
+    "rule", "validation" or "test"), else "test" for the recipe rows (their KL weight, pretraining, input origin
+    and fc1 cuts were adopted after comparing test errors of variants) and "fixed" for the paper rows."""
+    if report is not None and report.get("selection"):
+        return report["selection"]
     return "test" if row in RECIPE_ROWS else "fixed"
+
+
+def selection_note_of(row: str, report: dict | None = None) -> str:
+    """One sentence with the evidence for `selection_of`: the results file's `selection_note`, else the default's."""
+    if report is not None and report.get("selection_note"):
+        return report["selection_note"]
+    if report is None:
+        return "not run; the row would run at the paper's setting, set before any run"
+    if row in RECIPE_ROWS:
+        return "bayescomp's recipe: its settings were adopted after comparing the test errors of variants"
+    return "the paper's setting, set before any run"
 
 
 def meets_paper(report: dict, paper: dict) -> str:
@@ -273,15 +301,18 @@ def build_table(rows: list[str], seeds: list[int], results: Path, status: dict[s
         found = [(s, _result_path(row, s, results)) for s in seeds]
         reports = [(s, json.loads(p.read_text())) for s, p in found if p.is_file()]
         if not reports:
-            table.append({"row": row, "status": status.get(row, "not run"), "paper": paper_of(row)})
+            table.append({"row": row, "status": status.get(row, "not run"), "paper": paper_of(row),
+                          "selection": selection_of(row), "selection_note": selection_note_of(row)})
             continue
         for s, rep in reports:
-            entry = {k: v for k, v in rep.items() if k not in ("history", "layers", "environment")}
-            selection = selection_of(row)
+            skip = ("history", "layers", "environment", "selection", "selection_note")
+            entry = {k: v for k, v in rep.items() if k not in skip}
+            selection = selection_of(row, rep)
             verdict = meets_paper(rep, paper_of(row)) if selection != "test" else DIAGNOSTIC
             entry.update(row=row, seed=s, status="run", paper=paper_of(row), meets_paper=verdict, selection=selection)
             if row in RECIPE_ROWS:
                 entry["differs_from_paper_setting"] = RECIPE_ROWS[row][1]
+            entry["selection_note"] = selection_note_of(row, rep)
             table.append(entry)
     return table
 
@@ -351,8 +382,9 @@ def write_markdown(table: list[dict], path: Path, note: str) -> None:
         "certainty tags: [read] seen in a primary source, [read-2nd] quoted by a second source, [recalled]",
         "from memory of the paper, [derived] computed from other figures. `meets paper`: test error within",
         "0.1 point of the paper's at equal or fewer weights kept; only for rows whose settings were fixed "
-        "beforehand: the recipe rows' settings were adopted after comparing test errors, so they are "
-        "diagnostics (`selection` in table1.json).",
+        "beforehand or computed by a rule from the posterior (thresholds by the Otsu split): the recipe rows' "
+        "settings were adopted after comparing test errors, so they are diagnostics (`selection` and "
+        "`selection_note` in table1.json and in each results file).",
         *[f"`{name}`: the {base} row's setting with {', '.join(f'{k}={v}' for k, v in changes.items())} "
           "(bayescomp's recipe, not the paper's setting)." for name, (base, changes) in RECIPE_ROWS.items()],
         "",
