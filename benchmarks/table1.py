@@ -419,12 +419,13 @@ def write_markdown(table: list[dict], path: Path, note: str) -> None:
     os.replace(tmp, path)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+# the results narrative holds the block (the package README only links to it)
+README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- table1:begin (written by benchmarks/table1.py) -->", "<!-- table1:end -->"
 
 
 def readme_block(table: list[dict]) -> str:
-    """The MNIST rows of the table in the README's short form (full form: table1.md)."""
+    """The MNIST rows of the table in benchmarks/README.md's short form (full form: table1.md)."""
     lines = [BEGIN, "", "| row | test error % (unpruned) | architecture | weights kept % | bits per weight (mantissa) | CR fast | CR max "
              "(paper acct.) | file bytes (CR file) | paper: error, kept | meets paper |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -449,7 +450,7 @@ def readme_block(table: list[dict]) -> str:
 
 
 def write_readme_block(table: list[dict], readme: Path) -> None:
-    """Replace the block between the table1 markers of the README (atomically); no markers: leave it alone."""
+    """Replace the block between the table1 markers of `readme` (atomically); no markers: leave it alone."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         print(f"[table1] {readme} has no table1 markers; not updated", file=sys.stderr)

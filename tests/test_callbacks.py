@@ -101,31 +101,56 @@ def test_bad_arguments_and_plain_module():
         KLCallback(n_train=10).on_fit_start(SimpleNamespace(global_step=0), nn.Linear(2, 2))
 
 
-def test_with_a_real_lightning_trainer(tmp_path):
-    L = pytest.importorskip("lightning.pytorch")
+def test_two_epochs_of_a_real_lightning_trainer():
+    """A real `Trainer.fit`: the loss Lightning backpropagates is the data term plus β·KL/N, β rising over the
+    warm-up as in `fit`; `kl` and `kl_beta` are logged; the variances are clamped; the module is restored."""
+    import lightning.pytorch as L
+
+    n_train, batch_size, warmup_epochs, kl_weight = 16, 4, 1.0, 0.5
+    batches = n_train // batch_size
+    seen: list[tuple[int, float, float, float]] = []  # (step, loss backpropagated, data term, KL at that step)
 
     class Lit(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = bayescomp.bayesianize(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "gnj")
-            self.seen = []
+            self.net = bayescomp.bayesianize(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), "gnj",
+                                             max_var=0.01)
+            self.data_term = None
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self.net(x), y)
+            self.data_term = F.cross_entropy(self.net(x), y)
+            return self.data_term
 
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            self.seen.append(float(outputs["loss"]))
+        def on_before_backward(self, loss):  # parameters not yet stepped: the KL is the one the loss holds
+            seen.append((self.trainer.global_step, loss.item(), self.data_term.item(),
+                         bayescomp.kl_divergence(self).item()))
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    x, y = _batch()
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n_train, 4, generator=gen), torch.randint(0, 3, (n_train,), generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+    torch.manual_seed(0)
     lit = Lit()
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
-                        callbacks=[KLCallback(n_train=8)])
+    layers = [m for m in lit.modules() if isinstance(m, GroupSparseLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight_logvar.fill_(0.0)  # σ² = 1, far above the clamp 0.01: only the callback brings it down
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KLCallback(n_train=n_train, warmup_epochs=warmup_epochs, kl_weight=kl_weight)])
     trainer.fit(lit, data)
-    assert len(lit.seen) == 2 and all(math.isfinite(v) for v in lit.seen)
+
+    assert trainer.current_epoch == 2 and [s[0] for s in seen] == list(range(2 * batches))
+    for step, loss, data_term, kl in seen:
+        beta = kl_weight * min(1.0, (step + 1) / (warmup_epochs * batches))
+        assert kl > 0
+        assert loss == pytest.approx(data_term + beta * kl / n_train, rel=1e-5, abs=1e-7), step
+    last_step, _, _, last_kl = seen[-1]
+    assert trainer.callback_metrics["kl_beta"].item() == pytest.approx(kl_weight)  # the end of the ramp
+    assert trainer.callback_metrics["kl"].item() == pytest.approx(last_kl, rel=1e-5)
+    for layer in layers:
+        assert layer.weight_logvar.max().item() <= math.log(0.01) + 1e-6
     assert "training_step" not in vars(lit)  # the wrapper is gone after fit

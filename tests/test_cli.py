@@ -1,10 +1,9 @@
-"""The command line end to end on a small real MNIST subset, its errors, and the README's example."""
+"""The command line end to end on a small real MNIST subset, and its errors (the README's examples: test_readme.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -202,45 +201,6 @@ def test_python_dash_m_is_the_same_command():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: --model: unknown model")
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_readme_python_example_runs(monkeypatch, tmp_path):
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 3
-    monkeypatch.setenv("BAYESCOMP_DATA", str(DATA))
-    monkeypatch.chdir(tmp_path)  # an example that saves a file writes it here
-    torch.manual_seed(0)
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    result = namespace["result"]
-    assert isinstance(result.model, torch.nn.Sequential)
-    assert result.report["weights_total"] == 266200
-    # compress_pretrained after the user's own training: as written, on 1,000 MNIST images (the full set
-    # takes minutes: 10 plain epochs and the fast recipe's 45)
-    import bayescomp.data
-
-    full = bayescomp.data.load_mnist
-    monkeypatch.setattr(bayescomp.data, "load_mnist", lambda *a, **k: tuple(t[:1000] for t in full(*a, **k)))
-    namespace = {}
-    exec(compile(blocks[1], "README.md", "exec"), namespace)
-    result = namespace["result"]
-    assert result.report["recipe"] == "fast" and isinstance(result.model, torch.nn.Sequential)
-    assert bayescomp.load(tmp_path / "mlp.bcz")(namespace["x"][:3]).shape == (3, 10)
-    namespace = {}
-    exec(compile(blocks[2], "README.md", "exec"), namespace)  # the user-defined residual network
-    result = namespace["result"]
-    x = namespace["x"][:3]
-    assert result.model(x).shape == (3, 10)
-
-
-def test_readme_starts_with_the_two_commands():
-    text = (ROOT / "README.md").read_text()
-    commands = [line for line in text.splitlines() if line.startswith("python3 -m venv")]
-    assert len(commands) >= 2
-    assert "bayescomp compress" in commands[0] and "pytest" in commands[1]
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "pytest" in ci
 
 
 def test_device_option(tmp_path):

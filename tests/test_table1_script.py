@@ -1,4 +1,5 @@
-"""benchmarks/table1.py's table logic: the paper comparison and the README block it writes between markers."""
+"""benchmarks/table1.py's table logic: the paper comparison and the block it writes between markers in
+benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -74,10 +75,12 @@ def test_readme_without_markers_is_left_alone(table1, tmp_path, capsys):
     assert "no table1 markers" in capsys.readouterr().err
 
 
-def test_the_real_readme_has_the_markers(table1):
-    text = (ROOT / "README.md").read_text()
+def test_the_block_goes_into_the_benchmarks_readme_not_the_package_readme(table1):
+    assert table1.README == ROOT / "benchmarks" / "README.md"
+    text = table1.README.read_text()
     assert text.count(table1.BEGIN) == 1 and text.count(table1.END) == 1
     assert text.index(table1.BEGIN) < text.index(table1.END)
+    assert table1.BEGIN not in (ROOT / "README.md").read_text()
 
 
 
