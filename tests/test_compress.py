@@ -333,7 +333,7 @@ def _assert_plain(shrunk: nn.Module) -> None:
     for m in shrunk.modules():
         assert not isinstance(m, GroupSparseLayer)
         # torch modules, or shrink's own parameter-free helpers (Select, AppendOnes, ...)
-        helper = type(m).__module__ == "bayescomp.compress.shrink" and not list(m.parameters(recurse=False))
+        helper = type(m).__module__ == "bayescomp.compress.runtime" and not list(m.parameters(recurse=False))
         assert isinstance(m, allowed) or helper, type(m)
     for name, _ in shrunk.named_parameters():
         assert not name.endswith(("_mu", "_logvar")), name

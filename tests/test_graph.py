@@ -16,7 +16,7 @@ from torch import fx, nn
 
 import bayescomp
 from bayescomp.compress import AppendOnes, PruneError, apply_masks, compress, propagate
-from bayescomp.compress.graph import Realign, graph_compress
+from bayescomp.compress import Realign, graph_compress
 from bayescomp.models import build_model
 from bayescomp.models.resnet import concat_net, resnet18, resnet20_cifar, resnet_mnist
 from bayescomp.nn import GroupSparseLayer
@@ -301,7 +301,7 @@ def test_input_model_is_not_modified():
 def test_everything_pruned_is_a_prune_error():
     bmodel = bayescomp.bayesianize(resnet_mnist(), "gnj")
     keeps = {n: torch.zeros(m.n_groups, dtype=torch.bool) for n, m in bmodel.named_modules() if isinstance(m, GroupSparseLayer)}
-    with pytest.raises(PruneError, match="every input of layer fc"):
+    with pytest.raises(PruneError, match="every group of layer fc"):
         graph_compress(bmodel, example_input=torch.randn(1, 1, 28, 28), keeps=keeps)
 
 

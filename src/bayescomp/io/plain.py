@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..compress.graph import Realign
-from ..compress.shrink import AppendOnes, FastMaxPool2d, Select
+from ..compress.runtime import AppendOnes, FastMaxPool2d, Realign, Select
 from ..train.checkpoint import atomic_write, load_error
 
 FORMAT = "bayescomp-plain"
@@ -50,7 +49,7 @@ class ModelFileError(ValueError):
 
 
 #: type name -> (class built on loading, constructor arguments read off an instance)
-_LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Linear": (nn.Linear, ("in_features", "out_features")),
     "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")),
     "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
@@ -96,8 +95,8 @@ _LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Realign": (Realign, ()),
 }
 
-#: class -> the type name it is stored under: each class of _LAYERS, and nn.MaxPool2d written like FastMaxPool2d
-_STORED_AS: dict[type[nn.Module], str] = {cls: kind for kind, (cls, _) in _LAYERS.items()} | {nn.MaxPool2d: "MaxPool2d"}
+#: class -> the type name it is stored under: each class of LAYERS, and nn.MaxPool2d written like FastMaxPool2d
+_STORED_AS: dict[type[nn.Module], str] = {cls: kind for kind, (cls, _) in LAYERS.items()} | {nn.MaxPool2d: "MaxPool2d"}
 
 #: arguments written beyond the constructor arguments above (padding_mode only when it is not "zeros")
 EXTRA_ARGS: dict[str, set[str]] = {
@@ -148,7 +147,7 @@ def _layer_entry(name: str, m: nn.Module) -> dict[str, Any]:
     kind = _STORED_AS.get(type(m))
     if kind is None:
         raise ModelFileError(f"{name}: {type(m).__name__} cannot be stored in a plain model file")
-    args = {a: _jsonable(getattr(m, a)) for a in _LAYERS[kind][1]}
+    args = {a: _jsonable(getattr(m, a)) for a in LAYERS[kind][1]}
     if kind in ("Linear", "Conv2d"):
         args["bias"] = m.bias is not None
     if kind == "Conv2d" and m.padding_mode != "zeros":
@@ -167,12 +166,12 @@ def _build_layer(entry: Any) -> tuple[str, nn.Module]:
     if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) or not isinstance(entry.get("args"), dict):
         raise ModelFileError(f"invalid layer description in model file: {str(entry)[:80]}")
     kind, args = entry["type"], dict(entry["args"])
-    if kind not in _LAYERS:
+    if kind not in LAYERS:
         raise ModelFileError(f"unknown layer type {kind!r} in model file")
-    unexpected = set(args) - set(_LAYERS[kind][1]) - EXTRA_ARGS.get(kind, set())
+    unexpected = set(args) - set(LAYERS[kind][1]) - EXTRA_ARGS.get(kind, set())
     if unexpected:  # only the arguments the writer writes: no device=, dtype= or other surprises
         raise ModelFileError(f"layer {entry.get('name')!r} ({kind}) has unexpected arguments {sorted(unexpected)}")
-    cls = _LAYERS[kind][0]
+    cls = LAYERS[kind][0]
     if kind == "Select":
         return str(entry["name"]), Select(torch.zeros(int(args["index_size"]), dtype=torch.long), args.get("n_in"))
     if kind == "Realign":
@@ -456,7 +455,7 @@ def build_graph(spec: dict[str, Any]) -> fx.GraphModule:
     return gm
 
 
-def _any_spec(model: nn.Module) -> tuple[int, str, Any]:
+def any_spec(model: nn.Module) -> tuple[int, str, Any]:
     """(file version, key, JSON-able architecture) of a chain or a GraphModule."""
     if isinstance(model, fx.GraphModule):
         return GRAPH_VERSION, "graph", graph_spec(model)
@@ -468,7 +467,7 @@ def _any_spec(model: nn.Module) -> tuple[int, str, Any]:
 
 def save_plain(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
     """Write the plain model (spec + tensors + JSON metadata) atomically: a chain or a compressed GraphModule."""
-    version, key, spec = _any_spec(model)
+    version, key, spec = any_spec(model)
     state = {
         "format": FORMAT,
         "version": version,
