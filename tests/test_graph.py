@@ -15,8 +15,7 @@ from helpers import randomise as _randomise
 from torch import fx, nn
 
 import bayescomp
-from bayescomp.compress import AppendOnes, PruneError, apply_masks, compress, propagate
-from bayescomp.compress import Realign, graph_compress
+from bayescomp.compress import AppendOnes, PruneError, Realign, apply_masks, compress, graph_compress, propagate
 from bayescomp.models import build_model
 from bayescomp.models.resnet import concat_net, resnet18, resnet20_cifar, resnet_mnist
 from bayescomp.nn import GroupSparseLayer

@@ -26,11 +26,11 @@ import bayescomp
 from bayescomp.compress import AppendOnes, Realign, graph_compress
 from bayescomp.compress.rules import FUNCTION_RULES, METHOD_RULES
 from bayescomp.io import packed
+from bayescomp.io.graphs import FUNCTION_NAMES
 from bayescomp.io.packed import FLAG_GRAPH, MAGIC, PackedFileError, pack, packed_report, read_packed, unpack
 from bayescomp.io.plain import (
-    _FUNCTION_NAMES,
-    LAYERS,
     GRAPH_VERSION,
+    LAYERS,
     METHODS,
     VERSION,
     ModelFileError,
@@ -308,7 +308,7 @@ def test_a_reader_without_the_graph_flag_refuses_graph_files(compressed, monkeyp
 def test_whitelists_cover_what_graph_compress_emits():
     # every function with a rule is re-emitted as it is, except reshapes, which are emitted as torch.flatten
     functions = {f for f, rule in FUNCTION_RULES.items() if rule.kind != "flatten"} | {torch.flatten}
-    missing = [getattr(f, "__name__", f) for f in functions if f not in _FUNCTION_NAMES]
+    missing = [getattr(f, "__name__", f) for f in functions if f not in FUNCTION_NAMES]
     assert not missing
     methods = {m for m, rule in METHOD_RULES.items() if rule.kind != "flatten"}
     assert methods <= METHODS

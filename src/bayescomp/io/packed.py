@@ -43,7 +43,7 @@ from ..compress.runtime import Select
 from ..train.checkpoint import atomic_write_bytes
 from . import codec
 from .codec import CodecError
-from .plain import LAYERS, EXTRA_ARGS, ModelFileError, build_from_spec, build_graph, graph_spec, model_spec
+from .plain import EXTRA_ARGS, LAYERS, ModelFileError, build_from_spec, build_graph, graph_spec, model_spec
 
 MAGIC = b"\x89BCZ\r\n\x1a\n"
 VERSION = 1
