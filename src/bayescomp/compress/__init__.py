@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..nn import GroupSparseLayer
 from .analysis import Analysis, analyse, decision_masks, on_device
-from .masks import LayerMask, PruneError, apply_masks, check_keeps, group_masks, resolve_thresholds
+from .masks import LayerMask, PruneError, apply_masks, check_keeps, group_masks, keeps_below, resolve_thresholds
 from .precision import exponent_bits, layer_bits, round_to_bits, weight_bits
 from .rates import rates
 from .rules import OpRule, register_channelwise
@@ -131,7 +131,7 @@ def compress(
     try:
         resolved = resolve_thresholds(model, thresholds)
         chosen = _keeps_of(masks) if masks is not None else keeps
-        decision = dict(chosen) if chosen is not None else group_masks(model, resolved)
+        decision = dict(chosen) if chosen is not None else keeps_below(model, resolved)
         an = _analysis(model, decision, example_input, resolved)
         layer_masks = decision_masks(an, resolved)
         if masks is not None:
@@ -169,7 +169,7 @@ def compression_masks(model: nn.Module, thresholds: float | Mapping[str, float] 
                       example_input: Example | None = None) -> dict[str, LayerMask]:
     """`group_masks` then `propagate`: the full decision for a model at the given thresholds."""
     resolved = resolve_thresholds(model, thresholds)
-    return propagate(model, group_masks(model, resolved), resolved, example_input=example_input)
+    return propagate(model, keeps_below(model, resolved), resolved, example_input=example_input)
 
 
 @torch.no_grad()

@@ -64,7 +64,12 @@ def resolve_thresholds(model: nn.Module, thresholds: float | Mapping[str, float]
 def group_masks(model: nn.Module, thresholds: float | Mapping[str, float] | None = None) -> dict[str, Tensor]:
     """Keep-mask over each group-sparse layer's own groups: log α_i < threshold, and the group not switched
     off by its `group_mask` (the masked model computes without it, so the compressed one must too)."""
-    resolved = resolve_thresholds(model, thresholds)
+    return keeps_below(model, resolve_thresholds(model, thresholds))
+
+
+@torch.no_grad()
+def keeps_below(model: nn.Module, resolved: Mapping[str, float]) -> dict[str, Tensor]:
+    """`group_masks` at thresholds already resolved (`resolve_thresholds`), so a caller resolves them once."""
     return {
         name: ((m.log_alpha().detach() < resolved[name]) & m.group_mask).cpu()
         for name, m in model.named_modules()

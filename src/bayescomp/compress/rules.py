@@ -120,7 +120,7 @@ MODULE_RULES: dict[type[nn.Module], OpRule] = {
     ), CHANNELWISE),
 }  # fmt: skip
 
-#: call_function targets -> rule (every one of them may appear in a compressed graph: see io.plain.FUNCTIONS)
+#: call_function targets -> rule (every one of them may appear in a compressed graph: see io.graphs.FUNCTIONS)
 FUNCTION_RULES: dict[Callable, OpRule] = {
     **dict.fromkeys((
         F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,

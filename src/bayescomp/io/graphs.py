@@ -24,7 +24,7 @@ from .layers import ModelFileError, build_layer, layer_entry
 
 #: call_function targets a stored graph may use: pure tensor functions, by a stable name. These are the
 #: functions graph_compress can emit (it re-emits the model's own element-wise ops, reductions over
-#: spatial dimensions, barriers, cat and flatten); a test checks that graph.py's op tables stay inside it.
+#: spatial dimensions, barriers, cat and flatten); a test checks that the rule table of compress.rules stays inside it.
 FUNCTIONS: dict[str, Any] = {
     **{f"operator.{n}": getattr(operator, n) for n in ("add", "sub", "mul", "truediv", "neg")},
     **{f"torch.{n}": getattr(torch, n) for n in (
