@@ -20,8 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import GroupSparseLayer
-from .analysis import Analysis, analyse, decision_masks, on_device
-from .masks import LayerMask, PruneError, apply_masks, check_keeps, group_masks, keeps_below, resolve_thresholds
+from .analysis import Analysis, analyse, decision_masks
+from .masks import (
+    LayerMask,
+    PruneError,
+    apply_masks,
+    check_keeps,
+    group_masks,
+    keeps_below,
+    on_device,
+    resolve_thresholds,
+)
 from .precision import exponent_bits, layer_bits, round_to_bits, weight_bits
 from .rates import rates
 from .rules import OpRule, register_channelwise

@@ -30,7 +30,6 @@ Anything else — an op without a rule, a reshape that is not a flatten, a param
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..convert import UnsupportedLayerError
 from ..nn import GroupSparseLayer
-from .masks import LayerMask, PruneError, check_keeps
+from .masks import LayerMask, PruneError, check_keeps, on_device
 from .rules import OpRule, function_rule, is_linear, method_rule, module_rule
 from .weights import effective_params
 
@@ -97,15 +96,6 @@ def _has_node(value: Any) -> bool:
 
 def _dim(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
-
-
-def on_device(lm: LayerMask, module: nn.Module) -> LayerMask:
-    """The decision (kept on the CPU) with its tensors on the layer's device, for the surgery helpers."""
-    device = next(module.parameters()).device
-    return dataclasses.replace(
-        lm, in_mask=lm.in_mask.to(device), out_mask=lm.out_mask.to(device), in_const=lm.in_const.to(device),
-        group_keep=None if lm.group_keep is None else lm.group_keep.to(device),
-    )
 
 
 class Analysis:

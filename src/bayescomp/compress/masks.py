@@ -11,6 +11,7 @@ anything is cut. `resolve_thresholds` is where a threshold argument becomes per-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ class LayerMask:
     in_const: Tensor  # float (same as in_mask): the constant a removed input carries (NaN = none)
     group_keep: Tensor | None = None  # bool (n_groups,): the layer's own groups kept (None: plain layer)
     threshold: float | None = None
+
+
+def on_device(lm: LayerMask, module: nn.Module) -> LayerMask:
+    """The decision (kept on the CPU) with its tensors on the layer's device, for the surgery helpers."""
+    device = next(module.parameters()).device
+    return dataclasses.replace(
+        lm, in_mask=lm.in_mask.to(device), out_mask=lm.out_mask.to(device), in_const=lm.in_const.to(device),
+        group_keep=None if lm.group_keep is None else lm.group_keep.to(device),
+    )
 
 
 def resolve_thresholds(model: nn.Module, thresholds: float | Mapping[str, float] | None) -> dict[str, float]:

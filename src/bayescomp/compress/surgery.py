@@ -19,8 +19,8 @@ from torch import Tensor, fx, nn
 
 from ..convert import UnsupportedLayerError
 from ..nn import zero_padded
-from .analysis import Analysis, Info, label, on_device, shape_of, unsupported
-from .masks import LayerMask, PruneError
+from .analysis import Analysis, Info, label, shape_of, unsupported
+from .masks import LayerMask, PruneError, on_device
 from .precision import round_to_bits
 from .rules import copy_layer, is_linear
 from .runtime import AppendOnes, Realign, Select
@@ -40,8 +40,7 @@ class Builder:
         self.cache: dict[tuple, fx.Node] = {}
         param = next(an.model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.new_layers: dict[str, nn.Module | None] = {}
-        self.order: list[str] = []
+        self.new_layers: dict[str, nn.Module | None] = {}  # weighted layers in execution order; None: removed
 
     def _add_module(self, path: str, module: nn.Module) -> str:
         parts = path.split(".")
@@ -112,8 +111,6 @@ class Builder:
                 else:
                     self.env[node] = self.graph.placeholder(node.target)
                 continue
-            if info.kind in ("weighted", "depthwise"):
-                self.order.append(str(node.target))
             if not bool(info.carried.any()):
                 if info.kind in ("weighted", "depthwise"):
                     self._record_dead(node, info)
