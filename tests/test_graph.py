@@ -451,6 +451,7 @@ def test_registered_channelwise_module_is_followed_and_sliced(monkeypatch):
         bayescomp.bayesianize(model, "gnj")
     with pytest.raises(TypeError, match="nn.Module subclass"):
         register_channelwise(len)
+    assert bayescomp.register_channelwise is register_channelwise
     register_channelwise(_Scale, slicer=_slice_scale)
     bmodel = bayescomp.bayesianize(model, "gnj")
     gen = torch.Generator().manual_seed(10)

@@ -119,7 +119,7 @@ def bayesianize(
                 raise UnsupportedLayerError(
                     f"{name or type(module).__name__}: {type(module).__name__} is not supported "
                     "(bayescomp converts nn.Linear and nn.Conv2d; normalisation layers and modules declared with "
-                        "bayescomp.compress.register_channelwise pass through)"
+                        "bayescomp.register_channelwise pass through)"
                 )
     if converted == 0:
         raise UnsupportedLayerError("the model has no nn.Linear or nn.Conv2d layer to convert")

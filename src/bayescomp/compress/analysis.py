@@ -185,7 +185,7 @@ class Analysis:
         kind_name = type(mod).__name__
         if rule is None:
             raise unsupported(node, f"{kind_name} is not supported: bayescomp does not know how it maps channels "
-                                    "(declare a channel-wise module with bayescomp.compress.register_channelwise)")
+                                    "(declare a channel-wise module with bayescomp.register_channelwise)")
         if node.kwargs or len(node.args) != 1:
             raise unsupported(node, f"{kind_name} called with more than one argument")
         x = self._tensor_input(node, node.args[0])

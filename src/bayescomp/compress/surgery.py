@@ -209,7 +209,7 @@ class Builder:
             return info.rule.slicer(module, keep)
         if not bool(keep.all()) and (next(module.parameters(), None) is not None or next(module.buffers(), None) is not None):
             raise UnsupportedLayerError(f"{label(node)}: {type(module).__name__} holds tensors and loses channels; "
-                                        "register it with a slicer (bayescomp.compress.register_channelwise)")
+                                        "register it with a slicer (bayescomp.register_channelwise)")
         return copy_layer(module)
 
     def _emit_flatten(self, node: fx.Node, info: Info) -> fx.Node:
