@@ -49,7 +49,7 @@ from torch import nn
 
 import bayescomp
 from bayescomp.compress import compress
-from bayescomp.compress.shrink import with_pooling
+from bayescomp.compress.runtime import with_pooling
 from bayescomp.convert import group_layers
 from bayescomp.data import load_mnist
 from bayescomp.io.plain import load_plain

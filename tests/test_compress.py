@@ -333,7 +333,7 @@ def _assert_plain(shrunk: nn.Module) -> None:
     for m in shrunk.modules():
         assert not isinstance(m, GroupSparseLayer)
         # torch modules, or shrink's own parameter-free helpers (Select, AppendOnes, ...)
-        helper = type(m).__module__ == "bayescomp.compress.shrink" and not list(m.parameters(recurse=False))
+        helper = type(m).__module__ == "bayescomp.compress.runtime" and not list(m.parameters(recurse=False))
         assert isinstance(m, allowed) or helper, type(m)
     for name, _ in shrunk.named_parameters():
         assert not name.endswith(("_mu", "_logvar")), name
@@ -578,3 +578,15 @@ def test_rounding_with_folded_constants_padding1():
              "conv2": torch.tensor([True, False, True, True]), "fc": torch.ones(bm.fc.n_groups, dtype=torch.bool)}
     result = compress(bm, masks=propagate(bm, keeps), round_weights=True)
     assert all(_all_weights_on_grid(result).values()), _all_weights_on_grid(result)
+
+
+def test_edited_layer_masks_are_refused_by_name():
+    """A decision's group keep-masks decide; in/out masks that do not follow from them are refused, not cut."""
+    bm = _lenet300_with_pruned(PRUNED)
+    decision = compression_masks(bm)
+    decision["fc2"].out_mask = decision["fc2"].out_mask.clone()
+    decision["fc2"].out_mask[0] = not bool(decision["fc2"].out_mask[0])
+    with pytest.raises(PruneError, match="fc2: its in/out masks are not those its group keep-masks give"):
+        compress(bm, masks=decision)
+    with pytest.raises(ValueError, match="masks= or keeps="):
+        compress(bm, masks=compression_masks(bm), keeps=group_masks(bm))

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import bayescomp
-from bayescomp.compress import compress
-from bayescomp.compress.graph import graph_compress
-from bayescomp.compress.shrink import FastMaxPool2d, with_pooling
+from bayescomp.compress import compress, graph_compress
+from bayescomp.compress.runtime import FastMaxPool2d, with_pooling
 from bayescomp.io import load, load_plain, model_spec, pack, save, save_plain, unpack
 from bayescomp.io.plain import ModelFileError
 from bayescomp.models import build_model

@@ -15,8 +15,7 @@ from helpers import randomise as _randomise
 from torch import fx, nn
 
 import bayescomp
-from bayescomp.compress import AppendOnes, PruneError, apply_masks, compress, propagate
-from bayescomp.compress.graph import Realign, graph_compress
+from bayescomp.compress import AppendOnes, PruneError, Realign, apply_masks, compress, graph_compress, propagate
 from bayescomp.models import build_model
 from bayescomp.models.resnet import concat_net, resnet18, resnet20_cifar, resnet_mnist
 from bayescomp.nn import GroupSparseLayer
@@ -301,7 +300,7 @@ def test_input_model_is_not_modified():
 def test_everything_pruned_is_a_prune_error():
     bmodel = bayescomp.bayesianize(resnet_mnist(), "gnj")
     keeps = {n: torch.zeros(m.n_groups, dtype=torch.bool) for n, m in bmodel.named_modules() if isinstance(m, GroupSparseLayer)}
-    with pytest.raises(PruneError, match="every input of layer fc"):
+    with pytest.raises(PruneError, match="every group of layer fc"):
         graph_compress(bmodel, example_input=torch.randn(1, 1, 28, 28), keeps=keeps)
 
 
@@ -380,3 +379,108 @@ def test_unsupported_constructs_are_named(model, shape, match):
     bmodel = bayescomp.bayesianize(model(), "gnj")
     with pytest.raises(bayescomp.UnsupportedLayerError, match=match):
         graph_compress(bmodel, example_input=torch.randn(*shape))
+
+
+# ---- one engine: a Sequential holding a residual block, and a user's own channel-wise module -------------
+
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.bn(self.conv1(x)))))
+
+
+def _sequential_with_residual() -> nn.Sequential:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Residual(8), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def test_sequential_holding_a_residual_block_compresses_through_the_one_engine():
+    gen = torch.Generator().manual_seed(8)
+    bmodel = bayescomp.bayesianize(_sequential_with_residual(), "gnj")
+    _randomise(bmodel, gen)
+    keeps = _random_keeps(bmodel, gen)
+    keeps["0"][3] = keeps["2.conv2"][3] = False  # channel 3 of the residual stream: zero in both operands
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    result = compress(bmodel, keeps=keeps, round_weights=False, example_input=x)
+    assert isinstance(result.model, fx.GraphModule)  # not a line: the sum needs a graph
+    masked = bmodel.eval()
+    apply_masks(masked, keeps)
+    with torch.no_grad():
+        for xs in (x, torch.randn(16, 3, 8, 8, generator=gen)):
+            expected = masked(xs)
+            assert (result.model(xs) - expected).abs().max().item() <= 1e-5
+    # channel 3 of the residual stream is pruned by both its writers (the stem and conv2): the sum loses it
+    assert not bool(result.masks["0"].out_mask[3]) and not bool(result.masks["2.conv2"].out_mask[3])
+    assert result.report["architecture"].count("-") == 4  # five weighted layers
+
+
+class _Scale(nn.Module):
+    """y[:, c] = s[c]·x[:, c] + t[c]: channel-wise with per-channel parameters, unknown to bayescomp."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, n))
+        self.t = nn.Parameter(torch.linspace(-0.3, 0.4, n))
+
+    def forward(self, x):
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        return x * self.s.view(shape) + self.t.view(shape)
+
+
+def _slice_scale(m: _Scale, keep: torch.Tensor) -> _Scale:
+    new = _Scale(int(keep.sum()))
+    with torch.no_grad():
+        new.s.copy_(m.s[keep])
+        new.t.copy_(m.t[keep])
+    return new
+
+
+def test_registered_channelwise_module_is_followed_and_sliced(monkeypatch):
+    from bayescomp.compress import register_channelwise, rules
+
+    monkeypatch.setattr(rules, "MODULE_RULES", dict(rules.MODULE_RULES))  # registration stays in this test
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), _Scale(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    with pytest.raises(bayescomp.UnsupportedLayerError, match="1: _Scale is not supported.*register_channelwise"):
+        bayescomp.bayesianize(model, "gnj")
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_channelwise(len)
+    assert bayescomp.register_channelwise is register_channelwise
+    register_channelwise(_Scale, slicer=_slice_scale)
+    bmodel = bayescomp.bayesianize(model, "gnj")
+    gen = torch.Generator().manual_seed(10)
+    _randomise(bmodel, gen)
+    keeps = _random_keeps(bmodel, gen)
+    keeps["0"] = torch.tensor([True, False, True, False, True, True])
+    x = torch.randn(5, 2, 8, 8, generator=gen)
+    result = compress(bmodel, keeps=keeps, round_weights=False)  # a chain: no example input needed
+    assert isinstance(result.model, nn.Sequential)
+    scales = [m for m in result.model.modules() if isinstance(m, _Scale)]
+    # the pruned channels 1 and 3 are the constant relu(t[c]) after the scale: folded into the next conv
+    assert len(scales) == 1 and scales[0].s.numel() == 4
+    masked = bmodel.eval()
+    apply_masks(masked, keeps)
+    with torch.no_grad():
+        assert (result.model(x) - masked(x)).abs().max().item() <= 1e-5
+    # without a slicer, a module holding tensors cannot lose channels: the error says how to fix it
+    register_channelwise(_Scale)
+    with pytest.raises(bayescomp.UnsupportedLayerError, match="_Scale holds tensors.*slicer"):
+        compress(bmodel, keeps=keeps)
+
+
+def test_chain_result_stays_a_sequential_with_the_layer_names():
+    gen = torch.Generator().manual_seed(11)
+    bmodel = bayescomp.bayesianize(build_model("lenet300"), "gnj")
+    _randomise(bmodel, gen)
+    keeps = _random_keeps(bmodel, gen)
+    result = compress(bmodel, keeps=keeps)
+    assert isinstance(result.model, nn.Sequential)
+    names = [n for n, _ in result.model.named_children()]
+    assert "fc1" in names and names.index("fc1_select") == names.index("fc1") - 1
+    assert propagate(bmodel, keeps)["fc1"].in_mask.equal(result.masks["fc1"].in_mask)

@@ -24,13 +24,13 @@ from torch import fx, nn
 
 import bayescomp
 from bayescomp.compress import AppendOnes, Realign, graph_compress
-from bayescomp.compress import graph as graph_mod
+from bayescomp.compress.rules import FUNCTION_RULES, METHOD_RULES
 from bayescomp.io import packed
+from bayescomp.io.graphs import FUNCTION_NAMES
 from bayescomp.io.packed import FLAG_GRAPH, MAGIC, PackedFileError, pack, packed_report, read_packed, unpack
 from bayescomp.io.plain import (
-    _FUNCTION_NAMES,
-    _LAYERS,
     GRAPH_VERSION,
+    LAYERS,
     METHODS,
     VERSION,
     ModelFileError,
@@ -306,15 +306,14 @@ def test_a_reader_without_the_graph_flag_refuses_graph_files(compressed, monkeyp
 
 
 def test_whitelists_cover_what_graph_compress_emits():
-    functions = (graph_mod._UNARY_FUNCTIONS | graph_mod._BARRIER_FUNCTIONS | graph_mod._BINARY_FUNCTIONS
-                 | graph_mod._CAT_FUNCTIONS | set(graph_mod._REDUCTIONS) | {torch.flatten})
-    missing = [getattr(f, "__name__", f) for f in functions if f not in _FUNCTION_NAMES]
+    # every function with a rule is re-emitted as it is, except reshapes, which are emitted as torch.flatten
+    functions = {f for f, rule in FUNCTION_RULES.items() if rule.kind != "flatten"} | {torch.flatten}
+    missing = [getattr(f, "__name__", f) for f in functions if f not in FUNCTION_NAMES]
     assert not missing
-    methods = (graph_mod._UNARY_METHODS | graph_mod._BINARY_METHODS | graph_mod._REDUCTION_METHODS
-               | graph_mod._BARRIER_METHODS)
+    methods = {m for m, rule in METHOD_RULES.items() if rule.kind != "flatten"}
     assert methods <= METHODS
     for cls in (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, Realign, AppendOnes, nn.ReLU, nn.Sigmoid):
-        assert _LAYERS[cls.__name__][0] is cls
+        assert LAYERS[cls.__name__][0] is cls
 
 
 class _Rolls(nn.Module):

@@ -7,11 +7,11 @@
 """
 
 from . import nn
-from .compress import CompressedModel, compress, graph_compress
+from .compress import CompressedModel, compress, graph_compress, register_channelwise
 from .convert import UnsupportedLayerError, bayesianize, kl_divergence
 from .io.packed import PackedFileError, load, save
 from .pretrained import compress_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedModel", "compress_pretrained", "PackedFileError", "UnsupportedLayerError", "graph_compress", "nn", "load", "save", "bayesianize", "compress", "kl_divergence", "__version__"]
+__all__ = ["CompressedModel", "compress_pretrained", "PackedFileError", "UnsupportedLayerError", "graph_compress", "nn", "register_channelwise", "load", "save", "bayesianize", "compress", "kl_divergence", "__version__"]

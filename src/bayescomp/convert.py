@@ -19,7 +19,14 @@ PRIORS: dict[str, tuple[type, type]] = {
 PRIOR_OPTIONS: dict[str, tuple[str, ...]] = {"gnj": (), "ghs": ("tau0", "global_kl")}
 
 # Leaf modules with parameters that pass through untouched (they are neither pruned nor penalised).
-_PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+def _passes_through(module: nn.Module) -> bool:
+    """A module with parameters that stays as it is: one the compression follows channels through (batch
+    norm, layer/group norm, a module declared with `compress.register_channelwise`)."""
+    from .compress.rules import module_rule  # here, not at import time: compress imports this module
+
+    rule = module_rule(module)
+    return rule is not None and rule.kind in ("channelwise", "barrier")
 
 
 class UnsupportedLayerError(TypeError):
@@ -108,10 +115,11 @@ def bayesianize(
             _replace(model, name, _twin(name, module, prior, keep_weights, mv, prior_options, origin))
             converted += 1
         elif not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
-            if not isinstance(module, _PASS_THROUGH):
+            if not _passes_through(module):
                 raise UnsupportedLayerError(
                     f"{name or type(module).__name__}: {type(module).__name__} is not supported "
-                    "(bayescomp converts nn.Linear and nn.Conv2d; normalisation layers pass through)"
+                    "(bayescomp converts nn.Linear and nn.Conv2d; normalisation layers and modules declared with "
+                        "bayescomp.register_channelwise pass through)"
                 )
     if converted == 0:
         raise UnsupportedLayerError("the model has no nn.Linear or nn.Conv2d layer to convert")

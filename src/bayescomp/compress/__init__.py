@@ -1,60 +1,107 @@
-"""compress(): masks → precision → shrink → rates, from a trained Bayesian model.
+"""compress(): decide → precision → surgery → rates, from a trained Bayesian model — one engine for every model.
 
 >>> result = compress(bmodel, thresholds={"fc1": -2.8, "fc2": -3.0, "fc3": -5.0})   # doctest: +SKIP
->>> result.model        # plain nn.Sequential, pruned units removed, weights rounded
+>>> result.model        # plain nn.Sequential for a chain, pruned units removed, weights rounded
 >>> result.report       # architecture, bits, weights kept, cr_architecture, cr_fast, per-layer details
+
+Every model, chain or graph, goes the same way: traced (`tracing`), analysed (`analysis`: the
+decision, which groups of which layer and which channels are tied), its precision read off the kept
+weights (`precision`, the one bits loop below), and rebuilt smaller (`surgery`). A chain is a graph
+that happens to be a line: its result is given back as an `nn.Sequential`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..nn import GroupSparseLayer
-from .chain import WEIGHTED, chain, is_linear
-from .graph import Realign, graph_compress, graph_shrinker
+from .analysis import Analysis, analyse, decision_masks
 from .masks import (
     LayerMask,
     PruneError,
     apply_masks,
-    compression_masks,
+    check_keeps,
     group_masks,
-    propagate,
+    keeps_below,
+    on_device,
     resolve_thresholds,
 )
 from .precision import exponent_bits, layer_bits, round_to_bits, weight_bits
 from .rates import rates
-from .shrink import AppendOnes, Select, effective_params, shrink
+from .rules import OpRule, register_channelwise
+from .runtime import AppendOnes, FastMaxPool2d, Realign, Select, with_pooling
 from .summary import summarize
+from .surgery import Builder, as_sequential
+from .tracing import chain_example, trace
+from .weights import effective_params, kept_weights
+
+Example = Tensor | tuple[Tensor, ...]
 
 
 @dataclass
 class CompressedModel:
     """A plain pruned model plus the decision that made it and the figures that describe it."""
 
-    model: nn.Sequential
+    model: nn.Module
     report: dict[str, Any]
     masks: dict[str, LayerMask] = field(repr=False)
     bits: dict[str, int]
 
 
-def kept_weights(module: nn.Module, lm: LayerMask) -> torch.Tensor:
-    """Boolean mask over a layer's weight of the entries the shrunk layer stores with gate on.
+def _analysis(model: nn.Module, keeps: Mapping[str, Tensor], example_input: Example | None,
+              thresholds: Mapping[str, float] | None) -> Analysis:
+    """The model traced (with `example_input`, or a chain's own `chain_example`) and analysed under `keeps`."""
+    example = chain_example(model) if example_input is None else example_input
+    return analyse(model, trace(model, example), keeps, thresholds)
 
-    `lm` is a chain's decision (`compression_masks`) or a graph's (`graph_compress(...).masks`); a
-    depthwise convolution's kernel has one input per output channel, so only its outputs are masked.
-    """
-    w = module.posterior_mean() if isinstance(module, GroupSparseLayer) else module.weight
-    keep = lm.out_mask.view(-1, *([1] * (w.dim() - 1)))
-    if getattr(module, "groups", 1) == 1:
-        keep = keep & lm.in_mask.view(1, -1, *([1] * (w.dim() - 2)))
-    if lm.group_keep is not None and not is_linear(module):
-        keep = keep & lm.group_keep.view(-1, *([1] * (w.dim() - 1)))
-    return keep.expand_as(w)
+
+def _keeps_of(masks: Mapping[str, LayerMask]) -> dict[str, Tensor]:
+    return {n: lm.group_keep for n, lm in masks.items() if lm.group_keep is not None}
+
+
+def _check_same(given: Mapping[str, LayerMask], derived: Mapping[str, LayerMask]) -> None:
+    """`masks=` must be a decision the analysis gives (its group keeps decide; edit those, not the rest)."""
+    if set(given) != set(derived):
+        raise PruneError(f"masks name the layers {sorted(given)}; the model's weighted layers are {sorted(derived)}")
+    for name, lm in given.items():
+        d = derived[name]
+        if not (torch.equal(lm.in_mask.cpu(), d.in_mask) and torch.equal(lm.out_mask.cpu(), d.out_mask)):
+            raise PruneError(f"{name}: its in/out masks are not those its group keep-masks give; edit the group "
+                             "keep-masks and pass keeps= (or propagate() them) instead")
+
+
+def _shrunk(an: Analysis, masks: Mapping[str, LayerMask], bits: Mapping[str, int] | None) -> tuple[Builder, nn.Module]:
+    """The surgery under a decision: its builder (layers made, in order) and the plain model, a chain's as a Sequential."""
+    builder = Builder(an, masks, bits)
+    plain: nn.Module = builder.build()
+    if isinstance(an.model, nn.Sequential):
+        plain = as_sequential(plain) or plain
+    return builder, plain
+
+
+def layer_precisions(model: nn.Module, masks: Mapping[str, LayerMask], bits_reduce: str = "mean",
+              variance_scale: float = 1.0) -> tuple[dict[str, int], int]:
+    """The one bits loop: each group-sparse layer's mantissa bits from its kept weights' posterior variances
+    (`precision.layer_bits`), and the exponent bits from the largest kept |E[w]| of the network."""
+    bits: dict[str, int] = {}
+    max_abs = 0.0
+    for name, lm in masks.items():
+        m = model.get_submodule(name)
+        if not isinstance(m, GroupSparseLayer):
+            continue
+        lm = on_device(lm, m)
+        keep = kept_weights(m, lm)
+        if not bool(keep.any()):
+            continue  # a layer nobody reads: not stored, no precision
+        bits[name] = layer_bits(m.posterior_variance()[keep], bits_reduce, variance_scale)
+        weight, _ = effective_params(m, lm)
+        max_abs = max(max_abs, weight[keep].abs().max().item())
+    return bits, exponent_bits(max_abs)
 
 
 @torch.no_grad()
@@ -63,83 +110,119 @@ def compress(
     thresholds: float | Mapping[str, float] | None = None,
     *,
     masks: Mapping[str, LayerMask] | None = None,
-    keeps: Mapping[str, torch.Tensor] | None = None,
+    keeps: Mapping[str, Tensor] | None = None,
     round_weights: bool = True,
     bits_reduce: str = "mean",
     variance_scale: float = 1.0,
     bit_accounting: str = "code",
-    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    example_input: Example | None = None,
 ) -> CompressedModel:
     """Prune, quantise and shrink a trained Bayesian model.
 
     - `thresholds`: None (each prior's default), a float for every layer, or {layer name: float};
-      group i of a layer is kept while its log α_i is below the layer's threshold.
-    - `masks`: a decision from `compression_masks` (possibly edited) to use instead of thresholds.
+      group i of a layer is kept while its log α_i is below the layer's threshold. Resolved once here
+      (`masks.resolve_thresholds`).
     - `keeps`: {layer name: bool mask over its groups} (`group_masks`), the groups to keep instead of
-      those the thresholds keep (any model; e.g. a decision taken before fine-tuning). The report still
-      records `thresholds`.
+      those the thresholds keep (e.g. a decision taken before fine-tuning). The report still records
+      `thresholds`. `masks`: a decision from `propagate` (its group keep-masks decide).
     - `round_weights`: round each layer's weights to its inferred precision (else keep float32).
     - `bits_reduce`, `variance_scale`: see `precision.layer_bits`; `bit_accounting`: see `rates`.
-    - `example_input`: a batch the model accepts. A model that is not an `nn.Sequential` chain
-      (residual sums, concatenations, ...) is then compressed through its torch.fx graph by
-      `graph.graph_compress`, and `.model` is a `torch.fx.GraphModule`.
+    - `example_input`: a batch (or tuple of inputs) the model accepts; it fixes the shapes used to follow
+      channels through flatten and pooling. Needed for any model but an `nn.Sequential` chain.
 
-    The input model is not modified.
+    `.model` is an `nn.Sequential` for a chain (an `nn.Sequential` whose traced graph is a line), else a
+    plain `torch.fx.GraphModule`. The input model is not modified.
     """
-    if example_input is not None and not isinstance(model, nn.Sequential):
-        if masks is not None:
-            raise ValueError("masks= describes a chain's decision; for a graph model pass keeps=")
-        return graph_compress(model, thresholds, keeps=keeps, example_input=example_input, round_weights=round_weights,
-                              bits_reduce=bits_reduce, variance_scale=variance_scale, bit_accounting=bit_accounting)
+    if masks is not None and keeps is not None:
+        raise ValueError("give masks= or keeps=, not both")
     was_training = model.training
     model.eval()
     try:
         resolved = resolve_thresholds(model, thresholds)
-        if masks is not None and keeps is not None:
-            raise ValueError("give masks= or keeps=, not both")
+        chosen = _keeps_of(masks) if masks is not None else keeps
+        decision = dict(chosen) if chosen is not None else keeps_below(model, resolved)
+        an = _analysis(model, decision, example_input, resolved)
+        layer_masks = decision_masks(an, resolved)
         if masks is not None:
-            decision = dict(masks)
-        elif keeps is not None:
-            decision = propagate(model, keeps, resolved)
-        else:
-            decision = compression_masks(model, resolved)
-        layers = chain(model)
-        # precision per group-sparse layer, from the kept weights' marginal variances
-        bits: dict[str, int] = {}
-        max_abs = 0.0
-        for name, m in layers:
-            if isinstance(m, GroupSparseLayer):
-                keep = kept_weights(m, decision[name])
-                if not bool(keep.any()):
-                    raise PruneError(f"layer {name} keeps no weight")
-                bits[name] = layer_bits(m.posterior_variance()[keep], bits_reduce, variance_scale)
-                weight, _ = effective_params(m, decision[name])
-                max_abs = max(max_abs, weight[keep].abs().max().item())
-        e_bits = exponent_bits(max_abs)
-        plain = shrink(model, decision, bits if round_weights else None)
-        report = _report(layers, decision, bits, e_bits, plain, resolved, bit_accounting)
+            _check_same(masks, layer_masks)
+        bits, e_bits = layer_precisions(model, layer_masks, bits_reduce, variance_scale)
+        builder, plain = _shrunk(an, layer_masks, bits if round_weights else None)
+        rows = [(n, an.modules[n], layer_masks[n], 0 if new is None else new.weight.numel())
+                for n, new in builder.new_layers.items()]
+        report = summarize(rows, bits, e_bits, resolved, bit_accounting)
         report.update(rounded=round_weights, bits_reduce=bits_reduce, variance_scale=variance_scale)
-        return CompressedModel(plain, report, decision, bits)
+        return CompressedModel(plain, report, layer_masks, bits)
     finally:
         model.train(was_training)
 
 
-def _report(layers, decision, bits, e_bits, plain, thresholds, accounting) -> dict[str, Any]:
-    shrunk_weighted = [m for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    originals = [(n, m) for n, m in layers if isinstance(m, WEIGHTED)]
-    rows = [(name, m, decision[name], new.weight.numel())
-            for (name, m), new in zip(originals, shrunk_weighted, strict=True)]
-    return summarize(rows, bits, e_bits, thresholds, accounting)
+def graph_compress(model: nn.Module, thresholds: float | Mapping[str, float] | None = None, *,
+                   example_input: Example, **options: Any) -> CompressedModel:
+    """`compress` with a required `example_input` (the name earlier versions gave graph compression)."""
+    return compress(model, thresholds, example_input=example_input, **options)
+
+
+@torch.no_grad()
+def propagate(model: nn.Module, keeps: Mapping[str, Tensor], thresholds: Mapping[str, float] | None = None, *,
+              example_input: Example | None = None) -> dict[str, LayerMask]:
+    """The `LayerMask` of every weighted layer from the group keep-masks (`analysis.decision_masks`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return decision_masks(_analysis(model, keeps, example_input, thresholds), thresholds)
+    finally:
+        model.train(was_training)
+
+
+def compression_masks(model: nn.Module, thresholds: float | Mapping[str, float] | None = None, *,
+                      example_input: Example | None = None) -> dict[str, LayerMask]:
+    """`group_masks` then `propagate`: the full decision for a model at the given thresholds."""
+    resolved = resolve_thresholds(model, thresholds)
+    return propagate(model, keeps_below(model, resolved), resolved, example_input=example_input)
+
+
+@torch.no_grad()
+def graph_shrinker(model: nn.Module, keeps: Mapping[str, Tensor], *,
+                   example_input: Example | None = None) -> Callable[[Mapping[str, int] | None], nn.Module]:
+    """Rebuild one decision at many precisions: analyse `model` once under `keeps` ({layer name: bool mask
+    over its groups}) and return ``build(bits)``, the plain model with each layer's weights rounded to
+    ``bits[layer]`` mantissa bits (a layer left out is not rounded; None: no rounding).
+    ``build(compressed.bits)`` is the model `compress(model, keeps=keeps, ...)` returns."""
+    was_training = model.training
+    model.eval()
+    try:
+        an = _analysis(model, keeps, example_input, None)
+    finally:
+        model.train(was_training)
+    layer_masks = decision_masks(an)
+
+    @torch.no_grad()
+    def build(bits: Mapping[str, int] | None) -> nn.Module:
+        return _shrunk(an, layer_masks, None if bits is None else dict(bits))[1]
+
+    return build
+
+
+def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, int] | None = None, *,
+           example_input: Example | None = None) -> nn.Module:
+    """The plain model computing what the masked model computes at evaluation, for a decision from `propagate`;
+    `bits` (layer name → mantissa bits) rounds each named layer's kept weights to 2^−bits."""
+    keeps = _keeps_of(masks)
+    build = graph_shrinker(model, keeps, example_input=example_input)
+    return build(bits)
 
 
 __all__ = [
     "AppendOnes",
     "CompressedModel",
+    "FastMaxPool2d",
     "LayerMask",
+    "OpRule",
     "PruneError",
     "Realign",
     "Select",
     "apply_masks",
+    "check_keeps",
     "compress",
     "compression_masks",
     "exponent_bits",
@@ -148,9 +231,12 @@ __all__ = [
     "group_masks",
     "kept_weights",
     "layer_bits",
+    "layer_precisions",
     "propagate",
     "rates",
+    "register_channelwise",
     "round_to_bits",
     "shrink",
     "weight_bits",
+    "with_pooling",
 ]

@@ -27,9 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .graph import graph_shrinker
 from .precision import MAX_BITS
-from .shrink import shrink
 from .thresholds import _error
 
 VERDICTS = ("conservative", "tight", "optimistic")
@@ -66,7 +64,7 @@ def precision_sensitivity(
     `delta` is the error minus error_inferred (percentage points). The data should be a validation
     split when the answer feeds a decision; the test set is fine for a report.
     """
-    from . import compress
+    from . import compress, graph_shrinker, shrink
 
     ks = [int(k) for k in ks]
     if not ks or any(k < 1 for k in ks):

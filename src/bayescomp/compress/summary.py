@@ -1,4 +1,4 @@
-"""The report fields of a compression decision, shared by the chain and the graph compressors."""
+"""The report fields of a compression decision (every rate from `rates.rates`)."""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.shrink import with_pooling
+from ..compress.runtime import with_pooling
 from ..train.checkpoint import atomic_write_bytes
-from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, _any_spec, build_from_spec, build_graph
+from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, any_spec, build_from_spec, build_graph
 
 
 class ExportError(RuntimeError):
@@ -60,7 +60,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict[str
         from safetensors.torch import save
     except ImportError as exc:
         raise ExportError("safetensors export needs the safetensors package: pip install 'bayescomp[export]'") from exc
-    version, key, spec = _any_spec(model)
+    version, key, spec = any_spec(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "version": str(version), key: json.dumps(spec), "meta": json.dumps(meta or {})}
     atomic_write_bytes(path, save(tensors, metadata=metadata))

@@ -39,11 +39,11 @@ import torch
 from torch import fx, nn
 
 from ..compress.rates import CodedBits, cr_file, cr_max
-from ..compress.shrink import Select
+from ..compress.runtime import Select
 from ..train.checkpoint import atomic_write_bytes
 from . import codec
 from .codec import CodecError
-from .plain import _LAYERS, EXTRA_ARGS, ModelFileError, build_from_spec, build_graph, graph_spec, model_spec
+from .plain import EXTRA_ARGS, LAYERS, ModelFileError, build_from_spec, build_graph, graph_spec, model_spec
 
 MAGIC = b"\x89BCZ\r\n\x1a\n"
 VERSION = 1
@@ -353,9 +353,9 @@ def _spec_elements(entry: Any) -> int:
     kind, args, name = entry["type"], entry.get("args"), entry["name"]
     if not isinstance(args, dict):
         raise PackedFileError(f"architecture: layer {name!r} has no argument table")
-    if kind not in _LAYERS:
+    if kind not in LAYERS:
         raise PackedFileError(f"architecture: layer type {kind!r} is not supported in packed files")
-    extra = set(args) - set(_LAYERS[kind][1]) - EXTRA_ARGS.get(kind, set())
+    extra = set(args) - set(LAYERS[kind][1]) - EXTRA_ARGS.get(kind, set())
     if extra:  # only the arguments model_spec writes: no device=, dtype= or other surprises
         raise PackedFileError(f"architecture: layer {name!r} has unexpected arguments {sorted(extra)}")
     if kind in _TENSORLESS:

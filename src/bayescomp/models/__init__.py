@@ -15,7 +15,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "lenet300": (lenet300_100, "mnist"),
     "lenet5": (lenet5_caffe, "mnist"),
     "vgg16": (vgg16_cifar, "cifar10"),
-    # residual and concatenating networks: compressed through their torch.fx graph (compress.graph)
+    # residual and concatenating networks: compressed through their torch.fx graph (compress.analysis)
     "resnet20": (resnet20_cifar, "cifar10"),
     "resnet18_cifar": (resnet18_cifar, "cifar10"),
     "resnet_mnist": (resnet_mnist, "mnist"),

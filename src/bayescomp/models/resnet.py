@@ -7,7 +7,7 @@
 * `resnet_mnist`: a small residual net for 1×28×28 inputs.
 * `concat_net`: two branches concatenated along channels, then conv, pool and a linear layer.
 
-These are not `nn.Sequential` chains: `bayescomp.compress.graph.graph_compress` shrinks them.
+These are not `nn.Sequential` chains: `bayescomp.compress` shrinks them through their traced graph.
 """
 
 from __future__ import annotations

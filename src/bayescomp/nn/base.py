@@ -22,7 +22,7 @@ An input origin c (`set_input_origin`; 0 by default) makes the layer compute on 
 its origin then adds neither signal nor sampling noise (the local reparameterisation's variance is
 Σ (x_j − c)²·Var[w_ij]), which is what "no signal" means for data whose blank value is not 0 (MNIST
 here is in [−1, 1], background −1). The compressed plain layer takes x itself: W(x − c) + b is folded
-into W·x + (b − c·Σ_j W_j) (`compress.shrink`).
+into W·x + (b − c·Σ_j W_j) (`compress.weights.fold_origin`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.chain import WEIGHTED, chain, is_linear
-from ..compress.masks import LayerMask, compression_masks, resolve_thresholds
+from ..compress.masks import LayerMask, resolve_thresholds
+from ..compress.rules import is_linear
 from ..nn import GroupSparseLayer
 
 
@@ -110,17 +110,14 @@ def plot_weights(model: nn.Module, masks: Mapping[str, LayerMask] | None, path: 
     priors' default thresholds); for a model that is not an `nn.Sequential` chain, the masks of its
     graph compression (`graph_compress(...).masks`), whose layers are drawn in the graph's order.
     """
-    from ..compress import kept_weights
+    from ..compress import compression_masks, kept_weights
 
-    if isinstance(model, nn.Sequential):
-        if masks is None:
-            masks = compression_masks(model, None)
-        layers = [(n, m) for n, m in chain(model) if isinstance(m, WEIGHTED)]
-    else:
-        if masks is None:
+    if masks is None:
+        if not isinstance(model, nn.Sequential):
             raise ValueError(f"{type(model).__name__} is not an nn.Sequential chain: pass masks=, the decision of "
                              "compress(model, thresholds, example_input=...)")
-        layers = [(n, model.get_submodule(n)) for n in masks]
+        masks = compression_masks(model, None)
+    layers = [(n, model.get_submodule(n)) for n in masks]
     if not layers:
         raise ValueError("the model has no weighted layer to draw")
     first_name, first = layers[0]

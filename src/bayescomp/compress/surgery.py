@@ -1,0 +1,284 @@
+"""The one surgery: emit the shrunk network from the analysis — sliced layers, and `Select`/`Realign`/
+`AppendOnes` where channel sets differ.
+
+The result is a plain `torch.fx.GraphModule` computing exactly what the masked Bayesian network
+computes at evaluation: weights are the posterior means E[w] (masked, optionally rounded to the
+layer's bits), biases the posterior-mean biases plus any constant inputs folded in (into the bias
+for a Linear layer or an unpadded convolution; into one extra input channel of ones for a zero-padded
+convolution, whose border taps see the padding's zeros). `as_sequential` turns a graph that is a line
+of modules into the flat `nn.Sequential` a chain's user expects.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..convert import UnsupportedLayerError
+from ..nn import zero_padded
+from .analysis import Analysis, Info, label, shape_of, unsupported
+from .masks import LayerMask, PruneError, on_device
+from .precision import round_to_bits
+from .rules import copy_layer, is_linear
+from .runtime import AppendOnes, Realign, Select
+from .weights import constant_inputs, effective_params, fold_origin
+
+
+class Builder:
+    """Emit the shrunk graph: sliced layers, and Select/Realign/AppendOnes where channel sets differ."""
+
+    def __init__(self, an: Analysis, masks: Mapping[str, LayerMask], bits: Mapping[str, int] | None) -> None:
+        self.an = an
+        self.masks = masks
+        self.bits = bits
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.cache: dict[tuple, fx.Node] = {}
+        param = next(an.model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.new_layers: dict[str, nn.Module | None] = {}  # weighted layers in execution order; None: removed
+
+    def _add_module(self, path: str, module: nn.Module) -> str:
+        parts = path.split(".")
+        parent = self.root
+        for p in parts[:-1]:
+            if not hasattr(parent, p):
+                parent.add_module(p, nn.Module())
+            parent = getattr(parent, p)
+        base, k = parts[-1], 0
+        while hasattr(parent, parts[-1]):
+            k += 1
+            parts[-1] = f"{base}_{k}"
+        parent.add_module(parts[-1], module)
+        return ".".join(parts)
+
+    def _call(self, module: nn.Module, path: str, args: tuple) -> fx.Node:
+        target = self._add_module(path, module.to(self.device))
+        return self.graph.call_module(target, args)
+
+    def _materialize(self, src: fx.Node, reads: Tensor, consumer: fx.Node, slot: int,
+                     broadcast: bool = False) -> fx.Node | None:
+        """The new-graph value holding channels `reads` of `src` (in order), constants put back."""
+        info = self.an.info[src]
+        if not bool(reads.any()):
+            return None
+        key = (src, reads.numpy().tobytes(), broadcast)
+        if key in self.cache:
+            return self.cache[key]
+        carried = info.carried
+        fill = reads & ~carried
+        phys = reads & carried
+        tag = f"{consumer.name}_in{slot}"
+        if not bool(fill.any()):
+            if torch.equal(reads, carried):
+                return self.env[src]
+            index = torch.nonzero(reads[carried]).flatten()
+            value = self._call(Select(index, int(carried.sum())), f"{tag}_select", (self.env[src],))
+        else:
+            values = info.const[reads]
+            if bool(torch.isnan(info.const[fill]).any()):  # pragma: no cover - the analysis guarantees this
+                raise AssertionError(f"{label(consumer)}: a varying channel of {src.name} was not carried")
+            if not bool(phys.any()) and broadcast:
+                c = values.to(self.dtype).view(1, -1, *([1] * (len(info.shape) - 2)))
+                name = f"_const_{tag}"
+                self.root.register_buffer(name, c.to(self.device))
+                value = self.graph.get_attr(name)
+            elif not bool(carried.any()):
+                raise PruneError(f"{label(consumer)}: every channel of its input is constant after pruning, but "
+                                 "its output still varies; this network cannot be shrunk at these thresholds")
+            else:
+                pos = torch.cumsum(carried.long(), 0) - 1  # position of each carried channel in the shrunk tensor
+                sel = phys[reads]
+                src_idx = pos[reads & carried]
+                dst_idx = torch.nonzero(sel).flatten()
+                fill_values = torch.where(sel, torch.zeros_like(values), values).to(self.dtype)
+                value = self._call(Realign(src_idx, dst_idx, fill_values), f"{tag}_realign", (self.env[src],))
+        self.cache[key] = value
+        return value
+
+    def build(self) -> fx.GraphModule:
+        an = self.an
+        for node, info in an.info.items():
+            if info.kind == "meta":
+                continue
+            if info.kind == "input":
+                if node.args:
+                    self.env[node] = self.graph.placeholder(node.target, default_value=node.args[0])
+                else:
+                    self.env[node] = self.graph.placeholder(node.target)
+                continue
+            if not bool(info.carried.any()):
+                if info.kind in ("weighted", "depthwise"):
+                    self._record_dead(node, info)
+                continue
+            emit = getattr(self, f"_emit_{info.kind}")
+            self.env[node] = emit(node, info)
+
+        def out_value(n: fx.Node) -> fx.Node:
+            info = an.info[n]
+            if info.kind == "meta":
+                raise unsupported(an.output, f"the model returns the non-tensor value {n.name!r}")
+            return self._materialize(n, torch.ones_like(info.carried), an.output, 0)
+
+        self.graph.output(fx.node.map_arg(an.output.args[0], out_value))
+        self.graph.lint()
+        gm = fx.GraphModule(self.root, self.graph, class_name=f"Compressed{type(an.model).__name__}")
+        return gm.eval()
+
+    def _input(self, node: fx.Node, info: Info, i: int = 0, broadcast: bool = False) -> fx.Node:
+        value = self._materialize(info.inputs[i], info.reads[i], node, i, broadcast)
+        if value is None:  # pragma: no cover - a live node reads at least one channel
+            raise AssertionError(f"{label(node)} reads nothing")
+        return value
+
+    def _record_dead(self, node: fx.Node, info: Info) -> None:
+        self.new_layers[str(node.target)] = None
+
+    def _emit_weighted(self, node: fx.Node, info: Info) -> fx.Node:
+        m = info.module
+        lm = self.masks[str(node.target)]
+        weight, bias = effective_params(m, on_device(lm, m))
+        if self.bits is not None and lm.name in self.bits:
+            weight = round_to_bits(weight, self.bits[lm.name])
+        kernel, has_const = constant_inputs(weight, on_device(lm, m))
+        linear = is_linear(m)
+        padded = not linear and zero_padded(m) and getattr(m, "padding_mode", "zeros") == "zeros"
+        ones_channel = has_const and padded
+        if has_const and not ones_channel:
+            bias = bias + (kernel if kernel.dim() == 1 else kernel.flatten(1).sum(1))
+        bias = fold_origin(m, weight, bias)
+        out_mask = lm.out_mask.to(weight.device)
+        in_mask = lm.in_mask.to(weight.device)
+        w = weight[out_mask][:, in_mask]
+        b = bias[out_mask]
+        x = self._input(node, info)
+        if ones_channel:
+            x = self._call(AppendOnes(), f"{node.name}_ones", (x,))
+            extra = kernel[out_mask].unsqueeze(1)
+            if self.bits is not None and lm.name in self.bits:
+                extra = round_to_bits(extra, self.bits[lm.name])
+            w = torch.cat([w, extra], dim=1)
+        if linear:
+            new: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=True)
+        else:
+            new = nn.Conv2d(w.shape[1], w.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, 1, bias=True,
+                            padding_mode=getattr(m, "padding_mode", "zeros"))
+        return self._finish_layer(node, lm, new, w, b, x)
+
+    def _emit_depthwise(self, node: fx.Node, info: Info) -> fx.Node:
+        m = info.module
+        lm = self.masks[str(node.target)]
+        weight, bias = effective_params(m, on_device(lm, m))
+        if self.bits is not None and lm.name in self.bits:
+            weight = round_to_bits(weight, self.bits[lm.name])
+        bias = fold_origin(m, weight, bias)
+        keep = lm.out_mask.to(weight.device)
+        w, b = weight[keep], bias[keep]
+        k = int(keep.sum())
+        new = nn.Conv2d(k, k, m.kernel_size, m.stride, m.padding, m.dilation, k, bias=True,
+                        padding_mode=getattr(m, "padding_mode", "zeros"))
+        return self._finish_layer(node, lm, new, w, b, self._input(node, info))
+
+    def _finish_layer(self, node: fx.Node, lm: LayerMask, new: nn.Module, w: Tensor, b: Tensor, x: fx.Node) -> fx.Node:
+        new = new.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            new.bias.copy_(b)
+        self.new_layers[lm.name] = new
+        return self._call(new, lm.name, (x,))
+
+    def _emit_channelwise(self, node: fx.Node, info: Info) -> fx.Node:
+        x = self._input(node, info)
+        if node.op == "call_module":
+            return self._call(self._sliced(node, info), str(node.target), (x,))
+        if node.op == "call_method":
+            return self.graph.call_method(node.target, (x, *node.args[1:]), dict(node.kwargs))
+        return self.graph.call_function(node.target, (x, *node.args[1:]), dict(node.kwargs))
+
+    _emit_barrier = _emit_channelwise
+
+    @staticmethod
+    def _sliced(node: fx.Node, info: Info) -> nn.Module:
+        """A channel-wise module cut to the channels it carries (its rule's slicer), or copied whole."""
+        keep, module = info.carried, info.module
+        if info.rule is not None and info.rule.slicer is not None:
+            return info.rule.slicer(module, keep)
+        if not bool(keep.all()) and (next(module.parameters(), None) is not None or next(module.buffers(), None) is not None):
+            raise UnsupportedLayerError(f"{label(node)}: {type(module).__name__} holds tensors and loses channels; "
+                                        "register it with a slicer (bayescomp.register_channelwise)")
+        return copy_layer(module)
+
+    def _emit_flatten(self, node: fx.Node, info: Info) -> fx.Node:
+        x = self._input(node, info)
+        if node.op == "call_module":
+            return self._call(copy.deepcopy(info.module), str(node.target), (x,))
+        return self.graph.call_function(torch.flatten, (x, 1))
+
+    def _emit_cat(self, node: fx.Node, info: Info) -> fx.Node:
+        parts = [self._materialize(x, r, node, i) for i, (x, r) in enumerate(zip(info.inputs, info.reads, strict=True))]
+        parts = [p for p in parts if p is not None]
+        if len(parts) == 1:
+            return parts[0]
+        return self.graph.call_function(torch.cat, (parts,), {"dim": 1})
+
+    def _emit_binary(self, node: fx.Node, info: Info) -> fx.Node:
+        args = list(node.args)
+        kwargs = dict(node.kwargs)
+        if "other" in kwargs:
+            args.append(kwargs.pop("other"))
+        # an operand that is wholly constant may be a broadcast constant, if a carried operand has the full shape
+        full = [i for i, x in enumerate(info.inputs) if bool((info.reads[i] & self.an.info[x].carried).any())
+                and shape_of(x)[2:] == info.shape[2:] and shape_of(x)[0] == info.shape[0]]
+        values, k = [], 0
+        for a in args:
+            if isinstance(a, fx.Node):
+                values.append(self._input(node, info, k, broadcast=bool(full) and k not in full))
+                k += 1
+            else:
+                values.append(a)
+        if node.op == "call_method":
+            return self.graph.call_method(node.target, tuple(values))
+        return self.graph.call_function(node.target, tuple(values))
+
+
+
+
+#: the name suffix of a helper module in front of a layer, in a chain's `nn.Sequential`
+_HELPER_SUFFIX = {Select: "select", AppendOnes: "ones", Realign: "realign"}
+
+
+def as_sequential(gm: fx.GraphModule) -> nn.Sequential | None:
+    """The flat `nn.Sequential` of a graph that is a line of modules (each reads the one before), else None.
+
+    Each module is named by its path with dots as underscores; a helper in front of a layer by the
+    layer's name and ``_select``, ``_ones`` or ``_realign``.
+    """
+    nodes = list(gm.graph.nodes)
+    if len(nodes) < 3 or nodes[0].op != "placeholder" or nodes[-1].op != "output":
+        return None
+    line, prev = [], nodes[0]
+    for node in nodes[1:-1]:
+        if node.op != "call_module" or node.args != (prev,) or node.kwargs:
+            return None
+        line.append((str(node.target), gm.get_submodule(str(node.target))))
+        prev = node
+    if nodes[-1].args != (prev,):
+        return None
+    seq, pending = nn.Sequential(), []
+    for target, module in line:
+        suffix = _HELPER_SUFFIX.get(type(module))
+        if suffix is not None:
+            pending.append((suffix, module))
+            continue
+        safe = target.replace(".", "_")
+        for suffix, helper in pending:
+            seq.add_module(f"{safe}_{suffix}", helper)
+        pending = []
+        seq.add_module(safe, module)
+    for suffix, helper in pending:
+        seq.add_module(f"output_{suffix}", helper)
+    return seq.eval()
