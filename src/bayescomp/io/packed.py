@@ -40,7 +40,7 @@ from torch import fx, nn
 
 from ..compress.rates import CodedBits, cr_file, cr_max
 from ..compress.shrink import Select
-from ..train.checkpoint import atomic_write_bytes
+from ..base import atomic_write
 from . import codec
 from .codec import CodecError
 from .plain import _LAYERS, EXTRA_ARGS, ModelFileError, build_from_spec, build_graph, graph_spec, model_spec
@@ -310,7 +310,7 @@ def _weights(model: nn.Module) -> int:
 def save(compressed: Any, path: str | os.PathLike, coder: str = "auto") -> dict[str, Any]:
     """Write the packed file of a CompressedModel (or a plain chain / GraphModule) atomically; returns `pack`'s summary."""
     data, info = pack(compressed, coder)
-    atomic_write_bytes(path, data)
+    atomic_write(path, data)
     return info
 
 

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from ..compress.graph import Realign
 from ..compress.shrink import AppendOnes, FastMaxPool2d, Select
-from ..train.checkpoint import atomic_write, load_error
+from ..base import atomic_write, load_error
 
 FORMAT = "bayescomp-plain"
 #: file version of a chain model (the layer list); graph models are written as GRAPH_VERSION
