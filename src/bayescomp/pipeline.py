@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .base import atomic_write
 from .compress import PruneError, apply_masks, compress, group_masks
 from .compress.masks import resolve_thresholds
 from .compress.thresholds import (
@@ -62,7 +63,6 @@ from .rundir import (
 )
 from .runreport import read_json, read_metrics, read_run, validate_options
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
-from .base import atomic_write
 from .train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .train.loop import (
     flush_denormals,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import atomic_write
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
 from .optioncheck import check_number, check_thresholds
@@ -50,7 +51,6 @@ from .pipeline import (
 from .rundir import check_out
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
-from .base import atomic_write
 from .train.checkpoint import load_checkpoint
 
 SWEEP_FILE = "sweep.json"

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.shrink import with_pooling
 from ..base import atomic_write
+from ..compress.shrink import with_pooling
 from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, _any_spec, build_from_spec, build_graph
 
 

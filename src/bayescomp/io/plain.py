@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..base import atomic_write, load_error
 from ..compress.graph import Realign
 from ..compress.shrink import AppendOnes, FastMaxPool2d, Select
-from ..base import atomic_write, load_error
 
 FORMAT = "bayescomp-plain"
 #: file version of a chain model (the layer list); graph models are written as GRAPH_VERSION
@@ -106,6 +106,8 @@ EXTRA_ARGS: dict[str, set[str]] = {
     "Select": {"index_size"},
     "Realign": {"n_carried", "n_channels"},
 }
+#: type name -> every argument a stored layer entry may have (readers refuse any other)
+STORED_ARGS: dict[str, frozenset[str]] = {k: frozenset(a) | EXTRA_ARGS.get(k, set()) for k, (_, a) in _LAYERS.items()}
 
 #: call_function targets a stored graph may use: pure tensor functions, by a stable name. These are the
 #: functions graph_compress can emit (it re-emits the model's own element-wise ops, reductions over

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..base import atomic_write
 from ..convert import group_layers, kl_divergence
 from ..nn.base import PARAMETER_KINDS, fuse_weight_kl, parameter_kind
 from . import distributed
-from ..base import atomic_write
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .memory import keep_freed_memory
 
