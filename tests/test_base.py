@@ -10,6 +10,8 @@ import torch
 
 from bayescomp.base import BayescompError, atomic_write, safe_load
 from bayescomp.data import DataError
+from bayescomp.io.codec import CodecError
+from bayescomp.io.export import ExportError
 from bayescomp.io.packed import PackedFileError
 from bayescomp.train import CheckpointError
 
@@ -86,6 +88,7 @@ def test_safe_load_names_a_missing_or_truncated_file(tmp_path):
 
 
 @pytest.mark.parametrize(("error", "builtin"), [(CheckpointError, RuntimeError), (DataError, ValueError),
-                                                (PackedFileError, ValueError)])
+                                                (PackedFileError, ValueError), (CodecError, ValueError),
+                                                (ExportError, RuntimeError)])
 def test_package_errors_derive_from_the_root_and_keep_their_builtin(error, builtin):
     assert issubclass(error, BayescompError) and issubclass(error, builtin)

@@ -88,16 +88,10 @@ def read_uvarint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]
 def entropy_bits(symbols: np.ndarray) -> float:
     """Shannon information n·H of the symbol array, in bits: Σ_s −c_s·log2(c_s / n)."""
     _, counts = np.unique(np.asarray(symbols).reshape(-1), return_counts=True)
-    return counts_entropy_bits(counts)
-
-
-def counts_entropy_bits(counts: np.ndarray) -> float:
-    c = np.asarray(counts, dtype=np.float64)
-    c = c[c > 0]
-    if c.size <= 1:
+    if counts.size <= 1:
         return 0.0
-    n = c.sum()
-    return float(-(c * np.log2(c / n)).sum())
+    c = counts.astype(np.float64)
+    return float(-(c * np.log2(c / c.sum())).sum())
 
 
 def huffman_code_lengths(counts: np.ndarray) -> np.ndarray:

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import atomic_write
+from ..base import BayescompError, atomic_write
 from ..compress.shrink import with_pooling
 from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, _any_spec, build_from_spec, build_graph
 
 
-class ExportError(RuntimeError):
+class ExportError(BayescompError, RuntimeError):
     """An export that cannot be made (missing package, unsupported model)."""
 
 
