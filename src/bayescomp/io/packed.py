@@ -11,7 +11,7 @@ What goes in (byte layout in docs/format.md):
   (flag bit 0 set), plus a little metadata (per-layer bits, the original weight count);
 * each weight of a quantised layer (one with a bit count T in `CompressedModel.bits`) as integers
   q = w·2^T in Deep Compression's sparse format: the non-zero q's and their relative-index gaps
-  (with filler entries), two streams each coded with ANS, canonical Huffman or fixed width;
+  (with filler entries), two streams each coded with ANS, Huffman or fixed width (`io.streams`);
 * every other tensor raw little-endian: float32 (biases, batch-norm parameters, weights of
   unquantised layers) or int64; a `Select`'s sorted index as a bitmask over its inputs;
 * a CRC-32 of everything before it.

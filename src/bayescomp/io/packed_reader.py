@@ -358,3 +358,6 @@ def load(path: str | os.PathLike, *, max_elements: int = MAX_ELEMENTS) -> nn.Mod
     An `nn.Sequential` for a chain, a `torch.fx.GraphModule` for a residual or concatenating network.
     """
     return read_packed(path, max_elements=max_elements)[0]
+
+
+__all__ = ["load", "read_packed", "unpack"]
