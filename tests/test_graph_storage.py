@@ -25,7 +25,7 @@ from torch import fx, nn
 import bayescomp
 from bayescomp.compress import AppendOnes, Realign, graph_compress
 from bayescomp.compress.rules import FUNCTION_RULES, METHOD_RULES
-from bayescomp.io import packed
+from bayescomp.io import packed_reader
 from bayescomp.io.graphs import FUNCTION_NAMES
 from bayescomp.io.packed import FLAG_GRAPH, MAGIC, PackedFileError, pack, packed_report, read_packed, unpack
 from bayescomp.io.plain import (
@@ -297,7 +297,7 @@ def test_chain_files_keep_version_1_and_no_flag(tmp_path):
 def test_a_reader_without_the_graph_flag_refuses_graph_files(compressed, monkeypatch):
     result, _ = compressed("concat_net")
     data, _ = pack(result)
-    monkeypatch.setattr(packed, "KNOWN_FLAGS", 0)  # what a bayescomp from before graph files does
+    monkeypatch.setattr(packed_reader, "KNOWN_FLAGS", 0)  # what a bayescomp from before graph files does
     with pytest.raises(PackedFileError, match="features this bayescomp does not know"):
         unpack(data)
 

@@ -15,7 +15,6 @@ from bayescomp.nn import Conv2dGroupHS, Conv2dGroupNJ, LinearGroupHS, LinearGrou
 from bayescomp.nn import horseshoe_kl as hkl
 from bayescomp.nn.kl import kl_group_nj, kl_log_uniform, kl_log_uniform_reference
 from bayescomp.nn.lrt import conv2d_lrt, conv2d_lrt_reference, linear_lrt, linear_lrt_reference
-from bayescomp.train import memory
 
 F64 = torch.float64
 
@@ -124,15 +123,6 @@ def test_scale_kls_match_their_expressions():
     la = _leaf(50, scale=4.0)
     _same(kl_log_uniform, kl_log_uniform_reference, (la,))
     assert gradcheck(kl_log_uniform, (la,))
-
-
-def test_keep_freed_memory_is_idempotent_and_can_be_disabled(monkeypatch):
-    monkeypatch.setattr(memory, "_done", False)
-    monkeypatch.setenv("BAYESCOMP_KEEP_FREED_MEMORY", "0")
-    assert memory.keep_freed_memory() is False
-    monkeypatch.delenv("BAYESCOMP_KEEP_FREED_MEMORY")
-    first = memory.keep_freed_memory()
-    assert memory.keep_freed_memory() is first
 
 
 def test_group_nj_kl_matches_the_log_alpha_expression():

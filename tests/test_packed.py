@@ -1,4 +1,4 @@
-"""Tests for the packed file (.bcz): codec (Huffman, ANS, fixed width, sparse index), format, rates, robustness."""
+"""Tests for the packed file (.bcz): coders (Huffman, ANS, fixed width), streams, sparse index, format, rates, robustness."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import bayescomp.models
 from bayescomp.compress import CompressedModel
 from bayescomp.compress.rates import CodedBits, cr_file, cr_max
 from bayescomp.data import load_mnist
-from bayescomp.io import codec
+from bayescomp.io import canonical_huffman, codec, sparse_index, streams
 from bayescomp.io.packed import (
     MAGIC,
     PackedFileError,
@@ -231,64 +231,100 @@ def test_codec_round_trip(rows, cols, sparsity, bits, scale, index_bits, seed):
     q = np.clip(q, 1 - 2**24, 2**24 - 1)  # float32 holds q·2^-bits exactly below 2^24
     q[rng.random((rows, cols)) < sparsity] = 0
     w = (q * 2.0**-bits).astype(np.float32)
-    assert np.array_equal(codec.quantize(w, bits), q)
-    values, gaps = codec.sparse_encode(q, index_bits)
-    assert np.array_equal(codec.sparse_decode(values, gaps, q.size, index_bits), q.reshape(-1))
+    assert np.array_equal(sparse_index.quantize(w, bits), q)
+    values, gaps = sparse_index.sparse_encode(q, index_bits)
+    assert np.array_equal(sparse_index.sparse_decode(values, gaps, q.size, index_bits), q.reshape(-1))
     assert gaps.size == 0 or gaps.max() < 2**index_bits
     for symbols in (values, gaps):
         for coder in ("ans", "huffman", "fixed", "auto"):
-            s = codec.encode_stream(symbols, coder)
-            assert np.array_equal(codec.decode_stream(s.coder, s.table, s.payload, s.n), symbols)
+            s = streams.encode_stream(symbols, coder)
+            assert np.array_equal(streams.decode_stream(s.coder, s.table, s.payload, s.n), symbols)
         if symbols.size == 0:
             continue
         _, counts = np.unique(symbols, return_counts=True)
-        lengths = codec.huffman_code_lengths(counts)
-        assert codec.kraft_sum(lengths) <= 1.0
+        codec.check_code_lengths(codec.huffman_code_lengths(counts))  # a complete prefix code
         n, h = symbols.size, codec.entropy_bits(symbols)
         hb = codec.huffman_bits(symbols)
         assert h - 1e-6 <= hb < h + n  # H·n ≤ Huffman bits < (H + 1)·n
 
 
-def test_huffman_codes_are_canonical_prefix_codes():
+def _canonical_payload(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
+    """What 0.1.0 wrote: the canonical code words of `symbols`, MSB first, zero-padded to a byte (a reference)."""
+    codes = canonical_huffman.canonical_codes(lengths)
+    bits = "".join(format(codes[s], f"0{int(lengths[s])}b") for s in symbols.tolist())
+    bits += "0" * (-len(bits) % 8)
+    return int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+
+
+def test_canonical_codes_of_0_1_0():
     lengths = np.array([3, 1, 3, 3, 4, 4])  # Kraft sum exactly 1
-    codes = codec.canonical_codes(lengths)
-    words = [format(int(c), f"0{int(n)}b") for c, n in zip(codes, lengths, strict=True)]
+    words = [format(c, f"0{n}b") for c, n in zip(canonical_huffman.canonical_codes(lengths), lengths, strict=True)]
     assert words == ["100", "0", "101", "110", "1110", "1111"]  # shorter first, ties in symbol order
     symbols = np.array([1, 0, 5, 1, 3, 4, 2, 1])
-    payload, nbits = codec.huffman_encode(symbols, lengths)
-    assert nbits == 1 + 3 + 4 + 1 + 3 + 4 + 3 + 1
-    assert format(int.from_bytes(payload, "big"), f"0{8 * len(payload)}b")[:nbits] == "".join(words[s] for s in symbols)
-    assert np.array_equal(codec.huffman_decode(payload, lengths, symbols.size), symbols)
+    payload = _canonical_payload(symbols, lengths)
+    assert payload == bytes([0b01001111, 0b01101110, 0b10100000])  # 0 100 1111 0 110 1110 101 0, then 0000
+    assert np.array_equal(canonical_huffman.decode(payload, lengths, symbols.size), symbols)
+    for bad in (payload + b"\0", payload[:-1]):  # a byte too many, a code word cut off
+        with pytest.raises(codec.CodecError):
+            canonical_huffman.decode(bad, lengths, symbols.size)
+    with pytest.raises(codec.CodecError, match="Kraft"):
+        canonical_huffman.decode(payload, np.array([1, 1, 2]), 3)
 
 
-def test_huffman_length_limit():
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 3000), min_size=2, max_size=2000), seed=st.integers(0, 2**31 - 1))
+def test_canonical_huffman_of_0_1_0_decodes_what_it_wrote(counts, seed):
+    lengths = codec.huffman_code_lengths(np.array(counts))
+    if lengths.max() > canonical_huffman.MAX_LENGTH:
+        return  # 0.1.0 limited its codes to 24 bits
+    symbols = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    payload = _canonical_payload(symbols, lengths)
+    assert np.array_equal(canonical_huffman.decode(payload, lengths, symbols.size), symbols)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 500), min_size=1, max_size=300), seed=st.integers(0, 2**31 - 1))
+def test_huffman_stream_costs_its_code_lengths_and_round_trips(counts, seed):
+    values = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)) * 3 - 7, counts))
+    s = streams.encode_stream(values, "huffman")
+    assert s.payload_bits == codec.huffman_bits(values)
+    assert len(s.payload) == (s.payload_bits + 7) // 8  # whole bytes, not constriction's 32-bit words
+    assert np.array_equal(streams.decode_stream(s.coder, s.table, s.payload, s.n), values)
+    if s.payload:
+        for bad in (s.payload + b"\0", s.payload[:-1]):
+            with pytest.raises(codec.CodecError):
+                streams.decode_stream(s.coder, s.table, bad, s.n)
+
+
+def test_huffman_deeper_than_its_length_field_is_refused_and_auto_codes_it_otherwise(monkeypatch):
     fib = [1, 1]
     while len(fib) < 40:
         fib.append(fib[-1] + fib[-2])
-    counts = np.array(fib)
-    assert codec.huffman_code_lengths(counts, max_length=64).max() == 39  # the unlimited tree is 39 deep
-    lengths = codec.huffman_code_lengths(counts)
-    assert lengths.max() <= codec.MAX_CODE_LENGTH and codec.kraft_sum(lengths) <= 1.0
-    symbols = np.repeat(np.arange(40), [min(c, 50) for c in fib])
-    idx = np.arange(40)[np.searchsorted(np.arange(40), symbols)]
-    payload, nbits = codec.huffman_encode(idx, lengths)
-    assert np.array_equal(codec.huffman_decode(payload, lengths, idx.size), idx)
+    assert codec.huffman_code_lengths(np.array(fib)).max() == 39  # a Fibonacci source makes the deepest tree
+    # a 39-bit code needs 10^8 symbols; the same refusal, with a 12-symbol source against a field of 8 bits:
+    monkeypatch.setattr(streams, "MAX_CODE_LENGTH", 8)
+    symbols = np.repeat(np.arange(12), fib[:12])  # its tree is 11 deep
+    with pytest.raises(ValueError, match="needs codes of 11 bits .* use 'ans'"):
+        streams.encode_stream(symbols, "huffman")
+    s = streams.encode_stream(symbols, "auto")
+    assert s.coder_name in ("ans", "fixed")
+    assert np.array_equal(streams.decode_stream(s.coder, s.table, s.payload, s.n), symbols)
 
 
 def test_single_symbol_alphabet_costs_nothing():
     symbols = np.full(1000, -7, dtype=np.int64)
     assert list(codec.huffman_code_lengths(np.array([1000]))) == [0]
     for coder in ("ans", "huffman", "fixed"):
-        s = codec.encode_stream(symbols, coder)
+        s = streams.encode_stream(symbols, coder)
         assert s.payload == b""
-        assert np.array_equal(codec.decode_stream(s.coder, s.table, s.payload, s.n), symbols)
+        assert np.array_equal(streams.decode_stream(s.coder, s.table, s.payload, s.n), symbols)
 
 
 def test_ans_near_entropy_and_beats_huffman_on_skewed_source():
     rng = np.random.default_rng(0)
     symbols = (rng.random(50_000) < 0.05).astype(np.int64)  # H ≈ 0.29 bit, Huffman needs 1 bit
     h = codec.entropy_bits(symbols)
-    ans = codec.encode_stream(symbols, "ans")
+    ans = streams.encode_stream(symbols, "ans")
     assert ans.payload_bits <= 1.01 * h + 64
     assert codec.huffman_bits(symbols) == symbols.size
     assert ans.payload_bits < 0.35 * codec.huffman_bits(symbols)
@@ -296,8 +332,8 @@ def test_ans_near_entropy_and_beats_huffman_on_skewed_source():
 
 def test_quantize_refuses_unrounded_weights():
     with pytest.raises(ValueError, match="multiples of 2"):
-        codec.quantize(np.array([0.5, 0.3]), 3)
-    assert list(codec.quantize(np.array([0.5, -0.375, 0.0]), 3)) == [4, -3, 0]
+        sparse_index.quantize(np.array([0.5, 0.3]), 3)
+    assert list(sparse_index.quantize(np.array([0.5, -0.375, 0.0]), 3)) == [4, -3, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,25 +344,25 @@ def test_filler_entries_hand_example():
     # 2 index bits: a gap holds 0..3 skipped zeros
     q = np.zeros(21, dtype=np.int64)
     q[[5, 7, 20]] = [5, 7, 3]
-    values, gaps = codec.sparse_encode(q, 2)
+    values, gaps = sparse_index.sparse_encode(q, 2)
     # position 5: 5 zeros skipped > 3 -> one filler (zero at position 3), then 5 after 1 zero;
     # position 7: 1 zero skipped; position 20: 12 zeros skipped -> fillers at 11, 15, 19, then 3 after 0 zeros
     assert values.tolist() == [0, 5, 7, 0, 0, 0, 3]
     assert gaps.tolist() == [3, 1, 1, 3, 3, 3, 0]
-    assert codec.sparse_decode(values, gaps, 21, 2).tolist() == q.tolist()
+    assert sparse_index.sparse_decode(values, gaps, 21, 2).tolist() == q.tolist()
     # exactly at the boundary: 3 skipped zeros fit, 4 do not
     at = np.array([0, 0, 0, 1])
-    assert [a.tolist() for a in codec.sparse_encode(at, 2)] == [[1], [3]]
+    assert [a.tolist() for a in sparse_index.sparse_encode(at, 2)] == [[1], [3]]
     over = np.array([0, 0, 0, 0, 1])
-    assert [a.tolist() for a in codec.sparse_encode(over, 2)] == [[0, 1], [3, 0]]
-    assert codec.default_index_bits(2) == 5 and codec.default_index_bits(4) == 8
+    assert [a.tolist() for a in sparse_index.sparse_encode(over, 2)] == [[0, 1], [3, 0]]
+    assert sparse_index.default_index_bits(2) == 5 and sparse_index.default_index_bits(4) == 8
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=300), st.integers(1, 6))
 def test_fillers_appear_exactly_when_gaps_overflow(pattern, index_bits):
     q = np.array([v if v == 3 else 0 for v in pattern], dtype=np.int64)  # sparse, mostly zero
-    values, gaps = codec.sparse_encode(q, index_bits)
+    values, gaps = sparse_index.sparse_encode(q, index_bits)
     pos = np.flatnonzero(q)
     skips = np.diff(pos, prepend=-1) - 1
     assert values.size - pos.size == int(np.sum(skips // 2**index_bits))

@@ -18,8 +18,6 @@ from bayescomp.train import (
     CheckpointError,
     TrainConfig,
     TrainingDivergedError,
-    atomic_write,
-    atomic_write_bytes,
     fit,
     kl_beta,
     load_checkpoint,
@@ -364,30 +362,6 @@ def test_checkpoint_with_code_payload_is_refused(tmp_path):
     torch.save({"x": _Payload(str(control))}, path2)
     torch.load(path2, weights_only=False)
     assert control.exists()
-
-
-def test_atomic_write_keeps_old_file_on_error(tmp_path):
-    path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"old contents")
-
-    def writer(f):
-        f.write(b"new, half written")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(path, writer)
-    assert path.read_bytes() == b"old contents"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # no temp file left behind
-    atomic_write(path, lambda f: f.write(b"replaced"))
-    assert path.read_bytes() == b"replaced"
-    def interrupted(f):
-        f.write(b"x")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, interrupted)
-    assert path.read_bytes() == b"replaced"
-    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

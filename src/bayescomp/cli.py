@@ -63,6 +63,9 @@ def _fail(exc: BaseException) -> None:
 @click.version_option(package_name="bayescomp")
 def main() -> None:
     """Bayesian Compression: train a group-sparse Bayesian network, prune it, quantise it, store it."""
+    from .train.memory import keep_freed_memory
+
+    keep_freed_memory(default=True)  # this process keeps freed heap memory (train/memory.py); opt-in for library users
 
 
 _RECIPE_DEFAULT = " (default: the recipe's)."

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .base import atomic_write
 from .compress import PruneError, apply_masks, compress, group_masks
 from .compress.masks import resolve_thresholds
 from .compress.thresholds import (
@@ -62,7 +63,7 @@ from .rundir import (
 )
 from .runreport import read_json, read_metrics, read_run, validate_options
 from .train import TrainConfig, distributed, evaluate, finetune_config, fit, predict
-from .train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .train.loop import (
     flush_denormals,
     length_change_refused,
@@ -584,7 +585,7 @@ def _train_and_write(opts: RunOptions, folder: RunFolder, device: torch.device, 
     work = folder.work
     max_var = recipe(opts.model).clamps(opts.prior) if opts.max_var is None else opts.max_var
     if distributed.is_main():  # (on resume: what may change, e.g. more epochs, is recorded too)
-        atomic_write_bytes(work / OPTIONS, (json.dumps(asdict(opts), indent=2) + "\n").encode())
+        atomic_write(work / OPTIONS, (json.dumps(asdict(opts), indent=2) + "\n").encode())
 
     torch.manual_seed(opts.seed)
     plain, trained = _plain_start(opts, train, test, progress) if not resume else (build_model(opts.model), False)
@@ -648,7 +649,7 @@ def _finish(folder: RunFolder, report: dict[str, Any], compressed, posterior: di
     report.update({k: packed[k] for k in ("cr_max", "file_bytes", "cr_file")})
     report["packed"] = {k: v for k, v in packed.items() if k not in ("cr_max", "file_bytes", "cr_file")}
     save_checkpoint(work / POSTERIOR_FILE, posterior)
-    atomic_write_bytes(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(work / REPORT, (json.dumps(report, indent=2) + "\n").encode())
     commit(folder)  # (drops the checkpoints and options.json: report.json holds the options as `config`)
 
 

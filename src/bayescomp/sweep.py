@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import atomic_write
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
 from .optioncheck import check_number, check_thresholds
@@ -50,7 +51,7 @@ from .pipeline import (
 from .rundir import check_out
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
-from .train.checkpoint import atomic_write_bytes, load_checkpoint
+from .train.checkpoint import load_checkpoint
 
 SWEEP_FILE = "sweep.json"
 THRESHOLD_SWEEP_FILE = "threshold_sweep.json"
@@ -244,7 +245,7 @@ def sweep(
         "base_options": _comparable({k: v for k, v in asdict(base_opts).items() if k != "extra"}),
         "points": points,
     }
-    atomic_write_bytes(out / SWEEP_FILE, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write(out / SWEEP_FILE, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 
@@ -334,7 +335,7 @@ def threshold_sweep(
                "bit_accounting": bit_accounting,
                "variance_scale": variance_scale,
                "test_error_uncompressed": err_uncompressed, "pareto_keys": list(PARETO_KEYS), "points": points}
-        atomic_write_bytes(out, (json.dumps(doc, indent=2) + "\n").encode())
+        atomic_write(out, (json.dumps(doc, indent=2) + "\n").encode())
     return points
 
 

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..base import atomic_write
 from . import paths
-from .paths import DataError, atomic_write, md5_file, md5_hex, read_bytes, resolve_data_dir
+from .paths import DataError, md5_file, md5_hex, read_bytes, resolve_data_dir
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -383,6 +384,7 @@ def fetch_cifar10(
             if got != CIFAR10_TAR_MD5:
                 raise DataError(f"{CIFAR10_URL}: downloaded archive has MD5 {got}, expected {CIFAR10_TAR_MD5}")
             staged = _stage_from_tar(archive, missing, verify)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, blob in staged.items():
         atomic_write(folder / name, blob)
     return folder

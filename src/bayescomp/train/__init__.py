@@ -1,6 +1,6 @@
 """Training: the ELBO loop, evaluation, atomic checkpoints."""
 
-from .checkpoint import CheckpointError, atomic_write, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loop import (
     TrainConfig,
     TrainingDivergedError,
@@ -18,8 +18,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
-    "atomic_write",
-    "atomic_write_bytes",
     "evaluate",
     "finetune_config",
     "fit",

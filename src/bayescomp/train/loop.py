@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..base import atomic_write
 from ..convert import group_layers, kl_divergence
 from ..nn.base import PARAMETER_KINDS, fuse_weight_kl, parameter_kind
 from . import distributed
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .memory import keep_freed_memory
 
 
@@ -598,7 +599,7 @@ def fit(
         if metrics_file is not None and main:
             # lines of epochs after the checkpoint (written before a kill) would be written again: drop them
             _remove_stale_temps(metrics_file)
-            atomic_write_bytes(metrics_file, "".join(json.dumps(r) + "\n" for r in result.history).encode())
+            atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in result.history).encode())
     elif metrics_file is not None and main and metrics_file.exists():
         metrics_file.unlink()
 

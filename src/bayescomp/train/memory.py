@@ -10,9 +10,13 @@ against ~0 for the plain step (minor faults counted with getrusage around 50 ste
 `keep_freed_memory()` raises glibc's mmap threshold to its maximum (32 MiB) and its trim threshold
 to 1 GiB (mallopt), so blocks below 32 MiB are reused from the heap. The process's resident memory
 then stays at its high-water mark instead of shrinking between steps. It is what the PyTorch
-performance guide achieves with jemalloc/tcmalloc, without a preloaded library. `fit` calls it
-when it trains on the CPU; set BAYESCOMP_KEEP_FREED_MEMORY=0 to leave the allocator alone. Elsewhere
-(macOS, Windows, musl) it does nothing and returns False.
+performance guide achieves with jemalloc/tcmalloc, without a preloaded library.
+
+It changes the whole process, so a library never does it unasked: importing bayescomp or calling `fit`
+leaves the allocator alone unless BAYESCOMP_MALLOC_TUNING=1 is set (`fit` calls `keep_freed_memory()` when
+it trains on the CPU). The `bayescomp` command turns it on for its own process
+(`keep_freed_memory(default=True)`); BAYESCOMP_MALLOC_TUNING=0 turns it off there too. Elsewhere (macOS,
+Windows, musl) it does nothing and returns False.
 """
 
 from __future__ import annotations
@@ -26,15 +30,25 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_MAX = 32 * 1024 * 1024
 _TRIM = 1024 * 1024 * 1024
+ENV_VAR = "BAYESCOMP_MALLOC_TUNING"
 _done = False
 
 
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc once per process (see the module docstring). True when it took effect."""
+def tuning_wanted(default: bool = False) -> bool:
+    """Whether to tune: BAYESCOMP_MALLOC_TUNING=1 yes, =0 no, unset (or anything else) `default`."""
+    setting = os.environ.get(ENV_VAR, "").strip()
+    return setting == "1" or (default and setting != "0")
+
+
+def keep_freed_memory(default: bool = False) -> bool:
+    """Tune glibc's malloc once per process, if `tuning_wanted(default)` (module docstring). True once in effect.
+
+    A library call leaves `default` False (opt-in by the environment); the command line passes True.
+    """
     global _done
     if _done:
         return True
-    if os.environ.get("BAYESCOMP_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if not tuning_wanted(default) or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
