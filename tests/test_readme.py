@@ -167,3 +167,22 @@ def test_no_readme_path_points_outside_the_repository_but_the_data_root():
     links = _links(README)
     for page in ("docs/commands.md", "docs/distributed.md", "docs/priors.md", "docs/format.md", "benchmarks/README.md"):
         assert page in links, f"the README links {page}"
+
+
+def test_own_model_page_example_runs_and_slices_the_registered_module(capsys):
+    """docs/own-model.md: the registered channel-wise module is sliced with the channels it carries (unregistered,
+    it would be a barrier and keep conv1 whole)."""
+    from bayescomp.compress import rules
+
+    before = dict(rules.MODULE_RULES)
+    namespace: dict = {}
+    try:
+        for block in _blocks((ROOT / "docs" / "own-model.md").read_text(), "python"):
+            exec(compile(block, "docs/own-model.md", "exec"), namespace)
+    finally:
+        rules.MODULE_RULES.clear()
+        rules.MODULE_RULES.update(before)
+    result, x = namespace["result"], namespace["x"]
+    kept = int(result.report["architecture"].split("-")[0])
+    assert kept < 8 and result.model[1].s.shape == (kept,)
+    assert result.model(x).shape == (16, 10)
