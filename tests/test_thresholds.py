@@ -173,7 +173,7 @@ def test_validation_thresholds_within_budget_and_only_sees_validation(trained, m
     bm, train, val, test = trained
     val_x, val_y = val
     seen = []
-    real_error = thr._error
+    real_error = thr.classification_error
 
     def spy(model, x, y, *args, **kwargs):
         seen.append((x, y))
@@ -182,7 +182,7 @@ def test_validation_thresholds_within_budget_and_only_sees_validation(trained, m
     def forbidden(*args, **kwargs):
         raise AssertionError("validation_thresholds must not load a data set")
 
-    monkeypatch.setattr(thr, "_error", spy)
+    monkeypatch.setattr(thr, "classification_error", spy)
     monkeypatch.setattr("bayescomp.pipeline.load_data", forbidden)
     monkeypatch.setattr("bayescomp.data.load_mnist", forbidden)
     budget = 1.0

@@ -30,7 +30,7 @@ from torch import Tensor, fx, nn
 from .graph import graph_shrinker
 from .precision import MAX_BITS
 from .shrink import shrink
-from .thresholds import _error
+from .thresholds import classification_error
 
 VERDICTS = ("conservative", "tight", "optimistic")
 
@@ -84,9 +84,9 @@ def precision_sensitivity(
             return shrink(model, base.masks, bits)
 
     def error(bits: Mapping[str, int]) -> float:
-        return _error(build(dict(bits)), x, y)
+        return classification_error(build(dict(bits)), x, y)
 
-    err_unrounded = _error(base.model, x, y)
+    err_unrounded = classification_error(base.model, x, y)
     err_inferred = error(inferred)
     layers: dict[str, Any] = {}
     for name, b in inferred.items():
