@@ -47,6 +47,7 @@ from .pipeline import (
     run,
     validate,
 )
+from .report.pareto import PARETO_KEYS, pareto_front
 from .rundir import check_out
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
@@ -54,35 +55,8 @@ from .train.checkpoint import atomic_write_bytes, load_checkpoint
 
 SWEEP_FILE = "sweep.json"
 THRESHOLD_SWEEP_FILE = "threshold_sweep.json"
-PARETO_KEYS = ("test_error", "weights_kept_pct")
 #: options that do not change a run's result (ignored when an existing run folder is reused)
 _NOT_DEFINING = ("data_dir", "verify_data")
-
-
-def pareto_front(points: Sequence[Mapping[str, Any]], keys: Sequence[str] = PARETO_KEYS) -> list[bool]:
-    """Which points are on the Pareto front when every key is minimised.
-
-    A point is on the front unless another point is ≤ in every key and < in at least one. A point
-    missing a key (absent, None, NaN) is never on the front and dominates nothing. Equal points do
-    not dominate each other: both stay on the front.
-    """
-    vals: list[tuple[float, ...] | None] = []
-    for p in points:
-        v = [p.get(k) for k in keys]
-        ok = all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in v)
-        vals.append(tuple(float(a) for a in v) if ok else None)
-    out = []
-    for i, a in enumerate(vals):
-        if a is None:
-            out.append(False)
-            continue
-        dominated = any(
-            b is not None and j != i and all(bk <= ak for bk, ak in zip(b, a, strict=True))
-            and any(bk < ak for bk, ak in zip(b, a, strict=True))
-            for j, b in enumerate(vals)
-        )
-        out.append(not dominated)
-    return out
 
 
 @torch.no_grad()
