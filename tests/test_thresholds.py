@@ -249,14 +249,14 @@ def test_pipeline_validation_thresholds_hold_out_training_examples(tmp_path, mon
     data = os.environ.get("BAYESCOMP_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     test_x, _ = load_mnist("test", data)
     seen = {}
-    real = pipeline.validation_thresholds
+    real = thr.validation_thresholds  # (the validation rule's `choose` calls it: `thresholds.ValidationBudget`)
 
     def spy(model, val_x, val_y, budget, *args, **kwargs):
         seen["n"], seen["budget"] = len(val_x), budget
         assert val_x is not test_x and len(val_x) != len(test_x)
         return real(model, val_x, val_y, budget, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "validation_thresholds", spy)
+    monkeypatch.setattr(thr, "validation_thresholds", spy)
     opts = pipeline.RunOptions(model="lenet300", epochs=1, train_subset=500, data_dir=data,
                                auto_thresholds="validation", val_budget=2.0, val_fraction=0.2)
     report = pipeline.run(opts, tmp_path / "run", progress=False)

@@ -231,9 +231,11 @@ def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: st
     """Write RUN_DIR/report.md with its figures (PNG) for a run folder or a sweep folder."""
     from .report.page import write_report
     from .runfigures import ensure_figure_data, write_sensitivity
+    from .runreport import read_run
 
     try:
-        if Path(run_dir).is_dir():
+        if (Path(run_dir) / "report.json").is_file():
+            read_run(run_dir)  # a damaged report, or one of another run than the folder's files: refused here
             ensure_figure_data(run_dir)  # a folder from an earlier version: the figure data from its posterior
             if sensitivity:
                 write_sensitivity(run_dir, data_dir=data_dir, verify=not no_verify)
