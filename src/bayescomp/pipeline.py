@@ -4,8 +4,15 @@ The folder appears only when the run succeeds: work happens in ``DIR.partial`` (
 which is renamed to ``DIR`` at the end. A failed or interrupted run leaves ``DIR.partial`` with its
 last good checkpoint and the options it was started with (``options.json``), from which ``resume=True``
 continues (with the same options: others are refused) and which `recompress` can compress while the run
-is still training. The folder's life cycle (the lock on ``DIR.partial``, what may be deleted, the atomic move
-into place) is `rundir`'s.
+is still training.
+
+The run layer, one module per job: the options (`runoptions`: one table generating `RunOptions`, the command
+line's options and the validation), the parts a run is made of (`factories`: models, data, device), the
+decision (`decision`: the threshold rule a run's options name, `compress.thresholds`' rule objects), the
+unfinished run (`unfinished`), the figure data for the report page (`runfigures`), and the folder's life
+cycle (`rundir`: the lock on ``DIR.partial``, what may be deleted, the atomic move into place). This module
+holds the orchestrations — `run`, `recompress`, `finetune_run` — and the one result writer they share
+(`write_result`).
 """
 
 from __future__ import annotations
