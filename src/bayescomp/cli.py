@@ -5,46 +5,13 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from .clioptions import run_options, run_values
 from .filecommands import FILE_COMMANDS, USER_ERRORS, fail
 from .recipes import TRAINING_RECIPES
 from .report.table import format_table, summary_rows
-
-
-def _parse_per_layer(text: str | None, hint: str) -> float | dict[str, float] | None:
-    """ "-3" → every layer; "fc1=-2.8,fc2=-3" → per layer (`hint`: the option, for the error)."""
-    if text is None:
-        return None
-    text = text.strip()
-    try:
-        if "=" not in text:
-            return float(text)
-        out = {}
-        for part in text.split(","):
-            name, _, value = part.partition("=")
-            out[name.strip()] = float(value)
-        return out
-    except ValueError:
-        raise click.BadParameter(f"expected a number or name=value pairs, got {text!r}", param_hint=hint) from None
-
-
-def parse_thresholds(text: str | None) -> float | dict[str, float] | None:
-    """ "-3" → every layer; "fc1=-2.8,fc2=-3" → per layer."""
-    return _parse_per_layer(text, "--thresholds")
-
-
-def _parse_lr_scale(text: str | None) -> dict[str, float] | None:
-    """ "variance=1,scale=10" → {"variance": 1.0, "scale": 10.0} (the kinds are checked with the other options)."""
-    if text is None:
-        return None
-    parsed = _parse_per_layer(text, "--lr-scale")
-    if not isinstance(parsed, dict):
-        raise click.BadParameter(f"expected kind=factor pairs (mean, variance, scale), got {text!r}",
-                                 param_hint="--lr-scale")
-    return parsed
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,58 +22,6 @@ def main() -> None:
 
 for _command in FILE_COMMANDS:
     main.add_command(_command)
-
-
-def _click_option(o, command: str):
-    """The click option of run option `o` (a `runoptions.Option` record) in `command`."""
-    kwargs: dict[str, Any] = {"help": o.help_for(command)}
-    if o.cli == "negated":
-        return click.option(o.flag, is_flag=True, **kwargs)
-    default = None if o.recipe and command == "compress" else o.cli_default if o.cli_default is not None else o.default
-    if o.choices is not None:
-        kwargs["type"] = click.Choice(list(o.choices))
-    elif o.cli == "path":
-        kwargs["type"] = click.Path()
-    elif o.cli == "value" and o.annotation.split(" ")[0] in ("int", "float"):
-        kwargs["type"] = int if o.annotation.startswith("int") else float
-    return click.option(o.flag, default=default, show_default=default is not None, **kwargs)
-
-
-def run_options(command: str):
-    """The command line's options of `command` ("compress", "sweep"): one per run option that it takes,
-    generated from the option table (`runoptions.OPTIONS`), in the table's order."""
-    from .runoptions import OPTIONS
-
-    def decorate(f):
-        for o in reversed([o for o in OPTIONS if command in o.commands]):
-            f = _click_option(o, command)(f)
-        return f
-    return decorate
-
-
-def _param(o) -> str:
-    """The click parameter that carries option `o` ("--clip-var" -> clip_var)."""
-    return o.flag[2:].replace("-", "_")
-
-
-def run_values(command: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The RunOptions fields from `command`'s parsed command line (`params`): per-layer values and learning-rate
-    factors parsed, --no-... flags turned into their fields."""
-    from .runoptions import OPTIONS
-
-    parse = {"per_layer": lambda v, o: _parse_per_layer(v, o.flag), "lr_scale": lambda v, o: _parse_lr_scale(v),
-             "negated": lambda v, o: not v}
-    return {o.name: parse.get(o.cli, lambda v, o: v)(params[_param(o)], o) for o in OPTIONS if command in o.commands}
-
-
-def _no_split(default: str | None):
-    """--no-split of `prune` and `finetune`: the run's own choice unless given."""
-    from .runoptions import OPTIONS
-
-    base = next(o for o in OPTIONS if o.name == "no_split").help
-    help_text = base + "; the run's thresholds are chosen again with it (default: the run's own)."
-    return click.option("--no-split", type=click.Choice(["keep", "floor"]), default=default,
-                        show_default=default is not None, help=help_text)
 
 
 @main.command("compress")
@@ -152,22 +67,12 @@ def compress_cmd(out, dataset, resume, force, quiet, **params) -> None:
 
 @main.command("prune")
 @click.argument("run_dir", type=click.Path())
-@click.option("--thresholds", default=None,
-              help="log α thresholds: one number, or name=value pairs (layers not named keep the run's own).")
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
 )
-@_no_split(None)
-@click.option("--data-dir", default=None, help="Data root.")
-@click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default="code", show_default=True)
-@click.option("--variance-scale", type=float, default=1.0, show_default=True,
-              help="Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).")
+@run_options("prune")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
-def prune_cmd(
-    run_dir: str, thresholds: str | None, no_split: str | None, out: str, data_dir: str | None, bit_accounting: str,
-    variance_scale: float, force: bool, no_verify: bool,
-) -> None:
+def prune_cmd(run_dir: str, out: str, force: bool, **params) -> None:
     """Compress the trained posterior of RUN_DIR again at other thresholds (no retraining).
 
     RUN_DIR may also be a run still training (or stopped): its newest checkpoint in RUN_DIR.partial is
@@ -176,12 +81,13 @@ def prune_cmd(
     """
     from .pipeline import recompress
 
+    values = run_values("prune", params)
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        report = recompress(
-            run_dir, out, parse_thresholds(thresholds), data_dir=data_dir, bit_accounting=bit_accounting, force=force,
-            variance_scale=variance_scale, verify=not no_verify, no_split=no_split, command=command,
-        )
+        report = recompress(run_dir, out, values["thresholds"], data_dir=values["data_dir"],
+                            bit_accounting=values["bit_accounting"], force=force,
+                            variance_scale=values["variance_scale"], verify=values["verify_data"],
+                            no_split=values["no_split"], command=command)
     except USER_ERRORS as exc:
         fail(exc)
     click.echo(format_table(summary_rows(report)))
@@ -194,16 +100,10 @@ def prune_cmd(
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory for the new result."
 )
-@click.option("--thresholds", default=None,
-              help="log α thresholds that decide what is kept (default: the run's own): one number, or name=value "
-              "pairs (layers not named keep the run's own).")
-@_no_split(None)
-@click.option("--data-dir", default=None, help="Data root (default: the run's).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the run's).")
+@run_options("finetune")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, no_split: str | None,
-                 data_dir: str | None, device: str | None, force: bool, quiet: bool) -> None:
+def finetune_cmd(run_dir: str, epochs: int, out: str, force: bool, quiet: bool, **params) -> None:
     """Prune the trained posterior of RUN_DIR, fine-tune what is kept, compress it into OUT/.
 
     The same as `compress ... --finetune-epochs EPOCHS` with the run's options, without training the run again.
@@ -212,8 +112,8 @@ def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, no
 
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        report = finetune_run(run_dir, out, epochs, thresholds=parse_thresholds(thresholds), no_split=no_split,
-                              data_dir=data_dir, device=device, force=force, progress=not quiet, command=command)
+        report = finetune_run(run_dir, out, epochs, **run_values("finetune", params), force=force,
+                              progress=not quiet, command=command)
     except USER_ERRORS as exc:
         fail(exc)
     click.echo(format_table(summary_rows(report)))
@@ -222,23 +122,23 @@ def finetune_cmd(run_dir: str, epochs: int, out: str, thresholds: str | None, no
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path())
-@click.option("--data-dir", default=None, help="Data root (for --sensitivity).")
 @click.option("--sensitivity", is_flag=True, help="Also measure each layer's precision sensitivity on the test set.")
 @click.option("--method", type=click.Choice(["otsu", "gmm"]), default="otsu", show_default=True,
               help="How the page suggests thresholds from each layer's log α histogram.")
-@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
-def report_cmd(run_dir: str, data_dir: str | None, sensitivity: bool, method: str, no_verify: bool) -> None:
+@run_options("report")
+def report_cmd(run_dir: str, sensitivity: bool, method: str, **params) -> None:
     """Write RUN_DIR/report.md with its figures (PNG) for a run folder or a sweep folder."""
     from .report.page import write_report
     from .runfigures import ensure_figure_data, write_sensitivity
     from .runreport import read_run
 
+    values = run_values("report", params)
     try:
         if (Path(run_dir) / "report.json").is_file():
             read_run(run_dir)  # a damaged report, or one of another run than the folder's files: refused here
             ensure_figure_data(run_dir)  # a folder from an earlier version: the figure data from its posterior
             if sensitivity:
-                write_sensitivity(run_dir, data_dir=data_dir, verify=not no_verify)
+                write_sensitivity(run_dir, data_dir=values["data_dir"], verify=values["verify_data"])
         page = write_report(run_dir, method=method)
     except (*USER_ERRORS, ImportError) as exc:
         fail(exc)
@@ -286,13 +186,8 @@ def sweep_cmd(tau0s, out, force, write_pages, quiet, **params) -> None:
 @click.option("--relative", is_flag=True, help="Add each value to the run's own per-layer thresholds.")
 @click.option("--layer", default=None,
               help="Move this layer's threshold only; the other layers keep the run's own.")
-@click.option("--data-dir", default=None, help="Data root.")
-@click.option("--bit-accounting", type=click.Choice(["code", "paper"]), default=None,
-              help="Bits per stored weight (default: the run's own).")
-@click.option("--variance-scale", type=float, default=None, help="Variance scale for the bits (default: the run's own).")
-@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
-def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, layer: str | None, data_dir: str | None,
-                        bit_accounting: str | None, variance_scale: float | None, no_verify: bool) -> None:
+@run_options("threshold-sweep")
+def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, layer: str | None, **params) -> None:
     """Compress RUN_DIR's posterior at several thresholds (no retraining); write RUN_DIR/threshold_sweep.json."""
     from .sweep import THRESHOLD_SWEEP_FILE, threshold_sweep
 
@@ -302,9 +197,10 @@ def threshold_sweep_cmd(run_dir: str, values: str, relative: bool, layer: str | 
         raise click.BadParameter(f"expected comma-separated numbers, got {values!r}", param_hint="--values") from None
     target = Path(run_dir) / THRESHOLD_SWEEP_FILE
     try:
-        points = threshold_sweep(run_dir, numbers, data_dir=data_dir, relative=relative, layer=layer,
-                                 bit_accounting=bit_accounting, variance_scale=variance_scale, out=target,
-                                 verify=not no_verify)
+        given = run_values("threshold-sweep", params)
+        points = threshold_sweep(run_dir, numbers, data_dir=given["data_dir"], relative=relative, layer=layer,
+                                 bit_accounting=given["bit_accounting"], variance_scale=given["variance_scale"],
+                                 out=target, verify=given["verify_data"])
     except USER_ERRORS as exc:
         fail(exc)
     rows = []
@@ -365,7 +261,7 @@ def data_group() -> None:
 
 @data_group.command("fetch")
 @click.argument("dataset", type=click.Choice(["mnist", "cifar10"]))
-@click.option("--data-dir", default=None, help="Data root to fill (default: $BAYESCOMP_DATA, else the user cache).")
+@run_options("fetch")
 @click.option("--source", default=None, type=click.Path(), help="Copy from this local folder instead of downloading.")
 def data_fetch_cmd(dataset: str, data_dir: str | None, source: str | None) -> None:
     """Fetch DATASET into the data root, checking every file's checksum."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from .clioptions import run_options, run_values
 from .report.table import format_table
 
 # Errors a user can cause: printed in one line, exit status 1 (usage errors: 2, by click).
@@ -38,16 +39,16 @@ def load_any(path: Path):
 
 @click.command("evaluate")
 @click.argument("run_dir", type=click.Path())
-@click.option("--data-dir", default=None, help="Data root holding mnist/ (or cifar10/).")
 @click.option("--model", "model_name", default=None, help="Zoo model the file was made from (for a bare file).")
-@click.option("--no-verify", is_flag=True, help="Skip the published-checksum check (data you made yourself).")
-def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_verify: bool) -> None:
+@run_options("evaluate")
+def evaluate_cmd(run_dir: str, model_name: str | None, **params) -> None:
     """Reload a compressed model (run folder, .bcz or .pt; plain PyTorch) and print its test error."""
+    from .factories import load_data
     from .models import MODELS
-    from .pipeline import load_data
     from .runreport import read_run
     from .train import evaluate
 
+    values = run_values("evaluate", params)
     try:
         model, meta = load_any(Path(run_dir))
         if Path(run_dir).is_dir():
@@ -57,7 +58,7 @@ def evaluate_cmd(run_dir: str, data_dir: str | None, model_name: str | None, no_
             raise ValueError(f"{run_dir}: cannot tell which model/dataset this is; pass --model")
         if name not in MODELS:
             raise ValueError(f"--model: unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
-        _, (x, y) = load_data(name, data_dir, 1, verify=not no_verify)
+        _, (x, y) = load_data(name, values["data_dir"], 1, verify=values["verify_data"])
         err = evaluate(model, x, y)
     except USER_ERRORS as exc:
         fail(exc)

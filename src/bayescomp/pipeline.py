@@ -45,7 +45,7 @@ from .factories import (
 from .io import packed_report, save_plain
 from .io import save as save_packed
 from .models import build_model
-from .optioncheck import check_number, check_thresholds
+from .optioncheck import check_thresholds
 from .recipes import recipe
 from .rundir import (
     CHECKPOINT,
@@ -68,7 +68,15 @@ from .rundir import (
     work_dir,
 )
 from .runfigures import write_figure_data
-from .runoptions import RunOptions, check_resume_options, config_record, read_options, train_config, validate
+from .runoptions import (
+    RunOptions,
+    check_option,
+    check_resume_options,
+    config_record,
+    read_options,
+    train_config,
+    validate,
+)
 from .runreport import read_run
 from .train import distributed, finetune_config, fit
 from .train.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -263,9 +271,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     """
     run_dir = Path(run_dir)
     check_thresholds(thresholds)
-    check_number(variance_scale, "--variance-scale", positive=True)
-    if bit_accounting not in ("code", "paper"):
-        raise RunError(f"--bit-accounting must be 'code' or 'paper', got {bit_accounting!r}")
+    check_option("variance_scale", variance_scale)
+    check_option("bit_accounting", bit_accounting)
     check_out(out)
     _refuse_own_source(run_dir, out)
     refuse_in_use(out)

@@ -2,8 +2,9 @@
 
 Each record holds an option's name, type, default, help text, validation rule and the commands that take
 it. From the table come the `RunOptions` dataclass (its fields, types and defaults), the command line's
-options of `compress` and `sweep` (`cli.run_options`), the validation of a whole set of options
-(`validate`) and the options a resumed run may not change (`RESUME_FIXED`).
+options of every command that takes a run option (`clioptions.run_options`), the validation of a whole set
+of options (`validate`) and of one (`check_option`), and the options a resumed run may not change
+(`RESUME_FIXED`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Option:
     """One run option: a field of `RunOptions` and, where `commands` name it, a command-line option.
 
     - `annotation`, `default`: the field's type (as a string) and default.
-    - `help`: the help text of `compress`; `helps`: another command's, where it differs.
+    - `help`: the help text of `compress`; `helps`: another command's, where it differs; `defaults`: another
+      command's default, where it differs (None in the commands that read a run: the run's own).
     - `recipe`: a training-recipe setting: `compress` takes the recipe's value unless it is given.
     - `cli`: how the command line reads the value: "value", "per_layer" (a number or name=value pairs),
       "lr_scale" (kind=factor pairs), "path", "negated" (a --no-... flag that sets the field to False).
@@ -60,6 +62,15 @@ class Option:
     check: Check | None = None
     resume_fixed: bool = False
     helps: Mapping[str, str | None] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def default_for(self, command: str) -> Any:
+        """The command line's default of this option in `command` (None: not given)."""
+        if command in self.defaults:
+            return self.defaults[command]
+        if self.recipe and command == "compress":
+            return None  # the recipe's value
+        return self.cli_default if self.cli_default is not None else self.default
 
     def help_for(self, command: str) -> str | None:
         """The help text of this option in `command`."""
@@ -204,6 +215,7 @@ _KL_WEIGHT_HELP = ("Final weight β of the KL term: 1 is the ELBO; below 1 keeps
                    "prunes more")
 _CLIP_VAR_SWEEP = "Clamp σ² ≤ this: one number, or name=value pairs for some layers (default: the recipe)."
 _BOTH = ("compress", "sweep")
+_NO_SPLIT_AGAIN = _NO_SPLIT_HELP + "; the run's thresholds are chosen again with it (default: the run's own)."
 _AUTO_HELP = ("Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
               "or the most compression within --val-budget on a validation split held out of the training set. With "
               "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'. "
@@ -226,8 +238,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("epochs", "--epochs", "int", 10, "Training epochs", _BOTH, recipe=True,
            check=_positive_int("--epochs", "epochs"), helps={"sweep": None}),
     Option("data_dir", "--data-dir", "str | None", None,
-           "Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache).", _BOTH,
-           helps={"sweep": "Data root."}),
+           "Data root holding mnist/ (default: $BAYESCOMP_DATA, else the user cache).",
+           (*_BOTH, "prune", "finetune", "threshold-sweep", "report", "evaluate", "fetch"),
+           helps={"sweep": "Data root.", "prune": "Data root.", "threshold-sweep": "Data root.",
+                  "finetune": "Data root (default: the run's).", "report": "Data root (for --sensitivity).",
+                  "evaluate": "Data root holding mnist/ (or cifar10/).",
+                  "fetch": "Data root to fill (default: $BAYESCOMP_DATA, else the user cache)."}),
     Option("seed", "--seed", "int", 0, None, _BOTH, check=lambda v, o: check_seed(v), resume_fixed=True),
     Option("batch_size", "--batch-size", "int", 128, "Examples per step", _BOTH, recipe=True, resume_fixed=True,
            helps={"sweep": None}),
@@ -249,8 +265,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("kl_weight", "--kl-weight", "float", 1.0, _KL_WEIGHT_HELP, _BOTH, recipe=True, resume_fixed=True,
            helps={"sweep": _KL_WEIGHT_HELP + "."}),
     Option("thresholds", "--thresholds", "float | dict[str, float] | None", None,
-           "log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).", _BOTH, cli="per_layer",
-           check=_check_thresholds, helps={"sweep": "log α thresholds: one number, or name=value pairs."}),
+           "log α thresholds: one number, or name=value pairs (fc1=-2.8,fc2=-3).", (*_BOTH, "prune", "finetune"),
+           cli="per_layer", check=_check_thresholds,
+           helps={"sweep": "log α thresholds: one number, or name=value pairs.",
+                  "prune": "log α thresholds: one number, or name=value pairs (layers not named keep the run's own).",
+                  "finetune": "log α thresholds that decide what is kept (default: the run's own): one number, or "
+                              "name=value pairs (layers not named keep the run's own)."}),
     Option("max_var", "--clip-var", "float | dict[str, float] | None", None,
            "Clamp σ² ≤ this: one number for every layer, or name=value pairs (fc1=0.2) for those layers only "
            "(default: the model's recipe).", _BOTH, cli="per_layer", check=_check_max_var, resume_fixed=True,
@@ -261,8 +281,11 @@ OPTIONS: tuple[Option, ...] = (
            _BOTH, check=_check_train_subset, resume_fixed=True,
            helps={"sweep": "Train on N random training examples."}),
     Option("bit_accounting", "--bit-accounting", "str", "code",
-           "Bits per stored weight: 1+E+T (the paper's code) or T (the paper's table).", choices=("code", "paper"),
-           check=_choice("--bit-accounting", ("code", "paper"), "'code' or 'paper'")),
+           "Bits per stored weight: 1+E+T (the paper's code) or T (the paper's table).",
+           ("compress", "prune", "threshold-sweep"), choices=("code", "paper"),
+           check=_choice("--bit-accounting", ("code", "paper"), "'code' or 'paper'"),
+           helps={"prune": None, "threshold-sweep": "Bits per stored weight (default: the run's own)."},
+           defaults={"threshold-sweep": None}),
     Option("init_from", "--init-from", "str | None", None, "state_dict of the plain model to start from.",
            cli="path", check=_check_init_from, resume_fixed=True),
     Option("pretrain_epochs", "--pretrain-epochs", "int", 0,
@@ -284,12 +307,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("augment", "--no-augment", "bool", True, "CIFAR-10: no random crops and flips.", cli="negated",
            resume_fixed=True),
     Option("verify_data", "--no-verify", "bool", True,
-           "Skip the published-checksum check (data you made yourself).", _BOTH, cli="negated"),
+           "Skip the published-checksum check (data you made yourself).",
+           (*_BOTH, "prune", "threshold-sweep", "report", "evaluate"), cli="negated"),
     Option("auto_thresholds", "--auto-thresholds", "str | None", None, _AUTO_HELP, _BOTH,
            choices=("histogram", "validation"), recipe=True, check=_check_auto_thresholds,
            helps={"compress": _AUTO_HELP, "sweep": "Choose each run's thresholds after training (see `compress --help`)."}),
-    Option("no_split", "--no-split", "str", "keep", _NO_SPLIT_HELP, _BOTH, choices=NO_SPLIT, recipe=True,
-           check=_check_no_split, helps={"sweep": _NO_SPLIT_HELP + "."}),
+    Option("no_split", "--no-split", "str", "keep", _NO_SPLIT_HELP, (*_BOTH, "prune", "finetune"), choices=NO_SPLIT,
+           recipe=True, check=_check_no_split, defaults={"prune": None, "finetune": None},
+           helps={"sweep": _NO_SPLIT_HELP + ".", "prune": _NO_SPLIT_AGAIN, "finetune": _NO_SPLIT_AGAIN}),
     Option("val_budget", "--val-budget", "float", 0.5,
            "--auto-thresholds validation: allowed increase of the validation error (percentage points).", _BOTH,
            check=_check_val_budget, helps={"sweep": None}),
@@ -298,7 +323,9 @@ OPTIONS: tuple[Option, ...] = (
            check=_check_val_fraction, helps={"sweep": None}),
     Option("variance_scale", "--variance-scale", "float", 1.0,
            "Multiply the posterior variances by this before reading each layer's bits (> 1: fewer bits).",
-           check=_positive_finite("--variance-scale", repr_value=False)),
+           ("compress", "prune", "threshold-sweep"), check=_positive_finite("--variance-scale", repr_value=False),
+           helps={"threshold-sweep": "Variance scale for the bits (default: the run's own)."},
+           defaults={"threshold-sweep": None}),
     Option("finetune_epochs", "--finetune-epochs", "int", 0,
            "After pruning, train the kept groups' posterior this many epochs more (the learning rate falling to 0), "
            "then compress exactly the groups kept", _BOTH, recipe=True,
@@ -311,7 +338,8 @@ OPTIONS: tuple[Option, ...] = (
            helps={"compress": "The fine-tuning's starting learning rate, falling to 0 (default: the recipe's; else "
                               "--lr)."}),
     Option("device", "--device", "str", "cpu", "cpu, cuda, cuda:N, or auto (CUDA when available).",
-           check=_check_device),
+           ("compress", "finetune"), check=_check_device,
+           helps={"finetune": "cpu, cuda, cuda:N or auto (default: the run's)."}, defaults={"finetune": None}),
 )
 
 #: options that shape the training trajectory or the trained model: a resumed run must have the same ones
@@ -331,6 +359,14 @@ RunOptions = make_dataclass("RunOptions", [*(_field(o) for o in OPTIONS),
                                            ("extra", "dict[str, Any]", field(default_factory=dict))])
 RunOptions.__module__ = __name__
 RunOptions.__doc__ = "Everything that defines a run (stored in report.json as `config`); see `OPTIONS`."
+
+
+def check_option(name: str, value: Any) -> None:
+    """Refuse a bad value of one run option given on its own (`prune`'s --variance-scale): its table check,
+    for an option whose check needs no other option."""
+    check = next(o for o in OPTIONS if o.name == name).check
+    if check is not None:
+        check(value, None)
 
 
 def train_config(opts: Any) -> TrainConfig:
@@ -396,5 +432,5 @@ def check_resume_options(work: Path, opts: Any) -> None:
                        f"resume with the same options, or start afresh with --force")
 
 
-__all__ = ["OPTIONS", "RESUME_FIXED", "Option", "RunOptions", "check_resume_options", "config_record",
+__all__ = ["OPTIONS", "RESUME_FIXED", "Option", "RunOptions", "check_option", "check_resume_options", "config_record",
            "read_options", "train_config", "validate"]

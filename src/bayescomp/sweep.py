@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
-from .optioncheck import check_number, check_thresholds
+from .optioncheck import check_thresholds
 from .pipeline import (
     POSTERIOR_FILE,
     REPORT,
@@ -49,6 +49,7 @@ from .pipeline import (
 )
 from .report.pareto import PARETO_KEYS, pareto_front
 from .rundir import check_out
+from .runoptions import check_option
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
 from .train.checkpoint import atomic_write_bytes, load_checkpoint
@@ -259,8 +260,9 @@ def threshold_sweep(
         raise RunError("--values: a threshold sweep needs at least one value")
     for v in values:
         check_thresholds(v, "--values")
-    if variance_scale is not None:
-        check_number(variance_scale, "--variance-scale", positive=True)
+    check_option("variance_scale", variance_scale)  # (None: the run's own)
+    if bit_accounting is not None:
+        check_option("bit_accounting", bit_accounting)
     previous = read_run(run_dir, required=False) or {}
     bmodel = load_posterior(posterior)
     model_name = previous.get("model") or load_checkpoint(posterior)["model"]
