@@ -348,6 +348,10 @@ def test_run_options_are_written_once():
                          ("sweep", {"--tau0", "--out", "--force", "--report", "--quiet"})):
         listed = set(re.findall(r"^  (--[a-z0-9-]+)", CliRunner().invoke(main, [command, "--help"]).output, re.M))
         assert listed == {o.flag for o in OPTIONS if command in o.commands} | own, command
+    for command in {c for o in OPTIONS for c in o.commands} - {"compress", "sweep"}:  # the run-reading commands
+        args = ["data", "fetch"] if command == "fetch" else [command]
+        text = CliRunner().invoke(main, [*args, "--help"]).output
+        assert all(f"  {o.flag} " in text for o in OPTIONS if command in o.commands), command
     assert {o.name for o in OPTIONS if o.check is not None} == set(_BAD_VALUES)
     validate(defaults)
     for name, (bad, flag) in _BAD_VALUES.items():
