@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--speed-only", action="store_true",
                    help="only re-measure the training-step ratio and update the existing result file")
     args = p.parse_args()
-    from bayescomp.cli import _parse_thresholds
+    from bayescomp.cli import parse_thresholds
 
     out = Path(args.out) if args.out else RESULTS / f"{args.model}_{args.prior}.json"
     if args.from_run:
@@ -64,7 +64,7 @@ def main() -> None:
 
         old = json.loads(out.read_text()) if out.is_file() else {}
         with tempfile.TemporaryDirectory() as tmp:
-            fresh = recompress(args.from_run, Path(tmp) / "run", _parse_thresholds(args.thresholds),
+            fresh = recompress(args.from_run, Path(tmp) / "run", parse_thresholds(args.thresholds),
                                data_dir=args.data_dir)
         for key in ("history", "speed", "train_seconds", "environment", "config", "command"):
             if key in old:
@@ -83,7 +83,7 @@ def main() -> None:
 
     opts = RunOptions(model=args.model, prior=args.prior, epochs=args.epochs, seed=args.seed,
                       batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                      thresholds=_parse_thresholds(args.thresholds), data_dir=args.data_dir,
+                      thresholds=parse_thresholds(args.thresholds), data_dir=args.data_dir,
                       tau0=args.tau0, global_kl=args.global_kl)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     speed = step_time_ratio(args.model, args.prior, args.batch_size, args.data_dir)

@@ -170,7 +170,7 @@ def sparse_bytes(model: nn.Module) -> int:
 
 def pretrain(model_name: str, train, epochs: int, lr: float, batch_size: int, seed: int,
              init_from: str | None) -> tuple[nn.Module, float]:
-    """The plain start every method shares, as `pipeline._plain_start` makes it; and its seconds."""
+    """The plain start every method shares, as `factories.plain_start` makes it; and its seconds."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # as pipeline.run before it builds the model
     plain = build_model(model_name) if init_from is None else _load_start(model_name, init_from)

@@ -54,7 +54,7 @@ from bayescomp.convert import group_layers
 from bayescomp.data import load_mnist
 from bayescomp.io.plain import load_plain
 from bayescomp.models import build_model
-from bayescomp.nn.base import _LinearKind, fuse_weight_kl
+from bayescomp.nn import LinearGroupHS, LinearGroupNJ, fuse_weight_kl
 from bayescomp.recipes import recipe
 from bayescomp.train.memory import keep_freed_memory
 
@@ -87,7 +87,7 @@ def layer_macs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int, bool]]
             else:
                 w = mod.weight if hasattr(mod, "weight") and isinstance(mod.weight, torch.Tensor) else mod.weight_mu
                 macs = per * w.shape[1] * w.shape[2] * w.shape[3]
-            out.append((name, macs, isinstance(mod, (nn.Linear, _LinearKind))))
+            out.append((name, macs, isinstance(mod, (nn.Linear, LinearGroupNJ, LinearGroupHS))))
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():

@@ -65,16 +65,9 @@ import time
 from pathlib import Path
 
 from bayescomp.compress.rates import stored_bits
-from bayescomp.pipeline import (
-    RunError,
-    RunOptions,
-    evaluate_compression,
-    example_input,
-    load_data,
-    run,
-    unfinished_decision,
-    unfinished_run,
-)
+from bayescomp.factories import evaluate_compression, example_input, load_data
+from bayescomp.pipeline import RunError, RunOptions, run
+from bayescomp.unfinished import unfinished_decision, unfinished_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MNIST_ROWS = ("lenet300_gnj", "lenet300_ghs", "lenet5_gnj", "lenet5_ghs")

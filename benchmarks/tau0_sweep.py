@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bayescomp.compress.thresholds import histogram_thresholds
 from bayescomp.data import load_mnist
-from bayescomp.nn.ghs import _GroupHS
+from bayescomp.nn.ghs import LinearGroupHS
 from bayescomp.pipeline import RunOptions, load_posterior, recompress
 from bayescomp.report.plots import plot_pareto
 from bayescomp.sweep import pareto_front, sweep, threshold_sweep, training_elbo
@@ -111,7 +111,7 @@ def main() -> None:
         point["elbo_mean_3_seeds"] = (point["elbo"] + sum(point["elbo_other_seeds"])) / 3
     best = max(result["points"], key=lambda q: q["elbo_mean_3_seeds"])
     result["elbo_choice_3_seeds"] = best["tau0"]
-    threshold = _GroupHS.default_threshold
+    threshold = LinearGroupHS.default_threshold  # (every horseshoe layer's)
     fixed = []
     for point in result["points"]:
         run_dir = Path(args.work) / point["run_dir"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,3 +275,47 @@ def test_unknown_lr_schedule_fails_before_any_folder(tmp_path):
                                        "--epochs", "1", "--lr-schedule", "step"])
     assert result.exit_code != 0 and "step" in result.output and "cosine" in result.output
     assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+#: a bad value of every run option that has a check, and the text its one-line error must hold
+_BAD_VALUES = {
+    "model": ("nope", "--model"), "prior": ("gauss", "--prior"), "tau0": (1e-3, "--tau0"),
+    "epochs": (0, "--epochs"), "seed": (-1, "--seed"), "warmup_epochs": (-1.0, "--warmup-epochs"),
+    "thresholds": ({"fc9": -3.0}, "--thresholds"), "max_var": (-0.1, "--clip-var"),
+    "train_subset": (0, "--train-subset"), "bit_accounting": ("bytes", "--bit-accounting"),
+    "init_from": ("/no/such/file.pt", "--init-from"), "pretrain_epochs": (-1, "--pretrain-epochs"),
+    "pretrain_lr": (0.0, "--pretrain-lr"), "input_origin": (float("nan"), "--input-origin"),
+    "auto_thresholds": ("guess", "--auto-thresholds"), "no_split": ("floor", "--no-split"),
+    "val_budget": (-1.0, "--val-budget"), "val_fraction": (1.0, "--val-fraction"),
+    "variance_scale": (0.0, "--variance-scale"), "finetune_epochs": (-2, "--finetune-epochs"),
+    "finetune_lr": (-1.0, "--finetune-lr"), "device": ("tpu", "--device"),
+}
+
+
+def test_run_options_are_written_once():
+    """One table: RunOptions' fields and defaults, the command line's options of compress and sweep, and the
+    validation all come from `runoptions.OPTIONS`; each option's check refuses a bad value naming its flag."""
+    from dataclasses import fields, replace
+
+    from bayescomp.rundir import RunError
+    from bayescomp.runoptions import OPTIONS, RESUME_FIXED, RunOptions, validate
+
+    defaults = RunOptions()
+    assert [f.name for f in fields(RunOptions)] == [o.name for o in OPTIONS] + ["extra"]
+    for o in OPTIONS:
+        assert getattr(defaults, o.name) == ({} if o.annotation.startswith("dict[") else o.default), o.name
+    assert "model" in RESUME_FIXED and "epochs" not in RESUME_FIXED and "device" not in RESUME_FIXED
+    for command, own in (("compress", {"--out", "--dataset", "--resume", "--force", "--quiet"}),
+                         ("sweep", {"--tau0", "--out", "--force", "--report", "--quiet"})):
+        listed = set(re.findall(r"^  (--[a-z0-9-]+)", CliRunner().invoke(main, [command, "--help"]).output, re.M))
+        assert listed == {o.flag for o in OPTIONS if command in o.commands} | own, command
+    for command in {c for o in OPTIONS for c in o.commands} - {"compress", "sweep"}:  # the run-reading commands
+        args = ["data", "fetch"] if command == "fetch" else [command]
+        text = CliRunner().invoke(main, [*args, "--help"]).output
+        assert all(f"  {o.flag} " in text for o in OPTIONS if command in o.commands), command
+    assert {o.name for o in OPTIONS if o.check is not None} == set(_BAD_VALUES)
+    validate(defaults)
+    for name, (bad, flag) in _BAD_VALUES.items():
+        with pytest.raises(RunError) as err:
+            validate(replace(defaults, **{name: bad}))
+        assert flag in str(err.value) and "\n" not in str(err.value), (name, str(err.value))

@@ -157,12 +157,13 @@ def test_init_from_plain_state_dict(tmp_path):
     plain = build_model("lenet300")
     path = tmp_path / "plain.pt"
     torch.save(plain.state_dict(), path)
-    from bayescomp.pipeline import RunOptions, _plain_start
+    from bayescomp.factories import plain_start
+    from bayescomp.runoptions import RunOptions
 
     opts = RunOptions(model="lenet300", init_from=str(path))
-    start, trained = _plain_start(opts, None, None, progress=False)
+    start, trained = plain_start(opts, None, None, progress=False)
     assert trained and torch.equal(start.fc1.weight, plain.fc1.weight)
     bad = tmp_path / "bad.pt"
     torch.save({"fc1.weight": torch.zeros(3, 3)}, bad)
     with pytest.raises(RuntimeError, match="does not fit model lenet300"):
-        _plain_start(RunOptions(model="lenet300", init_from=str(bad)), None, None, progress=False)
+        plain_start(RunOptions(model="lenet300", init_from=str(bad)), None, None, progress=False)

@@ -346,7 +346,7 @@ def test_stream_seeds_and_shards():
     assert distributed.stream_seed(5, 1) == distributed.stream_seed(5, 1)
     for total in (0, 1, 5, 32, 33):
         for world in (1, 2, 3, 4):
-            shares = [loop_module._shard(total, world, r) for r in range(world)]
+            shares = [loop_module.shard(total, world, r) for r in range(world)]
             assert shares[0][0] == 0 and shares[-1][1] == total
             assert all(a[1] == b[0] for a, b in zip(shares, shares[1:], strict=False))
             sizes = [hi - lo for lo, hi in shares]

@@ -448,7 +448,7 @@ def test_report_page_shows_the_fine_tuning(runs, tmp_path):
 
     root, _, tuned, _ = runs
     shutil.copytree(root / "tuned", tmp_path / "tuned")
-    text = write_report(tmp_path / "tuned", data_dir=DATA).read_text()
+    text = write_report(tmp_path / "tuned").read_text()
     before = tuned["finetune"]["test_error_before"]
     assert f"| fine-tuned after pruning | 2 epochs; test error before: {before:.2f}% compressed" in text
     section = text.split("## Fine-tuning after pruning", 1)[1]

@@ -23,7 +23,7 @@ import bayescomp.io
 from bayescomp.cli import main
 from bayescomp.compress import compress, graph_compress, graph_shrinker, group_masks
 from bayescomp.compress.sensitivity import VERDICTS, precision_sensitivity
-from bayescomp.compress.thresholds import _error, validation_split, validation_thresholds
+from bayescomp.compress.thresholds import classification_error, validation_split, validation_thresholds
 from bayescomp.data import input_shape, load_cifar10
 from bayescomp.io import load_plain, read_packed
 from bayescomp.io.export import export_safetensors, load_safetensors
@@ -156,7 +156,7 @@ def test_validation_thresholds_on_graph_run(cifar, tmp_path):
     assert details["feasible"] and report["weights_kept"] < report["weights_total"]
     chosen = compress(bmodel, report["thresholds"], example_input=example_input("concat_net"))
     assert chosen.report["weights_kept"] == report["weights_kept"] == details["weights_kept"]
-    assert _error(chosen.model, vx, vy) <= _error(bmodel, vx, vy) + 1e-9
+    assert classification_error(chosen.model, vx, vy) <= classification_error(bmodel, vx, vy) + 1e-9
     assert _error_of(read_packed(out / "model.bcz")[0], cifar) == pytest.approx(report["test_error"], abs=1e-9)
     # a larger budget can only keep as much or less
     loose = validation_thresholds(bmodel, vx, vy, 50.0, example_input=example_input("concat_net"))
@@ -190,9 +190,9 @@ def test_precision_sensitivity_on_graph_model(concat_run, cifar):
     sens = precision_sensitivity(bmodel, x, y, report["thresholds"], ks=(1, 30), example_input=example)
     inferred = compress(bmodel, report["thresholds"], example_input=example)
     assert set(sens["layers"]) == set(inferred.bits)
-    assert sens["error_inferred"] == pytest.approx(_error(inferred.model, x, y))
+    assert sens["error_inferred"] == pytest.approx(classification_error(inferred.model, x, y))
     unrounded = compress(bmodel, report["thresholds"], round_weights=False, example_input=example)
-    assert sens["error_unrounded"] == pytest.approx(_error(unrounded.model, x, y))
+    assert sens["error_unrounded"] == pytest.approx(classification_error(unrounded.model, x, y))
     for name, entry in sens["layers"].items():
         b = entry["inferred_bits"]
         assert b == inferred.bits[name] and entry["verdict"] in VERDICTS

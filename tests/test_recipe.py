@@ -17,7 +17,8 @@ from bayescomp.convert import bayesianize
 from bayescomp.nn import parameter_kind
 from bayescomp.recipes import PAPER, RECIPE_OPTIONS, TRAINING_RECIPES, recipe_options, training_recipe
 from bayescomp.train import TrainConfig, fit
-from bayescomp.train.loop import lr_at, param_groups
+from bayescomp.train.config import lr_at
+from bayescomp.train.loop import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from bayescomp.models import build_model
 from bayescomp.pipeline import load_posterior
 from bayescomp.report.page import write_report
 from bayescomp.report.plots import plot_log_alpha_histograms, plot_pareto, plot_training_curves, plot_weights
+from bayescomp.runfigures import write_sensitivity
 
 pytest.importorskip("matplotlib")
 
@@ -100,7 +103,9 @@ def test_plot_training_curves(tiny_run, tmp_path):
 
 
 def test_write_report_run(tiny_run):
-    page = write_report(tiny_run, data_dir=str(DATA), sensitivity=True)
+    assert {"scores.json", "weights.pt"} <= {p.name for p in tiny_run.iterdir()}  # written by the run
+    write_sensitivity(tiny_run, data_dir=str(DATA))  # the run layer measures, the page only draws
+    page = write_report(tiny_run)
     assert page == tiny_run / "report.md"
     text = page.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -113,6 +118,32 @@ def test_write_report_run(tiny_run):
     for layer in ("fc1", "fc2", "fc3"):
         assert f"| {layer} |" in text
     assert "Precision sensitivity" in text and "unimodal" in text
+
+
+def test_report_draws_only_what_the_folder_holds(tiny_run, tmp_path):
+    """A folder without the figure data (an earlier version's) gets the page without those figures and a note;
+    `bayescomp report` writes the data from the posterior, and the page then has them. report/ imports nothing
+    from the run layer, so the page cannot compress anything again."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    for name in ("scores.json", "weights.pt", "sensitivity.json", "report.md", "log_alpha.png", "weights.png"):
+        (old / name).unlink(missing_ok=True)
+    text = write_report(old).read_text()
+    assert "no scores.json" in text and "log_alpha.png" not in text and "training.png" in text
+    assert not (old / "scores.json").exists()  # the page writes no data of its own
+    result = CliRunner().invoke(main, ["report", str(old)])
+    assert result.exit_code == 0, result.output
+    text = (old / "report.md").read_text()
+    assert "![log α histograms per layer](log_alpha.png)" in text and "weights.png" in text
+    scores = json.loads((old / "scores.json").read_text())["layers"]
+    assert set(scores) == {"fc1", "fc2", "fc3"} and len(scores["fc1"]["log_alpha"]) == 784
+    run_layer = {"pipeline", "runreport", "rundir", "cli", "sweep", "runoptions", "factories", "decision",
+                 "unfinished", "runfigures", "filecommands"}
+    for path in (ROOT / "src" / "bayescomp" / "report").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = set((node.module or "").split("."))
+                assert not parts & run_layer, (path.name, node.module)
 
 
 def test_write_report_sweep_folder_and_errors(tmp_path):

@@ -18,7 +18,7 @@ from torch import nn
 
 import bayescomp
 from bayescomp.train import CheckpointError, TrainConfig, TrainingDivergedError, fit, load_checkpoint, save_checkpoint
-from bayescomp.train.loop import discard_checkpoint, previous_checkpoint
+from bayescomp.train.rotation import discard_checkpoint, previous_checkpoint
 
 N = 384
 CFG = {"batch_size": 16, "lr": 3e-3, "warmup_epochs": 3.0, "seed": 4, "grad_clip": 50.0}

@@ -173,7 +173,7 @@ def test_validation_thresholds_within_budget_and_only_sees_validation(trained, m
     bm, train, val, test = trained
     val_x, val_y = val
     seen = []
-    real_error = thr._error
+    real_error = thr.classification_error
 
     def spy(model, x, y, *args, **kwargs):
         seen.append((x, y))
@@ -182,7 +182,7 @@ def test_validation_thresholds_within_budget_and_only_sees_validation(trained, m
     def forbidden(*args, **kwargs):
         raise AssertionError("validation_thresholds must not load a data set")
 
-    monkeypatch.setattr(thr, "_error", spy)
+    monkeypatch.setattr(thr, "classification_error", spy)
     monkeypatch.setattr("bayescomp.pipeline.load_data", forbidden)
     monkeypatch.setattr("bayescomp.data.load_mnist", forbidden)
     budget = 1.0
@@ -249,14 +249,14 @@ def test_pipeline_validation_thresholds_hold_out_training_examples(tmp_path, mon
     data = os.environ.get("BAYESCOMP_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     test_x, _ = load_mnist("test", data)
     seen = {}
-    real = pipeline.validation_thresholds
+    real = thr.validation_thresholds  # (the validation rule's `choose` calls it: `thresholds.ValidationBudget`)
 
     def spy(model, val_x, val_y, budget, *args, **kwargs):
         seen["n"], seen["budget"] = len(val_x), budget
         assert val_x is not test_x and len(val_x) != len(test_x)
         return real(model, val_x, val_y, budget, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "validation_thresholds", spy)
+    monkeypatch.setattr(thr, "validation_thresholds", spy)
     opts = pipeline.RunOptions(model="lenet300", epochs=1, train_subset=500, data_dir=data,
                                auto_thresholds="validation", val_budget=2.0, val_fraction=0.2)
     report = pipeline.run(opts, tmp_path / "run", progress=False)
@@ -377,3 +377,40 @@ def test_histogram_thresholds_cut_a_layer_without_split_at_its_prior_s_floor():
     out = histogram_thresholds(bm, no_split="floor")
     assert out["0"] == histogram_thresholds(bm)["0"]  # the split layer as before
     assert out["2"].value == -3.0 and out["2"].kept == int((bm[2].log_alpha() < -3.0).sum()) == 8
+
+
+def _scored_model() -> nn.Module:
+    """A fresh GNJ LeNet-300-100 (its scores spread around the initial log α)."""
+    from bayescomp.models import build_model
+
+    torch.manual_seed(0)
+    return bayesianize(build_model("lenet300"), "gnj")
+
+
+def test_threshold_rules_choose_every_layer_once():
+    """Every way of choosing thresholds is a rule with one `choose`; `choose_thresholds` resolves what a user
+    passes into {layer: float}, the same as the masks' resolver, and a rule's record says what it keeps."""
+    from bayescomp.compress.masks import resolve_thresholds
+
+    model = _scored_model()
+    layers = ["fc1", "fc2", "fc3"]
+    for given in (None, -2.0, {"fc2": 1.5}, {"fc1": -1.0, "fc2": 0.0, "fc3": 4.0}):
+        assert thr.choose_thresholds(model, given) == resolve_thresholds(model, given)
+    defaults = thr.PriorDefault().choose(model)
+    assert list(defaults) == layers and all(c.method == "default" for c in defaults.values())
+    every = thr.EveryLayer(0.5).choose(model)
+    for name, c in every.items():
+        la = model.get_submodule(name).log_alpha().detach()
+        assert c.value == 0.5 and c.kept == int((la < 0.5).sum()) and c.total == la.numel()
+    floor = thr.NoiseFloor().choose(model)
+    assert {n: c.value for n, c in floor.items()} == {n: float(model.get_submodule(n).noise_floor) for n in layers}
+    hist = thr.HistogramSplit().choose(model)
+    over = thr.PerLayer({"fc1": 7.0}, others=thr.HistogramSplit()).choose(model)
+    assert over["fc1"].value == 7.0 and over["fc1"].method == "given"
+    assert {n: over[n].to_dict() for n in ("fc2", "fc3")} == {n: hist[n].to_dict() for n in ("fc2", "fc3")}
+    assert isinstance(thr.rule_for({"fc1": 1.0}), thr.PerLayer) and isinstance(thr.rule_for(1), thr.EveryLayer)
+    assert isinstance(thr.rule_for(None), thr.PriorDefault) and thr.rule_for(thr.NoiseFloor()) == thr.NoiseFloor()
+    with pytest.raises(PruneError, match="unknown layers"):
+        thr.PerLayer({"fc9": 1.0}).choose(model)
+    with pytest.raises(PruneError, match="NaN"):
+        thr.EveryLayer(math.nan).choose(model)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .convert import group_layers, kl_divergence
-from .train.loop import kl_beta
+from .train.config import kl_beta
 
 try:  # Lightning 2.x, then the older package name; neither is a dependency of bayescomp
     from lightning.pytorch import Callback as _Base

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .compress import CompressedModel, PruneError, apply_masks, compress, group_masks
-from .compress.thresholds import histogram_thresholds
+from .compress.thresholds import (
+    EveryLayer,
+    HistogramSplit,
+    PerLayer,
+    PriorDefault,
+    ThresholdRule,
+    choose_thresholds,
+)
 from .convert import bayesianize
 from .recipes import TrainingRecipe, training_recipe
 from .train import TrainConfig, finetune_config, fit
@@ -32,17 +39,19 @@ def _config(recipe: TrainingRecipe, epochs: int, seed: int) -> TrainConfig:
                        lr_scale=dict(recipe.lr_scale))
 
 
-def _thresholds(bmodel: nn.Module, recipe: TrainingRecipe, given: Any) -> tuple[dict[str, float] | float | None, str]:
-    """(thresholds, how they were chosen): the caller's for every layer (a number); else the recipe's rule for
-    the layers the caller does not name: the histogram split, or (a recipe without a rule) each prior's
-    default threshold."""
+def _rule(recipe: TrainingRecipe, given: Any) -> tuple[ThresholdRule, str]:
+    """(threshold rule, how it chooses): the caller's threshold for every layer (a number); else the recipe's
+    rule — the histogram split, or (a recipe without a rule) each prior's default threshold — for the layers
+    the caller does not name."""
     if given is not None and not isinstance(given, Mapping):
-        return float(given), "given"
-    named = {k: float(v) for k, v in (given or {}).items()}
+        return EveryLayer(float(given)), "given"
     if recipe.auto_thresholds == "histogram":
-        chosen = {name: c.value for name, c in histogram_thresholds(bmodel, no_split=recipe.no_split).items()}
-        return chosen | named, f"histogram ({recipe.no_split})"
-    return (named or None), "the priors' defaults"
+        rule: ThresholdRule = HistogramSplit(no_split=recipe.no_split)
+        how = f"histogram ({recipe.no_split})"
+    else:
+        rule, how = PriorDefault(), "the priors' defaults"
+    named = {k: float(v) for k, v in (given or {}).items()}
+    return (PerLayer(named, others=rule) if named else rule), how
 
 
 def compress_pretrained(
@@ -107,7 +116,8 @@ def compress_pretrained(
         tqdm.write(f"compress_pretrained: recipe {rec.name!r}, prior {prior}, {epochs} epochs"
                    + (f" + {finetune_epochs} fine-tuning" if finetune_epochs else ""))
     trained = fit(bmodel, train, config, progress=progress, on_epoch=announce, n_train=n_train)
-    chosen, rule = _thresholds(bmodel, rec, thresholds)
+    rule, how = _rule(rec, thresholds)
+    chosen = choose_thresholds(bmodel, rule)  # resolved once: the cut, the fine-tuning and the compression use it
     keeps = group_masks(bmodel, chosen)
     empty = [name for name, keep in keeps.items() if not bool(keep.any())]
     if empty:
@@ -122,5 +132,5 @@ def compress_pretrained(
     bmodel.eval()
     result = compress(bmodel, chosen, keeps=keeps, example_input=example_input)
     result.report.update(recipe=rec.name, train_seconds=trained.seconds, finetune_seconds=ft_seconds,
-                         seconds=time.perf_counter() - t0, thresholds_rule=rule, history=history)
+                         seconds=time.perf_counter() - t0, thresholds_rule=how, history=history)
     return result

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .base import atomic_write
 from .compress import PruneError, compress
 from .convert import group_layers, kl_divergence
-from .optioncheck import check_number, check_thresholds
+from .optioncheck import check_thresholds
 from .pipeline import (
     POSTERIOR_FILE,
     REPORT,
@@ -48,42 +48,17 @@ from .pipeline import (
     run,
     validate,
 )
+from .report.pareto import PARETO_KEYS, pareto_front
 from .rundir import check_out
+from .runoptions import check_option
 from .runreport import read_report, read_run
 from .train import distributed, evaluate, predict
 from .train.checkpoint import load_checkpoint
 
 SWEEP_FILE = "sweep.json"
 THRESHOLD_SWEEP_FILE = "threshold_sweep.json"
-PARETO_KEYS = ("test_error", "weights_kept_pct")
 #: options that do not change a run's result (ignored when an existing run folder is reused)
 _NOT_DEFINING = ("data_dir", "verify_data")
-
-
-def pareto_front(points: Sequence[Mapping[str, Any]], keys: Sequence[str] = PARETO_KEYS) -> list[bool]:
-    """Which points are on the Pareto front when every key is minimised.
-
-    A point is on the front unless another point is ≤ in every key and < in at least one. A point
-    missing a key (absent, None, NaN) is never on the front and dominates nothing. Equal points do
-    not dominate each other: both stay on the front.
-    """
-    vals: list[tuple[float, ...] | None] = []
-    for p in points:
-        v = [p.get(k) for k in keys]
-        ok = all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in v)
-        vals.append(tuple(float(a) for a in v) if ok else None)
-    out = []
-    for i, a in enumerate(vals):
-        if a is None:
-            out.append(False)
-            continue
-        dominated = any(
-            b is not None and j != i and all(bk <= ak for bk, ak in zip(b, a, strict=True))
-            and any(bk < ak for bk, ak in zip(b, a, strict=True))
-            for j, b in enumerate(vals)
-        )
-        out.append(not dominated)
-    return out
 
 
 @torch.no_grad()
@@ -286,8 +261,9 @@ def threshold_sweep(
         raise RunError("--values: a threshold sweep needs at least one value")
     for v in values:
         check_thresholds(v, "--values")
-    if variance_scale is not None:
-        check_number(variance_scale, "--variance-scale", positive=True)
+    check_option("variance_scale", variance_scale)  # (None: the run's own)
+    if bit_accounting is not None:
+        check_option("bit_accounting", bit_accounting)
     previous = read_run(run_dir, required=False) or {}
     bmodel = load_posterior(posterior)
     model_name = previous.get("model") or load_checkpoint(posterior)["model"]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .precision import MAX_BITS
-from .thresholds import _error
+from .thresholds import classification_error
 
 VERDICTS = ("conservative", "tight", "optimistic")
 
@@ -82,9 +82,9 @@ def precision_sensitivity(
             return shrink(model, base.masks, bits)
 
     def error(bits: Mapping[str, int]) -> float:
-        return _error(build(dict(bits)), x, y)
+        return classification_error(build(dict(bits)), x, y)
 
-    err_unrounded = _error(base.model, x, y)
+    err_unrounded = classification_error(base.model, x, y)
     err_inferred = error(inferred)
     layers: dict[str, Any] = {}
     for name, b in inferred.items():

@@ -1,9 +1,11 @@
 """write_report(): a self-contained Markdown page (report.md) for a run folder or a sweep folder.
 
-A run folder (report.json, posterior.pt, metrics.jsonl) gets: the headline figures, the per-layer
-table, the thresholds used beside what the log α histogram suggests (`histogram_thresholds`), the
-figures (log α histograms, weights before/after pruning, training curves; PNG files beside the page)
-and, when present, the run's threshold sweep (threshold_sweep.json) and precision sensitivity.
+A run folder (report.json, metrics.jsonl, and the figure data the run wrote: scores.json, weights.pt)
+gets: the headline figures, the per-layer table, the thresholds used beside what the log α histogram
+suggests (`split_modes` of the recorded scores), the figures (log α histograms, weights before/after
+pruning, training curves; PNG files beside the page) and, when present, the run's threshold sweep
+(threshold_sweep.json) and precision sensitivity (sensitivity.json). The page draws what the folder
+holds and never compresses anything again.
 A sweep folder (sweep.json) gets the Pareto plot of its runs and their table.
 
 The page links its figures by relative path, so the folder can be moved or archived as it is.
@@ -18,10 +20,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import __version__
 from ..base import atomic_write
+from ..compress.modes import ThresholdChoice, split_modes
+from ..train.checkpoint import CheckpointError, load_checkpoint
 
 PAGE = "report.md"
+REPORT_FILE = "report.json"
+#: the figure data a run writes beside its report (`runfigures`): log α scores per layer, posterior means and masks
+SCORES_FILE = "scores.json"
+WEIGHTS_FILE = "weights.pt"
+#: the precision sensitivity, written on request (`bayescomp report --sensitivity`)
+SENSITIVITY_FILE = "sensitivity.json"
 FIG_LOG_ALPHA = "log_alpha.png"
 FIG_WEIGHTS = "weights.png"
 FIG_CURVES = "training.png"
@@ -116,14 +128,85 @@ def _layer_rows(report: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method: str, verify: bool) -> list[str]:
-    from ..compress import PruneError, compress
-    from ..compress.thresholds import histogram_thresholds
-    from ..pipeline import POSTERIOR_FILE, example_input, load_data, load_posterior
-    from ..runreport import read_run
-    from .plots import plot_log_alpha_histograms, plot_pareto, plot_training_curves, plot_weights
+def _read_json(path: Path) -> Any:
+    """A JSON file of the run folder; a damaged one is named in a one-line error."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not readable as JSON ({exc})") from None
 
-    report = read_run(run_dir)
+
+def _suggestions(scores: Mapping[str, Mapping[str, Any]], method: str, no_split: str) -> dict[str, ThresholdChoice]:
+    """What each layer's log α histogram suggests (`split_modes`, above its prior's noise floor)."""
+    out = {}
+    for name, layer in scores.items():
+        la = torch.tensor(layer["log_alpha"], dtype=torch.float64)
+        c = split_modes(la, method, noise_floor=float(layer["noise_floor"]), no_split=no_split)
+        out[name] = ThresholdChoice(c.value, c.method, c.reason, int((la < c.value).sum()), la.numel(), c.details)
+    return out
+
+
+def _decision_figures(run_dir: Path, report: Mapping[str, Any], method: str) -> list[str]:
+    """The log α and weights figures, from the figure data the run wrote (scores.json, weights.pt)."""
+    from .plots import plot_score_histograms, plot_weight_data
+
+    scores_path = run_dir / SCORES_FILE
+    if not scores_path.is_file():
+        return [f"_No log α or weights figures: this folder has no {SCORES_FILE} (a run made by an earlier version; "
+                f"`bayescomp report` writes it from the run's posterior)._", ""]
+    doc = _read_json(scores_path)
+    scores = doc.get("layers") if isinstance(doc, Mapping) else None
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError(f"{scores_path}: field 'layers' must be a non-empty object of layer: scores")
+    suggested = _suggestions(scores, method, (report.get("config") or {}).get("no_split", "keep"))
+    used = {lay["name"]: lay.get("threshold") for lay in report.get("layers") or []}
+    lines = ["## log α: thresholds used and what the histogram says", "",
+             f"The suggestion is the {'Otsu' if method == 'otsu' else 'Gaussian-mixture'} split between the "
+             "two modes of each layer's log α (`bayescomp.compress.thresholds.split_modes`); a group is kept "
+             "while its log α is below the threshold.", ""]
+    lines += _table(["layer", "threshold used", "suggested", "groups kept at suggestion", "why"],
+                    [[n, used.get(n), c.value, f"{c.kept}/{c.total}", c.reason] for n, c in suggested.items()])
+    plot_score_histograms(scores, run_dir / FIG_LOG_ALPHA, suggested=suggested)
+    lines += [f"![log α histograms per layer]({FIG_LOG_ALPHA})", "", "## Weights before and after pruning", ""]
+    try:
+        weights = load_checkpoint(run_dir / WEIGHTS_FILE) if (run_dir / WEIGHTS_FILE).is_file() else None
+    except CheckpointError as exc:
+        raise ValueError(f"{run_dir / WEIGHTS_FILE}: {exc}") from None
+    if weights is None:
+        return lines + [f"_No weights figure: no {WEIGHTS_FILE} (the run's thresholds cannot be applied to this "
+                        "posterior)._", ""]
+    plot_weight_data(weights, run_dir / FIG_WEIGHTS)
+    return lines + ["Per layer, the magnitudes |E[w]| of the posterior means (dark = large); on the right, pruned "
+                    "rows and columns are blank.", "", f"![weights before and after pruning]({FIG_WEIGHTS})", ""]
+
+
+def _sensitivity(run_dir: Path) -> list[str]:
+    """The precision sensitivity the run layer measured (sensitivity.json: `bayescomp report --sensitivity`)."""
+    path = run_dir / SENSITIVITY_FILE
+    if not path.is_file():
+        return []
+    sens = _read_json(path)
+    lines = ["## Precision sensitivity (test set)", "",
+             f"Error with every layer at its inferred bits: {_fmt(sens['error_inferred'])}% "
+             f"(unrounded {_fmt(sens['error_unrounded'])}%). Each row moves one layer's bits; "
+             "the others stay at their inferred bits.", ""]
+    ks = sens["ks"]
+    header = ["layer", "bits"] + [f"−{k}" for k in reversed(ks)] + ["inferred"] + [f"+{k}" for k in ks] + ["verdict"]
+    rows = []
+    for n, e in sens["layers"].items():
+        minus = [f"{r['bits']}b: {_fmt(r['error'])}" for r in reversed(e["minus"])]
+        plus = [f"{r['bits']}b: {_fmt(r['error'])}" for r in e["plus"]]
+        rows.append([n, e["inferred_bits"], *minus, _fmt(sens["error_inferred"]), *plus, e["verdict"]])
+    lines += _table(header, rows)
+    return lines + [f"- **{n}**: {e['verdict']} — {e['reason']}" for n, e in sens["layers"].items()] + [""]
+
+
+def _run_page(run_dir: Path, *, method: str) -> list[str]:
+    from .plots import plot_pareto, plot_training_curves
+
+    report = _read_json(run_dir / REPORT_FILE)
+    if not isinstance(report, Mapping):
+        raise ValueError(f"{run_dir / REPORT_FILE}: must be a JSON object (a run's report), got {type(report).__name__}")
     lines = [f"# bayescomp run: {report.get('model')} ({report.get('prior')})", "",
              f"Folder `{run_dir.name}`; page written by bayescomp {__version__}.", ""]
     if report.get("command"):
@@ -143,52 +226,7 @@ def _run_page(run_dir: Path, *, data_dir: str | None, sensitivity: bool, method:
                           None if c.get("kept") is None else f"{c.get('kept')}/{c.get('total')}", c.get("reason")]
                          for n, c in choice.items()])
 
-    posterior = run_dir / POSTERIOR_FILE
-    thresholds = report.get("thresholds") or None
-    if posterior.is_file():
-        bmodel = load_posterior(posterior)
-        test = load_data(report["model"], data_dir, 1, verify=verify)[1] if sensitivity else None  # fail early
-        suggested = histogram_thresholds(bmodel, method, no_split=(report.get("config") or {}).get("no_split", "keep"))
-        used = {lay["name"]: lay.get("threshold") for lay in report.get("layers") or []}
-        lines += ["## log α: thresholds used and what the histogram says", "",
-                  f"The suggestion is the {'Otsu' if method == 'otsu' else 'Gaussian-mixture'} split between the "
-                  "two modes of each layer's log α (`bayescomp.compress.thresholds.split_modes`); a group is kept "
-                  "while its log α is below the threshold.", ""]
-        lines += _table(["layer", "threshold used", "suggested", "groups kept at suggestion", "why"],
-                        [[n, used.get(n), c.value, f"{c.kept}/{c.total}", c.reason] for n, c in suggested.items()])
-        plot_log_alpha_histograms(bmodel, thresholds, run_dir / FIG_LOG_ALPHA, suggested=suggested)
-        lines += [f"![log α histograms per layer]({FIG_LOG_ALPHA})", ""]
-        # the run's decision, made as the run made it (a graph model through its torch.fx graph)
-        example = example_input(report["model"])
-        lines += ["## Weights before and after pruning", ""]
-        try:
-            masks = compress(bmodel, thresholds, round_weights=False, example_input=example).masks
-        except PruneError as exc:
-            lines += [f"_No weights figure: the run's thresholds cannot be applied to this posterior ({exc})._", ""]
-        else:
-            plot_weights(bmodel, masks, run_dir / FIG_WEIGHTS)
-            lines += ["Per layer, the magnitudes |E[w]| of the posterior means (dark = large); on the right, pruned "
-                      "rows and columns are blank.", "",
-                      f"![weights before and after pruning]({FIG_WEIGHTS})", ""]
-        if sensitivity:
-            from ..compress.sensitivity import precision_sensitivity
-
-            sens = precision_sensitivity(bmodel, *test, thresholds, example_input=example)
-            lines += ["## Precision sensitivity (test set)", "",
-                      f"Error with every layer at its inferred bits: {_fmt(sens['error_inferred'])}% "
-                      f"(unrounded {_fmt(sens['error_unrounded'])}%). Each row moves one layer's bits; "
-                      "the others stay at their inferred bits.", ""]
-            ks = sens["ks"]
-            header = ["layer", "bits"] + [f"−{k}" for k in reversed(ks)] + ["inferred"] + [f"+{k}" for k in ks] + ["verdict"]
-            rows = []
-            for n, e in sens["layers"].items():
-                minus = [f"{r['bits']}b: {_fmt(r['error'])}" for r in reversed(e["minus"])]
-                plus = [f"{r['bits']}b: {_fmt(r['error'])}" for r in e["plus"]]
-                rows.append([n, e["inferred_bits"], *minus, _fmt(sens["error_inferred"]), *plus, e["verdict"]])
-            lines += _table(header, rows)
-            lines += [f"- **{n}**: {e['verdict']} — {e['reason']}" for n, e in sens["layers"].items()] + [""]
-    else:
-        lines += ["_No posterior.pt in this folder: no histograms or weight figures._", ""]
+    lines += _decision_figures(run_dir, report, method) + _sensitivity(run_dir)
 
     history = _read_history(run_dir, report)
     if history:
@@ -243,20 +281,20 @@ def _sweep_page(sweep_dir: Path) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | os.PathLike, *, data_dir: str | None = None, sensitivity: bool = False,
-                 method: str = "otsu", verify: bool = True) -> Path:
+def write_report(run_dir: str | os.PathLike, *, method: str = "otsu") -> Path:
     """Write run_dir/report.md and its PNG figures; return the page's path.
 
-    `run_dir`: a run folder (report.json) or a sweep folder (sweep.json). `sensitivity`: also measure
-    the precision sensitivity on the test set (loads the data from `data_dir`; a few dozen test-set
-    passes; `verify=False` skips the data files' checksum check). `method`: how the histogram suggestion
-    is made ("otsu" or "gmm"). Chain and graph runs (residual, concatenating models) get the same page.
+    `run_dir`: a run folder (report.json) or a sweep folder (sweep.json). Only what the folder holds is
+    drawn: report.json, metrics.jsonl, the figure data the run wrote (scores.json, weights.pt), and where
+    present threshold_sweep.json and sensitivity.json (`bayescomp report --sensitivity`). `method`: how the
+    histogram suggestion is made ("otsu" or "gmm"). Chain and graph runs (residual, concatenating models)
+    get the same page.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    if (run_dir / "report.json").is_file():
-        lines = _run_page(run_dir, data_dir=data_dir, sensitivity=sensitivity, method=method, verify=verify)
+    if (run_dir / REPORT_FILE).is_file():
+        lines = _run_page(run_dir, method=method)
     elif (run_dir / "sweep.json").is_file():
         lines = _sweep_page(run_dir)
     else:
@@ -266,4 +304,4 @@ def write_report(run_dir: str | os.PathLike, *, data_dir: str | None = None, sen
     return page
 
 
-__all__ = ["PAGE", "write_report"]
+__all__ = ["PAGE", "SCORES_FILE", "SENSITIVITY_FILE", "WEIGHTS_FILE", "write_report"]

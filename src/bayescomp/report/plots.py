@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compress.masks import LayerMask, resolve_thresholds
+from ..compress.masks import LayerMask
 from ..compress.rules import is_linear
+from ..compress.thresholds import choose_thresholds
 from ..nn import GroupSparseLayer
+from .pareto import pareto_front
 
 
 def _figure(width: float, height: float):
@@ -55,27 +57,33 @@ def _threshold_map(model: nn.Module, thresholds: Any) -> dict[str, float]:
         thresholds = {n: _as_float(v) for n, v in thresholds.items()}
     elif thresholds is not None:
         thresholds = _as_float(thresholds)
-    return resolve_thresholds(model, thresholds)
+    return choose_thresholds(model, thresholds)
 
 
 @torch.no_grad()
-def plot_log_alpha_histograms(model: nn.Module, thresholds: Any, path: str | os.PathLike, *,
-                              suggested: Mapping[str, Any] | None = None, bins: int = 50) -> Path:
-    """One panel per group-sparse layer: the histogram of its log α, the threshold as a red line.
-
-    `thresholds`: None (the priors' defaults), a float, or {layer: float or ThresholdChoice}.
-    `suggested`: other thresholds to show as dashed lines (e.g. `histogram_thresholds(model)`).
-    """
+def score_data(model: nn.Module, thresholds: Any) -> dict[str, dict[str, Any]]:
+    """What the log α figure draws, JSON-ready: per group-sparse layer, its scores, its threshold and its
+    prior's noise floor. `thresholds`: None (the priors' defaults), a float, or {layer: float or ThresholdChoice}."""
     resolved = _threshold_map(model, thresholds)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, GroupSparseLayer)]
-    ncols = min(3, len(layers))
-    nrows = math.ceil(len(layers) / ncols)
+    return {name: {"log_alpha": m.log_alpha().detach().double().cpu().tolist(), "threshold": resolved[name],
+                   "noise_floor": float(getattr(m, "noise_floor", m.default_threshold))}
+            for name, m in model.named_modules() if isinstance(m, GroupSparseLayer)}
+
+
+def plot_score_histograms(scores: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *,
+                          suggested: Mapping[str, Any] | None = None, bins: int = 50) -> Path:
+    """One panel per layer of `scores` (`score_data`): the histogram of its log α, its threshold as a red line,
+    and `suggested` thresholds (e.g. `histogram_thresholds(model)`) as dashed lines."""
+    if not scores:
+        raise ValueError("no group-sparse layer to draw")
+    ncols = min(3, len(scores))
+    nrows = math.ceil(len(scores) / ncols)
     fig = _figure(4.2 * ncols, 3.0 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax, (name, m) in zip(axes, layers, strict=False):
-        la = m.log_alpha().detach().double().cpu()
+    for ax, (name, layer) in zip(axes, scores.items(), strict=False):
+        la = torch.tensor(layer["log_alpha"], dtype=torch.float64)
         finite = la[torch.isfinite(la)]
-        t = resolved[name]
+        t = float(layer["threshold"])
         kept = int((la < t).sum())
         ax.hist(finite.numpy(), bins=bins, color="#4c72b0", alpha=0.85)
         ax.axvline(t, color="#c44e52", lw=2, label=f"threshold {t:.2f}")
@@ -90,9 +98,20 @@ def plot_log_alpha_histograms(model: nn.Module, thresholds: Any, path: str | os.
             ax.text(0.98, 0.95, f"{la.numel() - finite.numel()} non-finite", transform=ax.transAxes,
                     ha="right", va="top", fontsize=8)
         ax.legend(fontsize=8, loc="upper left")
-    for ax in axes[len(layers):]:
+    for ax in axes[len(scores):]:
         ax.set_axis_off()
     return _save(fig, path)
+
+
+def plot_log_alpha_histograms(model: nn.Module, thresholds: Any, path: str | os.PathLike, *,
+                              suggested: Mapping[str, Any] | None = None, bins: int = 50) -> Path:
+    """One panel per group-sparse layer: the histogram of its log α, the threshold as a red line
+    (`score_data`, `plot_score_histograms`).
+
+    `thresholds`: None (the priors' defaults), a float, or {layer: float or ThresholdChoice}.
+    `suggested`: other thresholds to show as dashed lines (e.g. `histogram_thresholds(model)`).
+    """
+    return plot_score_histograms(score_data(model, thresholds), path, suggested=suggested, bins=bins)
 
 
 def _weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -101,10 +120,9 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plot_weights(model: nn.Module, masks: Mapping[str, LayerMask] | None, path: str | os.PathLike) -> Path:
-    """|E[w]| of every weighted layer before and after pruning (a conv kernel is shown as a row per
-    output channel); when the first layer is a Linear layer with 784 inputs, also the kept input
-    pixels as a 28×28 image.
+def weight_data(model: nn.Module, masks: Mapping[str, LayerMask] | None) -> dict[str, dict[str, Any]]:
+    """What the weights figure draws: per weighted layer, |E[w]| (float16, one row per output) and the mask of
+    the weights kept, its kept inputs and outputs, and whether it is a Linear layer.
 
     `masks`: the decision, `compress(...).masks` — for a chain also `compression_masks` (None: the
     priors' default thresholds); for a model that is not an `nn.Sequential` chain, the masks of its
@@ -118,34 +136,46 @@ def plot_weights(model: nn.Module, masks: Mapping[str, LayerMask] | None, path: 
                              "compress(model, thresholds, example_input=...)")
         masks = compression_masks(model, None)
     layers = [(n, model.get_submodule(n)) for n in masks]
+    out = {}
+    for name, m in layers:
+        w = _weight_matrix(m)
+        out[name] = {"mean_abs": w.abs().reshape(w.shape[0], -1).clamp(max=65504).half(),
+                     "keep": kept_weights(m, masks[name]).cpu().reshape(w.shape[0], -1),
+                     "shape": list(w.shape), "in_mask": masks[name].in_mask.cpu().clone(),
+                     "out_mask": masks[name].out_mask.cpu().clone(), "linear": bool(is_linear(m))}
+    return out
+
+
+def plot_weight_data(data: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """|E[w]| of every weighted layer of `data` (`weight_data`) before and after pruning (a conv kernel is shown
+    as a row per output channel); when the first layer is a Linear layer with 784 inputs, also the kept input
+    pixels as a 28×28 image."""
+    layers = list(data.items())
     if not layers:
         raise ValueError("the model has no weighted layer to draw")
-    first_name, first = layers[0]
-    pixels = is_linear(first) and masks[first_name].in_mask.numel() == 784
+    first = layers[0][1]
+    pixels = bool(first["linear"]) and first["in_mask"].numel() == 784
     ncols = 3 if pixels else 2
     fig = _figure(4.0 * ncols, 2.8 * len(layers))
     axes = fig.subplots(len(layers), ncols, squeeze=False)
-    for row, (name, m) in enumerate(layers):
-        w = _weight_matrix(m)
-        keep = kept_weights(m, masks[name]).cpu()
-        before = w.abs().reshape(w.shape[0], -1)
-        after = (w.abs() * keep).reshape(w.shape[0], -1)
+    for row, (name, layer) in enumerate(layers):
+        before = layer["mean_abs"].double()
+        after = before * layer["keep"]
         vmax = float(torch.quantile(before.flatten()[:1_000_000].float(), 0.99)) or 1.0
-        kept_rows = int(masks[name].out_mask.sum())
-        kept_cols = int(masks[name].in_mask.sum())
-        for col, (mat, title) in enumerate(((before, f"{name}: |E[w]| {tuple(w.shape)}"),
+        kept_rows, kept_cols = int(layer["out_mask"].sum()), int(layer["in_mask"].sum())
+        for col, (mat, title) in enumerate(((before, f"{name}: |E[w]| {tuple(layer['shape'])}"),
                                             (after, f"{name} pruned: {kept_rows} out × {kept_cols} in kept"))):
             ax = axes[row, col]
             ax.imshow(mat.numpy(), aspect="auto", cmap="Greys", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel("input" if is_linear(m) else "input × kernel")
+            ax.set_xlabel("input" if layer["linear"] else "input × kernel")
             ax.set_ylabel("output")
         if pixels:
             ax = axes[row, 2]
             if row == 0:
-                img = masks[name].in_mask.reshape(28, 28).double().numpy()
-                ax.imshow(img, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-                ax.set_title(f"input pixels kept: {int(masks[name].in_mask.sum())}/784", fontsize=9)
+                ax.imshow(layer["in_mask"].reshape(28, 28).double().numpy(), cmap="Greys", vmin=0, vmax=1,
+                          interpolation="nearest")
+                ax.set_title(f"input pixels kept: {kept_cols}/784", fontsize=9)
                 ax.set_xticks([])
                 ax.set_yticks([])
             else:
@@ -153,16 +183,19 @@ def plot_weights(model: nn.Module, masks: Mapping[str, LayerMask] | None, path: 
     return _save(fig, path)
 
 
+def plot_weights(model: nn.Module, masks: Mapping[str, LayerMask] | None, path: str | os.PathLike) -> Path:
+    """|E[w]| of every weighted layer before and after pruning (`weight_data`, `plot_weight_data`)."""
+    return plot_weight_data(weight_data(model, masks), path)
+
+
 def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, x: str = "weights_kept_pct",
                 y: str = "test_error", label: str | None = None, chosen: int | None = None) -> Path:
     """Error against size for a sweep's points; the Pareto front joined and circled, the chosen point
     starred (`chosen`: an index into `points`; None: the point with the highest "elbo", if any).
 
-    A point's "pareto" flag is used when present, else the front is computed (`sweep.pareto_front`).
+    A point's "pareto" flag is used when present, else the front is computed (`pareto.pareto_front`).
     `label`: the key written beside each point (default "tau0", else "threshold", if present).
     """
-    from ..sweep import pareto_front
-
     pts = list(points)
     usable = [i for i, p in enumerate(pts) if p.get(x) is not None and p.get(y) is not None]
     if not usable:
@@ -247,4 +280,5 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | os.Pa
     return _save(fig, path)
 
 
-__all__ = ["plot_log_alpha_histograms", "plot_pareto", "plot_training_curves", "plot_weights"]
+__all__ = ["plot_log_alpha_histograms", "plot_pareto", "plot_score_histograms", "plot_training_curves",
+           "plot_weight_data", "plot_weights", "score_data", "weight_data"]

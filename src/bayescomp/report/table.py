@@ -62,13 +62,10 @@ def _thresholds(report: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _duration(seconds: float) -> str:
-    minutes = int(round(seconds / 60))
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
-
-
 def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
     """The state of an unfinished run (`pipeline.run_progress`), formatted."""
+    from ..train.loop import format_duration  # (lazily: the command line starts without torch)
+
     planned = progress.get("epochs")
     rows: list[tuple[str, Any]] = [
         ("unfinished run", progress["folder"]),
@@ -87,9 +84,9 @@ def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
             rows.append(("test error (%, unpruned)", f"{last['test_error']:.2f}"))
         if last.get("groups_kept"):
             rows.append(("groups kept (default thresholds)", "-".join(str(v) for v in last["groups_kept"].values())))
-        rows.append(("time so far", _duration(progress["seconds_spent"])))
+        rows.append(("time so far", format_duration(progress["seconds_spent"])))
         rows.append(("epoch time (last 5)", f"{progress['epoch_seconds']:.0f} s"))
         if "seconds_left" in progress:
-            rows.append(("time left (estimate)", _duration(progress["seconds_left"])))
+            rows.append(("time left (estimate)", format_duration(progress["seconds_left"])))
     rows.append(("compress it now", f"bayescomp prune {progress['folder']} --out PEEK"))
     return rows

@@ -1,17 +1,9 @@
 """Training: the ELBO loop, evaluation, atomic checkpoints."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .loop import (
-    TrainConfig,
-    TrainingDivergedError,
-    TrainResult,
-    evaluate,
-    finetune_config,
-    fit,
-    kl_beta,
-    lr_at,
-    predict,
-)
+from .config import TrainConfig, finetune_config, kl_beta, lr_at
+from .diverge import TrainingDivergedError
+from .loop import TrainResult, evaluate, fit, predict
 
 __all__ = [
     "CheckpointError",

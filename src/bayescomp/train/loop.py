@@ -13,17 +13,15 @@ checkpoints and metrics and prints.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,115 +34,11 @@ from ..base import atomic_write
 from ..convert import group_layers, kl_divergence
 from ..nn.base import PARAMETER_KINDS, fuse_weight_kl, parameter_kind
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
+from .config import RUN_DEFINING, TrainConfig, kl_beta, length_change_refused, lr_at
+from .diverge import TrainingDivergedError, clip_gradients, divergence, non_finite_layer
 from .memory import keep_freed_memory
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss or a parameter became NaN/inf; the message names the step and the layer."""
-
-
-#: learning-rate schedules `fit` knows (see `lr_at`)
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (all plain values, stored in checkpoints and reports).
-
-    - `epochs`: passes over the training set.
-    - `batch_size`: examples per optimiser step. Data-parallel, this is the GLOBAL batch, split evenly over
-      the processes (it must be divisible by their number).
-    - `lr`: Adam's learning rate (PyTorch's other Adam defaults).
-    - `lr_schedule`: "constant" (default, the paper's Adam): `lr` throughout. "cosine": the learning rate
-      falls from `lr` to 0 along half a cosine (`lr_at`), which damps the step-to-step noise of the last
-      epochs. The curve is laid out over `epochs`, so a cosine run cannot be extended.
-    - `lr_decay_epochs`: with "cosine", how many of the last epochs the fall takes (the rate is `lr` before
-      them); None (default): the whole run. A short fall at the end lets the groups the prior switches off
-      finish collapsing at the full rate first (a whole-run cosine slows that, and fewer groups separate).
-    - `warmup_epochs`: β of the KL term ramps linearly from 0 to `kl_weight` over this many epochs; 0 (default):
-      β = `kl_weight` from the start. β is a function of the global step, so a resumed run continues the same ramp.
-    - `kl_weight`: the final β (default 1: the ELBO). Below 1 the KL counts less than the data: a tempered
-      posterior that keeps more groups and fits better; above 1, sparser. The warm-up ramps 0 → `kl_weight`.
-    - `seed`: data order, augmentation and sampling noise; the same seed gives the same run, bit for bit
-      (on the same machine, library versions and number of processes), resumed or not.
-    - `grad_clip`: None (default): no clipping. Otherwise the gradient norm is clipped to this value
-      every step, and a non-finite norm stops training with `TrainingDivergedError` naming the parameter.
-    - `eval_every`: evaluate on the test set every this many epochs (and after the last one); default 1.
-    - `check_grads`: False (default): per step, only the loss is checked for NaN/inf (a non-finite
-      gradient then shows as a non-finite loss one step later, which names the parameter). True: every
-      gradient is checked after each backward pass and the first non-finite one is named at once (a
-      little slower).
-    - `lr_scale`: per parameter kind ("mean", "variance", "scale": `nn.parameter_kind`), a factor on the
-      learning rate of those parameters (the schedule scales them all alike); a kind not named: 1. Adam's
-      step is about `lr` per step whatever the gradient's size, so a log-variance or a group scale that has
-      to travel from its initial value (log σ² = −9) to a pruned group's (log α above the threshold, several
-      units away) needs thousands of steps at 1e-3: `recipes.FAST` gives them a larger rate.
-
-    Not set here: the variance clamp σ² ≤ `max_var` belongs to the layers (`bayesianize(..., max_var=)`,
-    per layer or for all; default None: no clamp; the model recipes set the paper's values). `fit` applies
-    it after every optimiser step.
-    """
-
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    grad_clip: float | None = None
-    kl_weight: float = 1.0
-    eval_every: int = 1
-    lr_schedule: str = "constant"
-    lr_decay_epochs: float | None = None
-    check_grads: bool = False
-    lr_scale: dict[str, float] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.eval_every, int) or self.eval_every < 1:
-            raise ValueError(f"eval_every must be a positive integer, got {self.eval_every!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"learning rate must be positive and finite, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.lr_decay_epochs is not None:
-            if self.lr_schedule == "constant":
-                raise ValueError("lr_decay_epochs needs a decaying learning-rate schedule (lr_schedule='cosine')")
-            if not (0 < self.lr_decay_epochs <= self.epochs):
-                raise ValueError(f"lr_decay_epochs must be in (0, epochs={self.epochs}], got {self.lr_decay_epochs}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warm-up epochs must be ≥ 0, got {self.warmup_epochs}")
-        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight > 0 and math.isfinite(self.kl_weight)):
-            raise ValueError(f"KL weight must be positive and finite, got {self.kl_weight!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"gradient clip must be positive, got {self.grad_clip}")
-        if not isinstance(self.lr_scale, dict):
-            raise ValueError(f"lr_scale must be a mapping of parameter kind to factor, got {self.lr_scale!r}")
-        for kind, factor in self.lr_scale.items():
-            if kind not in PARAMETER_KINDS:
-                raise ValueError(f"lr_scale names an unknown parameter kind {kind!r}; the kinds: {', '.join(PARAMETER_KINDS)}")
-            if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
-                raise ValueError(f"lr_scale of {kind!r} must be a positive finite number, got {factor!r}")
-        if not isinstance(self.check_grads, bool):
-            raise ValueError(f"check_grads must be True or False, got {self.check_grads!r}")
-
-
-def finetune_config(config: TrainConfig, epochs: int, lr: float | None = None) -> TrainConfig:
-    """The settings of fine-tuning after pruning: `config`'s (batch, rate, KL weight, seed, clipping) for `epochs`
-    epochs, with no KL warm-up and the learning rate falling from `lr` (default: `config.lr`) to 0 along half a
-    cosine over them.
-
-    Why the fall. Over a whole training run it stops the groups the prior switches off from collapsing
-    (fewer separate; README, group horseshoe). Once the pruning decision is fixed (the layers' `group_mask`)
-    there is nothing left to collapse, and the fall only settles the kept weights at the end.
-    """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
-    return replace(config, epochs=epochs, warmup_epochs=0.0, lr_schedule="cosine", lr_decay_epochs=None,
-                   lr=config.lr if lr is None else lr)
+from .rotation import load_newest_checkpoint, remove_stale_temps, save_rotating
 
 
 @contextmanager
@@ -162,11 +56,6 @@ def flush_denormals() -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
-
-
-#: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
-_RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight", "lr_schedule",
-                 "lr_decay_epochs", "lr_scale")
 
 
 @dataclass
@@ -202,81 +91,6 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
     preds = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     model.train(was)
     return torch.cat(preds)
-
-
-def _non_finite_layer(model: nn.Module, grads: bool) -> str | None:
-    for name, p in model.named_parameters():
-        t = p.grad if grads else p
-        if t is not None and not torch.isfinite(t).all():
-            return name
-    return None
-
-
-def _non_finite_output(model: nn.Module, xb: Tensor) -> str | None:
-    """The first layer (in execution order) whose output is NaN/inf on batch `xb`, from a forward pass without
-    gradients (a fresh noise sample: a layer that overflows does so again)."""
-    found: list[str] = []
-
-    def hook(name: str):
-        def check(module: nn.Module, args: Any, out: Any) -> None:
-            if not found and isinstance(out, Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
-                found.append(name)
-        return check
-
-    leaves = [(n, m) for n, m in model.named_modules() if n and next(m.children(), None) is None]
-    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
-    try:
-        with torch.no_grad():
-            model(xb)
-    except Exception:  # the diagnosis must not hide the divergence
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else None
-
-
-def _divergence(model: nn.Module, xb: Tensor, what: str, lr: float) -> str:
-    """Where a non-finite loss (`what`: how it showed) came from, and its likely cause, in one line: the first
-    parameter that is non-finite (and how many more), else the first layer whose output is, else the first
-    layer whose KL term is."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    cause = (f"likely cause: a learning rate too high for this model (--lr {lr:g}): lower it, or clip the "
-             "gradients (--grad-clip)")
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        layer = bad[0].rpartition(".")[0] or bad[0]
-        return f"{what}: layer {layer}, parameter {bad[0]} is non-finite{more}; {cause}"
-    if not torch.isfinite(xb).all():
-        return f"{what}: the input batch holds NaN/inf values; the data are damaged (check the data files)"
-    layer = _non_finite_output(model, xb)
-    if layer is not None:
-        own = [(float(p.detach().abs().max()), n) for n, p in model.named_parameters()
-               if n.startswith(layer + ".") and p.numel()]
-        largest = f"; the largest, {max(own)[1]}, reaches {max(own)[0]:.3g}" if own else ""
-        return (f"{what}: the output of layer {layer} is the first non-finite one (its parameters are finite"
-                f"{largest}); {cause}")
-    for name, module in group_layers(model).items():
-        with torch.no_grad():
-            if not torch.isfinite(module.kl()).all():
-                return f"{what}: the KL term of layer {name} is non-finite (its parameters are finite); {cause}"
-    return f"{what}: every layer's output is finite, the loss itself overflowed; {cause}"
-
-
-def _clip_gradients(model: nn.Module, max_norm: float, epoch: int, i: int) -> None:
-    """clip_grad_norm_, but a non-finite norm raises before the clipping smears NaN over every gradient."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if hasattr(nn.utils, "get_total_norm"):  # torch ≥ 2.6: the two halves of clip_grad_norm_ (same numbers)
-        norm = nn.utils.get_total_norm([p.grad for p in params])
-        if torch.isfinite(norm):
-            nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-            return
-    else:
-        norm = nn.utils.clip_grad_norm_(params, max_norm)
-        if torch.isfinite(norm):
-            return
-    bad = _non_finite_layer(model, grads=True)
-    raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
 
 
 def param_groups(model: nn.Module, lr: float, lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
@@ -320,105 +134,6 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def kl_beta(step: int, steps_per_epoch: int, warmup_epochs: float, weight: float = 1.0) -> float:
-    """The KL weight β at a global step: linear 0 → `weight` over the warm-up epochs, then `weight`."""
-    if warmup_epochs <= 0:
-        return weight
-    return weight * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
-
-
-def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant", decay_steps: int | None = None) -> float:
-    """The learning rate of global step `step` (0-based) of a run of `total_steps` steps.
-
-    - "constant": `lr`.
-    - "cosine": `lr` until the last `decay_steps` steps (default: all of them), then
-      lr·½(1 + cos(π·k/decay_steps)) at the k-th of those (k = 0 …): `lr` where the fall starts, lr/2
-      halfway, lr·½(1 − cos(π/decay_steps)) ≈ 0 at the last step (never exactly 0, so every step moves
-      the parameters).
-    """
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        d = total_steps if decay_steps is None else max(1, min(int(decay_steps), total_steps))
-        k = step - (total_steps - d)
-        return lr if k <= 0 else lr * 0.5 * (1.0 + math.cos(math.pi * min(k, d) / d))
-    raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
-
-
-def length_change_refused(schedule: str, started_epochs: int | None, epochs: int) -> str | None:
-    """Why a run started for `started_epochs` epochs cannot resume for `epochs` under `schedule`; None if it
-    can (a constant rate, the same length, or a start that did not record its length)."""
-    if schedule == "constant" or started_epochs is None or started_epochs == epochs:
-        return None
-    return (f"epochs={started_epochs!r} (now {epochs!r}; the {schedule} learning-rate schedule is laid out over "
-            "the run's epochs and cannot be extended)")
-
-
-def previous_checkpoint(path: str | os.PathLike) -> Path:
-    """Where the checkpoint before the newest one is kept: `<name>.prev` beside it."""
-    path = Path(path)
-    return path.with_name(path.name + ".prev")
-
-
-def discard_checkpoint(path: str | os.PathLike) -> None:
-    """Remove a run's checkpoint and the previous one kept beside it (when the run is finished)."""
-    Path(path).unlink(missing_ok=True)
-    previous_checkpoint(path).unlink(missing_ok=True)
-
-
-def _link_over(src: Path, dst: Path) -> None:
-    """Make `dst` a copy of `src` in one atomic rename (a hard link where the file system has them)."""
-    tmp = dst.with_name(f".{src.name}.link.tmp")  # matches atomic_write's ".<name>.*.tmp" temp files
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _save_rotating(path: Path, state: dict[str, Any]) -> None:
-    """Keep the current checkpoint as `<name>.prev`, then write the new one atomically.
-
-    At every instant `path` holds a whole checkpoint (the old one or the new one), and `.prev` the one
-    before it, so a checkpoint damaged after it was written (a truncating copy, a bad disk) still leaves
-    a good one to resume from.
-    """
-    if path.is_file():
-        _link_over(path, previous_checkpoint(path))
-    save_checkpoint(path, state)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files of writes that a killed process left half done (they are never read)."""
-    for tmp in glob.glob(os.path.join(glob.escape(str(path.parent)), glob.escape(f".{path.name}.") + "*.tmp")):
-        Path(tmp).unlink(missing_ok=True)
-
-
-def load_newest_checkpoint(path: Path, repair: bool, purpose: str = "resuming") -> tuple[dict[str, Any], Path]:
-    """The newest readable checkpoint: `path`, else (with a warning that says it is `purpose` from it)
-    `<name>.prev`.
-
-    With `repair`, a damaged `path` is replaced by the good previous one, so that the next rotation cannot
-    push the damaged file into `.prev`. Raises `CheckpointError` naming both files when neither loads.
-    """
-    prev = previous_checkpoint(path)
-    try:
-        return load_checkpoint(path), path
-    except CheckpointError as newest_error:
-        if not prev.is_file():
-            raise
-        try:
-            state = load_checkpoint(prev)
-        except CheckpointError as prev_error:
-            raise CheckpointError(f"no usable checkpoint: {newest_error}; and the previous one: {prev_error}") from prev_error
-        warnings.warn(f"{newest_error}; {purpose} from the previous checkpoint {prev} (one epoch earlier)",
-                      RuntimeWarning, stacklevel=3)
-        if repair:
-            _link_over(prev, path)
-        return state, prev
-
-
 def _training_data(train: Any, batch_size: int, n_train: int | None):
     """(loader or None, x, y, N, steps per epoch) of `fit`'s `train`: a pair of tensors, or a loader."""
     if isinstance(train, (tuple, list)) and len(train) == 2 and all(isinstance(t, Tensor) for t in train):
@@ -456,7 +171,7 @@ def _tensor_batches(x: Tensor, y: Tensor, order: Tensor, batch_size: int, world:
         else:
             # This rank's contiguous share of the global batch. The whole batch is augmented, as on one
             # process, so augmentations match a single-process run and the generator stays in step.
-            lo, hi = _shard(len(idx), world, rank)
+            lo, hi = shard(len(idx), world, rank)
             xb = transform(x[idx], gen)[lo:hi] if transform is not None else x[idx[lo:hi]]
             yield xb, y[idx[lo:hi]], len(idx)
 
@@ -470,7 +185,7 @@ def _loader_batches(loader: Any, transform, gen: torch.Generator) -> Iterator[tu
         yield (transform(xb, gen) if transform is not None else xb), yb, len(yb)
 
 
-def _shard(total: int, world: int, rank: int) -> tuple[int, int]:
+def shard(total: int, world: int, rank: int) -> tuple[int, int]:
     """[lo, hi) of rank's contiguous share of `total` items (shares differ by at most one)."""
     base, extra = divmod(total, world)
     lo = rank * base + min(rank, extra)
@@ -484,7 +199,7 @@ def _restore(state: dict[str, Any], source: Path, model: nn.Module, optimizer: t
     try:
         saved = json.loads(state["config"]) if "config" in state else {}
         defaults = TrainConfig()  # a setting an older version did not record had its default
-        changed = [f"{k}={saved.get(k, getattr(defaults, k))!r} (now {getattr(config, k)!r})" for k in _RUN_DEFINING
+        changed = [f"{k}={saved.get(k, getattr(defaults, k))!r} (now {getattr(config, k)!r})" for k in RUN_DEFINING
                    if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
         changed += filter(None, [length_change_refused(config.lr_schedule, saved.get("epochs"), config.epochs)])
         if "n_train" in state and int(state["n_train"]) != n:
@@ -591,14 +306,14 @@ def fit(
     if resume:
         assert checkpoint is not None
         if main:
-            _remove_stale_temps(checkpoint)
+            remove_stale_temps(checkpoint)
         state, source = load_newest_checkpoint(checkpoint, repair=main)
         start_epoch, result.history, result.seconds = _restore(
             state, source, model, optimizer, gen, config, n, device, world, rank)
         del state
         if metrics_file is not None and main:
             # lines of epochs after the checkpoint (written before a kill) would be written again: drop them
-            _remove_stale_temps(metrics_file)
+            remove_stale_temps(metrics_file)
             atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in result.history).encode())
     elif metrics_file is not None and main and metrics_file.exists():
         metrics_file.unlink()
@@ -628,7 +343,7 @@ def fit(
                     nll = F.cross_entropy(out, yb)
                     loss = nll + beta * kl / n
                     if not torch.isfinite(loss):
-                        raise TrainingDivergedError(_divergence(
+                        raise TrainingDivergedError(divergence(
                             model, xb, f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}", config.lr))
                 else:
                     # DDP averages gradients over the W ranks. Cross-entropy: each rank contributes its sum over
@@ -644,17 +359,17 @@ def fit(
                     flags = distributed.all_reduce(flags, device)  # every rank stops together, none hangs in backward
                     if any(flags):
                         ranks = ", ".join(str(r) for r, f in enumerate(flags) if f)
-                        raise TrainingDivergedError(_divergence(
+                        raise TrainingDivergedError(divergence(
                             model, xb, f"loss became non-finite on rank {ranks} at epoch {epoch + 1}, step {i + 1}",
                             config.lr))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.check_grads:
-                    bad = _non_finite_layer(model, grads=True)
+                    bad = non_finite_layer(model, grads=True)
                     if bad is not None:
                         raise TrainingDivergedError(f"gradient of {bad} became non-finite at epoch {epoch + 1}, step {i + 1}")
                 if config.grad_clip is not None:
-                    _clip_gradients(model, config.grad_clip, epoch, i)
+                    clip_gradients(model, config.grad_clip, epoch, i)
                 # (otherwise a non-finite gradient makes the next loss non-finite, which names the parameter)
                 if config.lr_schedule != "constant":
                     lr = lr_at(step, total_steps, config.lr, config.lr_schedule, decay_steps)
@@ -679,7 +394,7 @@ def fit(
                 distributed.broadcast_buffers(model)  # identical models everywhere (batch-norm statistics: rank 0's)
                 total = distributed.all_reduce([sums["loss"], sums["nll"], sums["wrong"]], device)
                 sums["loss"], sums["nll"], sums["wrong"] = total[0], total[1], int(round(total[2]))
-            bad = _non_finite_layer(model, grads=False)
+            bad = non_finite_layer(model, grads=False)
             if bad is not None:
                 raise TrainingDivergedError(f"parameter {bad} became non-finite during epoch {epoch + 1}")
             seconds = time.perf_counter() - t0
@@ -701,7 +416,7 @@ def fit(
                 if world == 1:
                     row["test_error"] = evaluate(model, *test)
                 else:  # each rank counts the errors on its share of the test set
-                    lo, hi = _shard(len(test[0]), world, rank)
+                    lo, hi = shard(len(test[0]), world, rank)
                     wrong = distributed.all_reduce([_count_wrong(model, test[0][lo:hi], test[1][lo:hi])], device)[0]
                     row["test_error"] = 100.0 * round(wrong) / max(len(test[0]), 1)
             if layers:
@@ -743,7 +458,7 @@ def fit(
                         saved["torch_rng_ranks"] = torch.stack([r[0] for r in ranks_rng])
                         if cuda_rng is not None:
                             saved["cuda_rng_ranks"] = torch.stack([r[1] for r in ranks_rng])
-                    _save_rotating(checkpoint, saved)
+                    save_rotating(checkpoint, saved)
     if world > 1:
         distributed.barrier()  # when fit returns on any rank, rank 0's files are complete (a resume may follow)
     model.eval()
