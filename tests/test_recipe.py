@@ -297,8 +297,44 @@ def test_prior_settings_apply_to_their_prior_only(monkeypatch):
 
 def test_shipped_prior_settings_say_why():
     for shipped in TRAINING_RECIPES.values():
-        for prior, own in shipped.prior_settings.items():
-            assert all(f"{prior}: {k}" in shipped.evidence for k in own), (shipped.name, prior)
+        for who, own in (*shipped.prior_settings.items(), *shipped.model_settings.items()):
+            assert all(f"{who}: {k}" in shipped.evidence for k in own), (shipped.name, who)
+            assert set(own) <= set(RECIPE_OPTIONS), (shipped.name, who)
+
+
+def test_model_settings_apply_to_their_model_under_the_priors(monkeypatch):
+    import dataclasses
+
+    from bayescomp import recipes
+
+    rec = dataclasses.replace(training_recipe("fast"), model_settings={"lenet5": {"epochs": 7, "kl_weight": 0.9}},
+                              prior_settings={"ghs": {"kl_weight": 0.25}})
+    assert rec.for_model("lenet5").epochs == 7 and rec.for_model("lenet300") is rec and rec.for_model(None) is rec
+    monkeypatch.setitem(recipes.TRAINING_RECIPES, "fast", rec)
+    assert recipe_options("fast", {}, prior="gnj", model="lenet5")["epochs"] == 7
+    assert recipe_options("fast", {}, prior="gnj", model="lenet300")["epochs"] == rec.epochs
+    assert recipe_options("fast", {}, prior="ghs", model="lenet5")["kl_weight"] == 0.25  # the prior's over the model's
+    assert recipe_options("fast", {"epochs": 2}, prior="gnj", model="lenet5")["epochs"] == 2  # what is given wins
+
+
+def test_the_cli_reads_the_models_own_recipe_settings(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from bayescomp import pipeline
+    from bayescomp.cli import main
+
+    seen = {}
+
+    def stop(opts, *a, **k):
+        seen["opts"] = opts
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    result = CliRunner().invoke(main, ["compress", "--recipe", "fast", "--model", "lenet5", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "stop before training" in result.output
+    fast = training_recipe("fast")
+    assert seen["opts"].epochs == fast.model_settings["lenet5"]["epochs"] != fast.epochs
+    assert seen["opts"].finetune_epochs == fast.model_settings["lenet5"]["finetune_epochs"]
 
 
 def test_recipes_command_lists_and_explains():
@@ -314,9 +350,9 @@ def test_recipes_command_lists_and_explains():
     lines = shown.output.splitlines()
     assert f"lr               {fast.lr}" in lines
     assert any(line.strip() == f"why: {fast.evidence['lr']}" for line in lines)
-    for prior, own in fast.prior_settings.items():
+    for who, own in (*fast.prior_settings.items(), *fast.model_settings.items()):
         for key, value in own.items():
-            assert any(line.startswith(f"{prior}: {key}") and line.endswith(str(value)) for line in lines)
+            assert any(line.startswith(f"{who}: {key}") and line.endswith(str(value)) for line in lines)
     assert CliRunner().invoke(main, ["recipes", "quick"]).exit_code == 2
 
 

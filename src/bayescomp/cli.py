@@ -53,7 +53,7 @@ def compress_cmd(out, dataset, resume, force, quiet, **params) -> None:
         fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
     values = run_values("compress", params)
     given = {k: values[k] for k in (*RECIPE_OPTIONS, "init_from", "thresholds")}
-    opts = RunOptions(**(values | recipe_options(values["recipe"], given, prior=values["prior"])))
+    opts = RunOptions(**(values | recipe_options(values["recipe"], given, prior=values["prior"], model=values["model"])))
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         report = run(opts, out, resume=resume, force=force, progress=not quiet, command=command)
@@ -247,11 +247,11 @@ def recipes_cmd(name) -> None:
         click.echo(f"{key:16s} {dict(value) if key == 'lr_scale' else value}")
         if key in rec.evidence:
             click.echo(f"{'':16s} why: {rec.evidence[key]}")
-    for prior, own in rec.prior_settings.items():
+    for who, own in (*rec.model_settings.items(), *rec.prior_settings.items()):  # a zoo model's, a prior's
         for key, value in own.items():
-            click.echo(f"{prior + ': ' + key:16s} {value}")
-            if f"{prior}: {key}" in rec.evidence:
-                click.echo(f"{'':16s} why: {rec.evidence[f'{prior}: {key}']}")
+            click.echo(f"{who + ': ' + key:16s} {value}")
+            if f"{who}: {key}" in rec.evidence:
+                click.echo(f"{'':16s} why: {rec.evidence[f'{who}: {key}']}")
     for key, text in rec.evidence.items():
         if key not in RECIPE_OPTIONS and ": " not in key:
             click.echo(f"{key:16s} why: {text}")
