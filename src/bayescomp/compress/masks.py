@@ -12,7 +12,6 @@ anything is cut. `resolve_thresholds` is where a threshold argument becomes per-
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,26 +47,12 @@ def on_device(lm: LayerMask, module: nn.Module) -> LayerMask:
 
 
 def resolve_thresholds(model: nn.Module, thresholds: float | Mapping[str, float] | None) -> dict[str, float]:
-    """Per-layer thresholds from None (the priors' defaults), one float, or a {name: float} dict."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, GroupSparseLayer)}
-    if not layers:
-        raise PruneError("the model has no group-sparse layer; call bayescomp.bayesianize first")
-    out = {n: float(m.default_threshold) for n, m in layers.items()}
-    if thresholds is None:
-        return out
-    if isinstance(thresholds, Mapping):
-        unknown = sorted(set(thresholds) - set(layers))
-        if unknown:
-            raise PruneError(f"thresholds name unknown layers {unknown}; group-sparse layers are {list(layers)}")
-        items = dict(thresholds)
-    else:
-        items = {n: thresholds for n in layers}
-    for n, t in items.items():
-        t = float(t)
-        if math.isnan(t):
-            raise PruneError(f"threshold for {n} is NaN")
-        out[n] = t
-    return out
+    """Per-layer thresholds from None (the priors' defaults), one float, a {name: float} dict (the other layers:
+    their priors' defaults) or a threshold rule: `compress.thresholds.choose_thresholds`, the one place a
+    threshold argument becomes numbers."""
+    from .thresholds import choose_thresholds  # here: thresholds imports PruneError from this module
+
+    return choose_thresholds(model, thresholds)
 
 
 @torch.no_grad()
