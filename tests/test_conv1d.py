@@ -179,6 +179,7 @@ def test_conv1d_chain_equals_the_masked_model(prior):
     assert plain[-1].in_features == int(keeps["9"].view(12, 5)[keeps["4"]].sum())
     assert plain[-1].out_features == 10
     assert result.report["architecture"].split("-")[:2] == [str(int(keeps["0"].sum())), str(int(keeps["4"].sum()))]
+    assert [d["kind"] for d in result.report["layers"]] == ["conv1d", "conv1d", "linear"]
 
 
 class Residual1d(nn.Module):

@@ -10,7 +10,8 @@ Two passes over the traced graph (channels along dimension 1), acting on each no
    handled); an addition/product of constants is a constant, a sum with one varying operand varies;
    concatenation concatenates; flatten repeats each channel's constant.
 2. Backward, *which channels must physically exist*: a consumer reads some channels of each input
-   (a weighted layer reads its varying, un-gated inputs and folds constant ones into its bias; a
+   (a weighted layer reads its varying, un-gated inputs and folds constant ones into its bias — a grouped
+   convolution only those of its convolution groups with a needed output; a
    channel-wise op — batch norm, activation, pooling, depthwise convolution, add, mul — reads the
    channels it must produce; a concatenation reads the matching slices; a flatten whole channels).
    A channel is carried when some consumer reads it and it is not constant. Hence the tying rules:

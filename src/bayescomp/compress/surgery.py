@@ -5,7 +5,9 @@ The result is a plain `torch.fx.GraphModule` computing exactly what the masked B
 computes at evaluation: weights are the posterior means E[w] (masked, optionally rounded to the
 layer's bits), biases the posterior-mean biases plus any constant inputs folded in (into the bias
 for a Linear layer or an unpadded convolution; into one extra input channel of ones for a zero-padded
-convolution, whose border taps see the padding's zeros). `as_sequential` turns a graph that is a line
+convolution, whose border taps see the padding's zeros). A grouped convolution is rebuilt through its dense
+(block-diagonal) equivalent and packed back into groups of equal width (`Builder._emit_grouped`); a 1-d
+convolution stays a `nn.Conv1d`. `as_sequential` turns a graph that is a line
 of modules into the flat `nn.Sequential` a chain's user expects.
 """
 

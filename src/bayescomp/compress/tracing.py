@@ -76,7 +76,7 @@ def chain_example(model: nn.Module) -> Tensor:
     """A one-example input for an `nn.Sequential` chain compressed without `example_input`.
 
     Its first weighted layer fixes the channels; for a convolution, the image side is the smallest
-    square one the whole chain accepts (a flatten in front of a Linear layer admits only the sizes that
+    square one (for a 1-d convolution, the shortest sequence) the whole chain accepts (a flatten in front of a Linear layer admits only the sizes that
     give its input count, and the decision depends only on that count). Raises `UnsupportedLayerError`
     for any other model, asking for `example_input`.
     """
@@ -99,5 +99,5 @@ def chain_example(model: nn.Module) -> Tensor:
         except Exception:  # noqa: BLE001 - a size the chain does not accept: try the next one
             continue
         return x
-    raise UnsupportedLayerError(f"{type(model).__name__}: no square image up to {MAX_SIDE} pixels fits this chain; "
+    raise UnsupportedLayerError(f"{type(model).__name__}: no input up to {MAX_SIDE} pixels a side fits this chain; "
                                 "pass example_input=, a batch it accepts")
