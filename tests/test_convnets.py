@@ -15,7 +15,7 @@ from torch import nn
 
 import bayescomp
 from bayescomp.cli import main
-from bayescomp.compress import AppendOnes, apply_masks, compress, compression_masks, propagate
+from bayescomp.compress import AppendOnes, apply_masks, compress, propagate
 from bayescomp.io import load_plain
 from bayescomp.models import build_model
 from bayescomp.nn import GroupSparseLayer
