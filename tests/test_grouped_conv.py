@@ -201,3 +201,20 @@ def test_bayesianize_accepts_grouped_convolutions():
     assert isinstance(layer, GroupSparseLayer) and layer.groups == 4 and layer.weight_mu.shape == (8, 1, 3, 3)
     assert layer.log_alpha().shape == (8,)
     assert bmodel[1].groups == 2 and bmodel[1].weight_mu.shape == (8, 4, 1)
+
+
+@pytest.mark.parametrize("nd", [2, 1])
+def test_compressed_grouped_model_exports_to_onnx(nd, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from bayescomp.io.export import export_onnx
+
+    conv, bn, shape = (nn.Conv2d, nn.BatchNorm2d, (6, 7, 7)) if nd == 2 else (nn.Conv1d, nn.BatchNorm1d, (6, 7))
+    gen = torch.Generator().manual_seed(1)
+    bmodel = bayescomp.bayesianize(grouped_chain(conv, bn), "gnj")
+    perturb(bmodel, gen)
+    result = compress(bmodel, keeps=random_keeps(bmodel, gen))
+    session = ort.InferenceSession(str(export_onnx(result.model, tmp_path / "m.onnx", shape)))
+    x = torch.randn(3, *shape, generator=gen)
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(y), result.model(x), atol=1e-5)
