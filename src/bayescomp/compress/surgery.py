@@ -204,10 +204,11 @@ class Builder:
         index, position = [], []
         for slot, (o, i) in enumerate(zip(outs, ins, strict=True)):
             rows = slot * out_w + torch.arange(len(o))
-            new_w[rows, : len(i)] = w[o.to(w.device)][:, i.to(w.device)]
-            new_b[rows] = b[o.to(b.device)]
-            index += i.tolist() + [i[0].item() if len(i) else 0] * (in_w - len(i))
             position += rows.tolist()
+            rows, o, i = rows.to(w.device), o.to(w.device), i.to(w.device)
+            new_w[rows, : len(i)] = w[o][:, i]
+            new_b[rows] = b[o]
+            index += i.tolist() + [int(i[0]) if len(i) else 0] * (in_w - len(i))
         if index != list(range(n_x)):
             x = self._call(Select(torch.tensor(index), n_x), f"{lm.name}_gather", (x,))
         new = plain_conv(m, len(live) * in_w, len(live) * out_w, len(live))

@@ -113,7 +113,7 @@ def _spec_elements(entry: Any) -> int:
         ks = args.get("kernel_size")
         ks = list(ks) if isinstance(ks, list) else [ks] * nd
         if len(ks) != nd:
-            raise PackedFileError(f"architecture: {name}.kernel_size must have {nd} entries")
+            raise PackedFileError(f"architecture: {name}.kernel_size must have {nd} {'entry' if nd == 1 else 'entries'}")
         return n_in * n_out * math.prod(_int_arg(k, f"{name}.kernel_size") for k in ks) + n_out
     if kind in ("BatchNorm1d", "BatchNorm2d"):
         return 4 * _int_arg(args.get("num_features"), f"{name}.num_features") + 1

@@ -4,7 +4,7 @@ A group-sparse layer holds a Gaussian posterior over "unscaled" weights w̃ ~ N(
 posterior over one scale z_i per group; the weight is w = z_i · w̃. What differs between priors
 (normal-Jeffreys, horseshoe) is only how z is parameterised, sampled and penalised: subclasses
 provide `z_mean()`, `z_variance()`, `sample_z(n)`, `kl_z()` and `log_alpha()`. What differs between
-layer kinds (Linear, Conv2d) is only the affine map and where the gate sits: `_LinearKind` gates
+layer kinds (Linear, Conv1d/Conv2d) is only the affine map and where the gate sits: `_LinearKind` gates
 the inputs (one group per input unit), `_ConvKind` gates the outputs (one group per output channel).
 
 Forward pass:
