@@ -15,7 +15,7 @@ from torch import nn
 
 import bayescomp
 from bayescomp.cli import main
-from bayescomp.compress import AppendOnes, apply_masks, compress, compression_masks, propagate
+from bayescomp.compress import AppendOnes, apply_masks, compress, propagate
 from bayescomp.io import load_plain
 from bayescomp.models import build_model
 from bayescomp.nn import GroupSparseLayer
@@ -82,13 +82,6 @@ def test_lenet5_shrunk_equals_masked_and_flatten_mapping():
     assert not fc1_in[~kept_channels].any()
     arch = result.report["architecture"].split("-")
     assert int(arch[0]) == int(masks["conv1"].out_mask.sum()) and int(arch[1]) == int(kept_channels.sum())
-
-
-def test_conv_between_pruned_layers_that_mixes_channels_is_refused():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 24 * 24, 3))
-    bmodel = bayescomp.bayesianize(model, "gnj")
-    with pytest.raises(bayescomp.UnsupportedLayerError, match="1: grouped convolution"):
-        compression_masks(bmodel)
 
 
 def test_unsupported_module_in_chain_is_named():

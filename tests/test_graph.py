@@ -336,16 +336,6 @@ class _Outer(nn.Module):
         return self.fc(self.block(x).mean((2, 3)))
 
 
-class _Grouped(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.body(x).amax((2, 3)))
-
-
 class _Unflatten(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -371,7 +361,6 @@ class _Shared(nn.Module):
 @pytest.mark.parametrize("model,shape,match", [
     (_Roll, (1, 3, 8, 8), r"node 'roll' \(roll\).*does not know how it maps channels"),
     (_Outer, (1, 3, 8, 8), r"block \(_Branchy\): torch.fx cannot trace"),
-    (_Grouped, (1, 3, 8, 8), r"body.1: grouped convolution \(groups=2"),
     (_Unflatten, (1, 3, 8, 8), r"node 'view' \(view\).*not a flatten from dimension 1"),
     (_Shared, (1, 4, 8, 8), r"conv: the layer is called more than once"),
 ])

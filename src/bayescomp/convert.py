@@ -1,4 +1,4 @@
-"""bayesianize(): replace a plain model's Linear/Conv2d layers by their group-sparse twins."""
+"""bayesianize(): replace a plain model's Linear/Conv2d/Conv1d layers by their group-sparse twins."""
 
 from __future__ import annotations
 
@@ -8,13 +8,23 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .nn import Conv2dGroupHS, Conv2dGroupNJ, GroupSparseLayer, LinearGroupHS, LinearGroupNJ
+from .nn import (
+    Conv1dGroupHS,
+    Conv1dGroupNJ,
+    Conv2dGroupHS,
+    Conv2dGroupNJ,
+    GroupSparseLayer,
+    LinearGroupHS,
+    LinearGroupNJ,
+)
 
-#: prior name -> (Linear twin, Conv2d twin)
-PRIORS: dict[str, tuple[type, type]] = {
-    "gnj": (LinearGroupNJ, Conv2dGroupNJ),
-    "ghs": (LinearGroupHS, Conv2dGroupHS),
+#: prior name -> {plain layer type: its group-sparse twin}
+PRIORS: dict[str, dict[type[nn.Module], type[GroupSparseLayer]]] = {
+    "gnj": {nn.Linear: LinearGroupNJ, nn.Conv2d: Conv2dGroupNJ, nn.Conv1d: Conv1dGroupNJ},
+    "ghs": {nn.Linear: LinearGroupHS, nn.Conv2d: Conv2dGroupHS, nn.Conv1d: Conv1dGroupHS},
 }
+#: the plain layer types bayesianize converts (exact types: a subclass may compute something else)
+CONVERTIBLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv1d)
 #: keyword options each prior accepts (passed through bayesianize to the layers)
 PRIOR_OPTIONS: dict[str, tuple[str, ...]] = {"gnj": (), "ghs": ("tau0", "global_kl")}
 
@@ -33,7 +43,7 @@ class UnsupportedLayerError(TypeError):
     """A module that bayescomp cannot convert or shrink; the message names its path."""
 
 
-def _check_prior(prior: str) -> tuple[type, type]:
+def _check_prior(prior: str) -> dict[type[nn.Module], type[GroupSparseLayer]]:
     try:
         return PRIORS[prior]
     except KeyError:
@@ -42,19 +52,18 @@ def _check_prior(prior: str) -> tuple[type, type]:
 
 def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var: float | None,
           options: Mapping[str, object], origin: float = 0.0) -> GroupSparseLayer:
-    linear_cls, conv_cls = _check_prior(prior)
+    twin = _check_prior(prior)[type(module)]
     if type(module) is nn.Linear:
-        layer = linear_cls(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var,
-                           **options)
-    elif type(module) is nn.Conv2d:
+        layer = twin(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var,
+                     **options)
+    else:  # nn.Conv2d, nn.Conv1d; grouped (groups > 1) included: groups run within each convolution group
         if module.padding_mode != "zeros":
-            raise UnsupportedLayerError(f"{name}: Conv2d with padding_mode={module.padding_mode!r} is not supported")
-        layer = conv_cls(
+            raise UnsupportedLayerError(f"{name}: {type(module).__name__} with padding_mode={module.padding_mode!r} "
+                                        "is not supported")
+        layer = twin(
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
             module.dilation, module.groups, bias=module.bias is not None, max_var=max_var, **options,
         )
-    else:  # pragma: no cover - guarded by the caller
-        raise UnsupportedLayerError(f"{name}: {type(module).__name__}")
     if origin:
         try:
             layer.set_input_origin(origin)
@@ -74,7 +83,7 @@ def bayesianize(
     input_origin: Mapping[str, float] | None = None,
     **prior_options: object,
 ) -> nn.Module:
-    """A copy of `model` whose `nn.Linear` and `nn.Conv2d` layers are group-sparse twins.
+    """A copy of `model` whose `nn.Linear`, `nn.Conv2d` and `nn.Conv1d` layers are group-sparse twins.
 
     - `prior`: ``"gnj"`` (group normal-Jeffreys) or ``"ghs"`` (group horseshoe; options ``tau0``,
       the global scale of the prior, default 1e-5, and ``global_kl``, "derived" or "paper").
@@ -99,17 +108,17 @@ def bayesianize(
         raise TypeError(f"bayesianize expects an nn.Module, got {type(model).__name__}")
     per_layer = dict(max_var) if isinstance(max_var, Mapping) else {}
     model = copy.deepcopy(model)
-    convertible = {name for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    convertible = {name for name, m in model.named_modules() if type(m) in CONVERTIBLE}
     for option, names in (("max_var", per_layer), ("input_origin", input_origin or {})):
         unknown = sorted(set(names) - convertible)
         if unknown:
-            raise ValueError(f"{option} names modules that are not nn.Linear/nn.Conv2d layers of the model: "
+            raise ValueError(f"{option} names modules that are not nn.Linear/nn.Conv2d/nn.Conv1d layers of the model: "
                              f"{', '.join(unknown)}")
     converted = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, GroupSparseLayer):
             raise UnsupportedLayerError(f"{name}: the model is already Bayesian")
-        if type(module) in (nn.Linear, nn.Conv2d):
+        if type(module) in CONVERTIBLE:
             mv = per_layer.get(name) if isinstance(max_var, Mapping) else max_var
             origin = (input_origin or {}).get(name, 0.0)
             _replace(model, name, _twin(name, module, prior, keep_weights, mv, prior_options, origin))
@@ -118,11 +127,11 @@ def bayesianize(
             if not _passes_through(module):
                 raise UnsupportedLayerError(
                     f"{name or type(module).__name__}: {type(module).__name__} is not supported "
-                    "(bayescomp converts nn.Linear and nn.Conv2d; normalisation layers and modules declared with "
+                    "(bayescomp converts nn.Linear, nn.Conv2d and nn.Conv1d; normalisation layers and modules declared with "
                         "bayescomp.register_channelwise pass through)"
                 )
     if converted == 0:
-        raise UnsupportedLayerError("the model has no nn.Linear or nn.Conv2d layer to convert")
+        raise UnsupportedLayerError("the model has no nn.Linear, nn.Conv2d or nn.Conv1d layer to convert")
     return model
 
 

@@ -10,7 +10,8 @@ Two passes over the traced graph (channels along dimension 1), acting on each no
    handled); an addition/product of constants is a constant, a sum with one varying operand varies;
    concatenation concatenates; flatten repeats each channel's constant.
 2. Backward, *which channels must physically exist*: a consumer reads some channels of each input
-   (a weighted layer reads its varying, un-gated inputs and folds constant ones into its bias; a
+   (a weighted layer reads its varying, un-gated inputs and folds constant ones into its bias — a grouped
+   convolution only those of its convolution groups with a needed output; a
    channel-wise op — batch norm, activation, pooling, depthwise convolution, add, mul — reads the
    channels it must produce; a concatenation reads the matching slices; a flatten whole channels).
    A channel is carried when some consumer reads it and it is not constant. Hence the tying rules:
@@ -210,13 +211,9 @@ class Analysis:
                 raise unsupported(node, f"{type(mod).__name__} on a {len(in_shape)}-D input; only (batch, features) "
                                         "inputs are supported")
             return Info("weighted", [x], shape, module=mod, own=own)
-        groups = mod.groups
-        if groups == 1:
-            return Info("weighted", [x], shape, module=mod, own=own)
-        if groups == mod.in_channels == mod.out_channels:
+        if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
             return Info("depthwise", [x], shape, module=mod, own=own)
-        raise unsupported(node, f"grouped convolution (groups={groups}, {mod.in_channels}→{mod.out_channels} "
-                                "channels) mixes channels within groups; only depthwise (groups = channels) is supported")
+        return Info("weighted", [x], shape, module=mod, own=own)  # groups > 1: see `conv_group_inputs`
 
     def _own_keep(self, node: fx.Node, mod: GroupSparseLayer) -> Tensor:
         return self.keeps[str(node.target)].detach().cpu()  # checked by `masks.check_keeps` (see `analyse`)
@@ -383,6 +380,8 @@ class Analysis:
                 in_mask = x.varying.clone()
                 if info.own is not None and is_linear(info.module):
                     in_mask &= info.own
+                if getattr(info.module, "groups", 1) > 1:
+                    in_mask &= conv_group_inputs(info.module, need)
                 if not bool(need.any()):
                     in_mask[:] = False
                 elif not bool(in_mask.any()):
@@ -396,6 +395,14 @@ class Analysis:
                 info.reads = [need.clone() for _ in info.inputs]
             for x, read in zip(info.inputs, info.reads, strict=True):
                 self.info[x].need |= read & self.info[x].varying
+
+
+def conv_group_inputs(conv: nn.Module, need: Tensor) -> Tensor:
+    """Per input channel of a grouped convolution, whether its convolution group computes a needed output:
+    output o belongs to group o // (out/groups) and reads only that group's inputs, so the inputs of a group
+    whose outputs all go are not read."""
+    live = need.view(conv.groups, -1).any(dim=1)
+    return live.repeat_interleave(conv.in_channels // conv.groups)
 
 
 def decision_masks(an: Analysis, thresholds: Mapping[str, float] | None = None) -> dict[str, LayerMask]:

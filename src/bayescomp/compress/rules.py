@@ -7,7 +7,7 @@ analysis (`analysis.py`) and the surgery (`surgery.py`) act on the rule's *kind*
 ==============  =====================================================================================
 kind            what it does to channels
 ==============  =====================================================================================
-weighted        mixes channels with a weight (Linear, Conv2d, their group-sparse twins); its inputs
+weighted        mixes channels with a weight (Linear, Conv1d/2d, their group-sparse twins); its inputs
                 are pruned, constant inputs folded into its bias, its outputs sliced
 channelwise     output channel c depends only on input channel c (activations, pooling, dropout,
                 batch norm, padding, upsampling); sliced with the channels it carries
@@ -106,7 +106,7 @@ BATCH_NORM = OpRule("channelwise", constant=batch_norm_constant, slicer=slice_ba
 
 #: module type -> rule (subclasses inherit their base's rule)
 MODULE_RULES: dict[type[nn.Module], OpRule] = {
-    GroupSparseLayer: WEIGHTED, nn.Linear: WEIGHTED, nn.Conv2d: WEIGHTED,
+    GroupSparseLayer: WEIGHTED, nn.Linear: WEIGHTED, nn.Conv2d: WEIGHTED, nn.Conv1d: WEIGHTED,
     nn.BatchNorm1d: BATCH_NORM, nn.BatchNorm2d: BATCH_NORM,
     nn.Flatten: FLATTEN,
     **dict.fromkeys((nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm), BARRIER),
@@ -117,6 +117,7 @@ MODULE_RULES: dict[type[nn.Module], OpRule] = {
         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
         nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
         nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
+        nn.ZeroPad1d, nn.ConstantPad1d,
     ), CHANNELWISE),
 }  # fmt: skip
 

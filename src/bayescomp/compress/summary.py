@@ -34,7 +34,7 @@ def summarize(
         arch.append(int(lm.in_mask.sum()) if linear else int(lm.out_mask.sum()))
         per_layer.append({
             "name": name,
-            "kind": "linear" if linear else "conv2d",
+            "kind": "linear" if linear else f"conv{len(m.kernel_size)}d",
             "groups_total": getattr(m, "n_groups", None),
             "groups_kept": None if lm.group_keep is None else int(lm.group_keep.sum()),
             "threshold": thresholds.get(name) if isinstance(m, GroupSparseLayer) else None,

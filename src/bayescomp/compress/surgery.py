@@ -5,7 +5,9 @@ The result is a plain `torch.fx.GraphModule` computing exactly what the masked B
 computes at evaluation: weights are the posterior means E[w] (masked, optionally rounded to the
 layer's bits), biases the posterior-mean biases plus any constant inputs folded in (into the bias
 for a Linear layer or an unpadded convolution; into one extra input channel of ones for a zero-padded
-convolution, whose border taps see the padding's zeros). `as_sequential` turns a graph that is a line
+convolution, whose border taps see the padding's zeros). A grouped convolution is rebuilt through its dense
+(block-diagonal) equivalent and packed back into groups of equal width (`Builder._emit_grouped`); a 1-d
+convolution stays a `nn.Conv1d`. `as_sequential` turns a graph that is a line
 of modules into the flat `nn.Sequential` a chain's user expects.
 """
 
@@ -144,6 +146,9 @@ class Builder:
         weight, bias = effective_params(m, on_device(lm, m))
         if self.bits is not None and lm.name in self.bits:
             weight = round_to_bits(weight, self.bits[lm.name])
+        groups = getattr(m, "groups", 1)
+        if groups > 1:  # the dense equivalent: the steps below then treat it as an ungrouped convolution
+            weight = block_diagonal(weight, groups)
         kernel, has_const = constant_inputs(weight, on_device(lm, m))
         linear = is_linear(m)
         padded = not linear and zero_padded(m) and getattr(m, "padding_mode", "zeros") == "zeros"
@@ -162,12 +167,55 @@ class Builder:
             if self.bits is not None and lm.name in self.bits:
                 extra = round_to_bits(extra, self.bits[lm.name])
             w = torch.cat([w, extra], dim=1)
+        if groups > 1:
+            return self._emit_grouped(node, lm, m, w, b, x, ones_channel)
         if linear:
             new: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=True)
         else:
-            new = nn.Conv2d(w.shape[1], w.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, 1, bias=True,
-                            padding_mode=getattr(m, "padding_mode", "zeros"))
+            new = plain_conv(m, w.shape[1], w.shape[0], 1)
         return self._finish_layer(node, lm, new, w, b, x)
+
+    def _emit_grouped(self, node: fx.Node, lm: LayerMask, m: nn.Module, w: Tensor, b: Tensor, x: fx.Node,
+                      ones_channel: bool) -> fx.Node:
+        """A grouped convolution (groups > 1, not depthwise) from its shrunk dense equivalent `w` (kept outputs ×
+        the channels of `x`: its kept inputs, then the channel of ones if `ones_channel`).
+
+        A grouped convolution needs the same input and output width in every group, while pruning leaves
+        each convolution group its own kept outputs K_g and inputs R_g. The rebuilt layer keeps the groups
+        with some kept output, each `max |K_g|` outputs wide and `max |R_g|` (+1 for the ones) inputs wide:
+        a narrower group's extra input slots read one of its channels again (a `Select` in front) with
+        zero weights, and its extra outputs are zero filters, dropped by a `Select` behind. Both are exact
+        (0·x = 0), every stored weight is a kept one or a zero, and a layer whose pruning is even across
+        groups — or which keeps a single group (then a plain convolution) — needs neither `Select`.
+        """
+        n_x = w.shape[1]
+        out_group = torch.nonzero(lm.out_mask).flatten().cpu() // (m.out_channels // m.groups)
+        in_group = torch.nonzero(lm.in_mask).flatten().cpu() // (m.in_channels // m.groups)
+        live = torch.unique(out_group).tolist()
+        outs = [torch.nonzero(out_group == g).flatten() for g in live]
+        ins = [torch.nonzero(in_group == g).flatten() for g in live]
+        if ones_channel:
+            ins = [torch.cat([i, torch.tensor([n_x - 1])]) for i in ins]
+        out_w = max(len(o) for o in outs)
+        in_w = max(max(len(i) for i in ins), 1)
+        kernel = w.shape[2:]
+        new_w = w.new_zeros(len(live) * out_w, in_w, *kernel)
+        new_b = b.new_zeros(len(live) * out_w)
+        index, position = [], []
+        for slot, (o, i) in enumerate(zip(outs, ins, strict=True)):
+            rows = slot * out_w + torch.arange(len(o))
+            position += rows.tolist()
+            rows, o, i = rows.to(w.device), o.to(w.device), i.to(w.device)
+            new_w[rows, : len(i)] = w[o][:, i]
+            new_b[rows] = b[o]
+            index += i.tolist() + [int(i[0]) if len(i) else 0] * (in_w - len(i))
+        if index != list(range(n_x)):
+            x = self._call(Select(torch.tensor(index), n_x), f"{lm.name}_gather", (x,))
+        new = plain_conv(m, len(live) * in_w, len(live) * out_w, len(live))
+        y = self._finish_layer(node, lm, new, new_w, new_b, x)
+        if position != list(range(len(live) * out_w)):
+            y = self._call(Select(torch.tensor(position), len(live) * out_w), f"{lm.name}_unpad", (y,))
+        return y
 
     def _emit_depthwise(self, node: fx.Node, info: Info) -> fx.Node:
         m = info.module
@@ -179,8 +227,7 @@ class Builder:
         keep = lm.out_mask.to(weight.device)
         w, b = weight[keep], bias[keep]
         k = int(keep.sum())
-        new = nn.Conv2d(k, k, m.kernel_size, m.stride, m.padding, m.dilation, k, bias=True,
-                        padding_mode=getattr(m, "padding_mode", "zeros"))
+        new = plain_conv(m, k, k, k)
         return self._finish_layer(node, lm, new, w, b, self._input(node, info))
 
     def _finish_layer(self, node: fx.Node, lm: LayerMask, new: nn.Module, w: Tensor, b: Tensor, x: fx.Node) -> fx.Node:
@@ -247,6 +294,24 @@ class Builder:
 
 
 
+def block_diagonal(weight: Tensor, groups: int) -> Tensor:
+    """The (out, in, *kernel) weight of the ungrouped convolution that computes what a grouped one with
+    `weight` (out, in/groups, *kernel) computes: output o reads the inputs of its group o // (out/groups)."""
+    out, per_in = weight.shape[:2]
+    dense = weight.new_zeros(out, per_in * groups, *weight.shape[2:])
+    per_out = out // groups
+    for g in range(groups):
+        dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = weight[g * per_out:(g + 1) * per_out]
+    return dense
+
+
+def plain_conv(like: nn.Module, in_channels: int, out_channels: int, groups: int) -> nn.Module:
+    """A plain convolution of `like`'s kind (1-d or 2-d) and geometry with the given widths and groups."""
+    cls = nn.Conv1d if len(like.kernel_size) == 1 else nn.Conv2d
+    return cls(in_channels, out_channels, like.kernel_size, like.stride, like.padding, like.dilation, groups,
+               bias=True, padding_mode=getattr(like, "padding_mode", "zeros"))
+
+
 #: the name suffix of a helper module in front of a layer, in a chain's `nn.Sequential`
 _HELPER_SUFFIX = {Select: "select", AppendOnes: "ones", Realign: "realign"}
 
@@ -276,9 +341,19 @@ def as_sequential(gm: fx.GraphModule) -> nn.Sequential | None:
             continue
         safe = target.replace(".", "_")
         for suffix, helper in pending:
-            seq.add_module(f"{safe}_{suffix}", helper)
+            seq.add_module(_free_name(seq, f"{safe}_{suffix}"), helper)
         pending = []
         seq.add_module(safe, module)
     for suffix, helper in pending:
-        seq.add_module(f"output_{suffix}", helper)
+        seq.add_module(_free_name(seq, f"output_{suffix}"), helper)
     return seq.eval()
+
+
+def _free_name(seq: nn.Module, name: str) -> str:
+    """`name`, or `name_2`, `name_3`, ... where two helpers stand in front of one layer (a grouped convolution's
+    `Select` behind it, then the next layer's own)."""
+    k, free = 1, name
+    while hasattr(seq, free):
+        k += 1
+        free = f"{name}_{k}"
+    return free

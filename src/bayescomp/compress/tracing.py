@@ -66,7 +66,7 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> fx.Gr
 
 def _first_layer(model: nn.Sequential) -> nn.Module | None:
     for m in model.modules():
-        if isinstance(m, (GroupSparseLayer, nn.Linear, nn.Conv2d)):
+        if isinstance(m, (GroupSparseLayer, nn.Linear, nn.Conv2d, nn.Conv1d)):
             return m
     return None
 
@@ -76,13 +76,13 @@ def chain_example(model: nn.Module) -> Tensor:
     """A one-example input for an `nn.Sequential` chain compressed without `example_input`.
 
     Its first weighted layer fixes the channels; for a convolution, the image side is the smallest
-    square one the whole chain accepts (a flatten in front of a Linear layer admits only the sizes that
+    square one (for a 1-d convolution, the shortest sequence) the whole chain accepts (a flatten in front of a Linear layer admits only the sizes that
     give its input count, and the decision depends only on that count). Raises `UnsupportedLayerError`
     for any other model, asking for `example_input`.
     """
     first = _first_layer(model) if isinstance(model, nn.Sequential) else None
     if first is None:
-        what = "has no Linear or Conv2d layer" if isinstance(model, nn.Sequential) else "is not an nn.Sequential"
+        what = "has no Linear or convolution layer" if isinstance(model, nn.Sequential) else "is not an nn.Sequential"
         raise UnsupportedLayerError(
             f"{type(model).__name__}: this model {what}; pass example_input=, a batch it accepts, to compress it "
             "through its torch.fx graph"
@@ -91,12 +91,13 @@ def chain_example(model: nn.Module) -> Tensor:
     dtype = next(first.parameters()).dtype
     if hasattr(first, "in_features"):
         return torch.zeros(1, first.in_features, device=device, dtype=dtype)
+    spatial = len(first.kernel_size)  # 1: a sequence (Conv1d), 2: an image
     for side in range(1, MAX_SIDE + 1):
-        x = torch.zeros(1, first.in_channels, side, side, device=device, dtype=dtype)
+        x = torch.zeros(1, first.in_channels, *([side] * spatial), device=device, dtype=dtype)
         try:
             model(x)
         except Exception:  # noqa: BLE001 - a size the chain does not accept: try the next one
             continue
         return x
-    raise UnsupportedLayerError(f"{type(model).__name__}: no square image up to {MAX_SIDE} pixels fits this chain; "
+    raise UnsupportedLayerError(f"{type(model).__name__}: no input up to {MAX_SIDE} pixels a side fits this chain; "
                                 "pass example_input=, a batch it accepts")

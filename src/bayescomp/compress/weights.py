@@ -59,13 +59,19 @@ def constant_inputs(weight: Tensor, lm: LayerMask) -> tuple[Tensor, bool]:
 def kept_weights(module: nn.Module, lm: LayerMask) -> Tensor:
     """Boolean mask over a layer's full weight of the entries the shrunk layer stores with gate on.
 
-    A depthwise convolution's kernel has one input per output channel, so only its outputs are masked.
+    A grouped convolution's output o reads only the inputs of its group (a depthwise one: input o).
     """
     w = module.posterior_mean() if isinstance(module, GroupSparseLayer) else module.weight
     device = w.device
     keep = lm.out_mask.to(device).view(-1, *([1] * (w.dim() - 1)))
-    if getattr(module, "groups", 1) == 1:
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
         keep = keep & lm.in_mask.to(device).view(1, -1, *([1] * (w.dim() - 2)))
+    else:  # weight column j of output o is input channel (o // (out/groups))·(in/groups) + j
+        per_in = w.shape[1]
+        channel = (torch.arange(w.shape[0], device=device) // (w.shape[0] // groups))[:, None] * per_in
+        channel = channel + torch.arange(per_in, device=device)[None, :]
+        keep = keep & lm.in_mask.to(device)[channel].view(*channel.shape, *([1] * (w.dim() - 2)))
     if lm.group_keep is not None and not is_linear(module):
         keep = keep & lm.group_keep.to(device).view(-1, *([1] * (w.dim() - 1)))
     return keep.expand_as(w)

@@ -23,6 +23,7 @@ class ModelFileError(ValueError):
 LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Linear": (nn.Linear, ("in_features", "out_features")),
     "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")),
+    "Conv1d": (nn.Conv1d, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")),
     "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
     "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
     "ReLU": (nn.ReLU, ()),
@@ -73,6 +74,7 @@ _STORED_AS: dict[type[nn.Module], str] = {cls: kind for kind, (cls, _) in LAYERS
 EXTRA_ARGS: dict[str, set[str]] = {
     "Linear": {"bias"},
     "Conv2d": {"bias", "padding_mode"},
+    "Conv1d": {"bias", "padding_mode"},
     "Select": {"index_size"},
     "Realign": {"n_carried", "n_channels"},
 }
@@ -90,9 +92,9 @@ def layer_entry(name: str, m: nn.Module) -> dict[str, Any]:
     if kind is None:
         raise ModelFileError(f"{name}: {type(m).__name__} cannot be stored in a plain model file")
     args = {a: _jsonable(getattr(m, a)) for a in LAYERS[kind][1]}
-    if kind in ("Linear", "Conv2d"):
+    if kind in ("Linear", "Conv2d", "Conv1d"):
         args["bias"] = m.bias is not None
-    if kind == "Conv2d" and m.padding_mode != "zeros":
+    if kind in ("Conv2d", "Conv1d") and m.padding_mode != "zeros":
         args["padding_mode"] = m.padding_mode
     if kind == "Select":
         args["index_size"] = int(m.index.numel())

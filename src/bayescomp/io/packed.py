@@ -123,8 +123,8 @@ def _quantised_keys(model: nn.Module, bits: Mapping[str, int]) -> dict[str, tupl
         if b is None:
             continue
         path = layer if isinstance(model, fx.GraphModule) else layer.replace(".", "_")
-        if not path or not isinstance(modules.get(path), (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"bits given for layer {layer!r}, but the model has no Linear/Conv2d named {path!r}")
+        if not path or not isinstance(modules.get(path), (nn.Linear, nn.Conv2d, nn.Conv1d)):
+            raise ValueError(f"bits given for layer {layer!r}, but the model has no Linear/Conv2d/Conv1d named {path!r}")
         out[f"{path}.weight"] = (layer, int(b))
     return out
 
@@ -161,7 +161,7 @@ def coded_bits(compressed: Any, codings: list[LayerCoding] | None = None) -> lis
     by_key = {c.key: c for c in codings}
     out = []
     for name, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if not isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             continue
         c = by_key.get(f"{name}.weight")
         if c is None:
@@ -279,7 +279,7 @@ def pack(compressed: Any, coder: str = "auto", index_bits: Mapping[str, int] | N
 
 
 def _weights(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)))
 
 
 def save(compressed: Any, path: str | os.PathLike, coder: str = "auto") -> dict[str, Any]:

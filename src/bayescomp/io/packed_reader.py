@@ -10,6 +10,7 @@ reports any problem as a `PackedFileError` naming it. The byte layout is in `pac
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -103,16 +104,17 @@ def _spec_elements(entry: Any) -> int:
             _int_arg(args.get("out_features"), f"{name}.out_features"),
         )
         return n_in * n_out + n_out
-    if kind == "Conv2d":
+    if kind in ("Conv2d", "Conv1d"):
         n_in, n_out = (
             _int_arg(args.get("in_channels"), f"{name}.in_channels"),
             _int_arg(args.get("out_channels"), f"{name}.out_channels"),
         )
+        nd = 2 if kind == "Conv2d" else 1
         ks = args.get("kernel_size")
-        ks = list(ks) if isinstance(ks, list) else [ks, ks]
-        if len(ks) != 2:
-            raise PackedFileError(f"architecture: {name}.kernel_size must have 2 entries")
-        return n_in * n_out * _int_arg(ks[0], f"{name}.kernel_size") * _int_arg(ks[1], f"{name}.kernel_size") + n_out
+        ks = list(ks) if isinstance(ks, list) else [ks] * nd
+        if len(ks) != nd:
+            raise PackedFileError(f"architecture: {name}.kernel_size must have {nd} {'entry' if nd == 1 else 'entries'}")
+        return n_in * n_out * math.prod(_int_arg(k, f"{name}.kernel_size") for k in ks) + n_out
     if kind in ("BatchNorm1d", "BatchNorm2d"):
         return 4 * _int_arg(args.get("num_features"), f"{name}.num_features") + 1
     if kind == "GroupNorm":

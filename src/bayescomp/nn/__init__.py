@@ -1,8 +1,8 @@
 """Group-sparse Bayesian layers (see `base.GroupSparseLayer` for the contract)."""
 
 from .base import PARAMETER_KINDS, GroupSparseLayer, fuse_weight_kl, parameter_kind, zero_padded
-from .ghs import Conv2dGroupHS, LinearGroupHS
-from .gnj import Conv2dGroupNJ, LinearGroupNJ
+from .ghs import Conv1dGroupHS, Conv2dGroupHS, LinearGroupHS
+from .gnj import Conv1dGroupNJ, Conv2dGroupNJ, LinearGroupNJ
 from .kl import kl_gaussian_std_normal, kl_log_uniform
 
 __all__ = [
@@ -13,8 +13,10 @@ __all__ = [
     "fuse_weight_kl",
     "LinearGroupNJ",
     "Conv2dGroupNJ",
+    "Conv1dGroupNJ",
     "LinearGroupHS",
     "Conv2dGroupHS",
+    "Conv1dGroupHS",
     "kl_gaussian_std_normal",
     "kl_log_uniform",
 ]

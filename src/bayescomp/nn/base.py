@@ -4,7 +4,7 @@ A group-sparse layer holds a Gaussian posterior over "unscaled" weights w̃ ~ N(
 posterior over one scale z_i per group; the weight is w = z_i · w̃. What differs between priors
 (normal-Jeffreys, horseshoe) is only how z is parameterised, sampled and penalised: subclasses
 provide `z_mean()`, `z_variance()`, `sample_z(n)`, `kl_z()` and `log_alpha()`. What differs between
-layer kinds (Linear, Conv2d) is only the affine map and where the gate sits: `_LinearKind` gates
+layer kinds (Linear, Conv1d/Conv2d) is only the affine map and where the gate sits: `_LinearKind` gates
 the inputs (one group per input unit), `_ConvKind` gates the outputs (one group per output channel).
 
 Forward pass:
@@ -422,28 +422,35 @@ class _LinearKind(GroupSparseLayer):
 
 
 class _ConvKind(GroupSparseLayer):
-    """2-D convolution: one group per output channel; the gate multiplies the output channel.
+    """Convolution over `nd` spatial dimensions (2: Conv2d, 1: Conv1d): one group per output channel; the gate
+    multiplies the output channel.
 
     The gate covers the bias too: the channel computes z·(conv(x, w̃) + b) in training, in
     evaluation and after compression (weights z·μ, bias z·b), so a pruned channel is exactly zero.
     (The official code scaled the bias in training but not after compression.)
+
+    A 1-d convolution is a 2-d one with a kernel one pixel high on an input one pixel high: its training
+    forward runs the 2-d local reparameterisation (`lrt.conv2d_lrt`, gradients written out) on views with
+    that axis added, so both share one written-out backward pass.
     """
 
     group_dim = 0
+    #: number of spatial dimensions (set by subclasses; 2 for Conv2d)
+    nd: int = 2
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
         max_var: float | None = None,
     ) -> None:
-        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        ks = _ntuple(kernel_size, self.nd, "kernel_size")
         if in_channels < 1 or out_channels < 1 or groups < 1:
             raise ValueError("in_channels, out_channels and groups must be ≥ 1")
         if in_channels % groups or out_channels % groups:
@@ -456,7 +463,7 @@ class _ConvKind(GroupSparseLayer):
         self.padding = padding
         self.dilation = dilation
         self.groups = groups
-        fan_in = (in_channels // groups) * ks[0] * ks[1]
+        fan_in = (in_channels // groups) * math.prod(ks)
         bound = 1.0 / math.sqrt(fan_in)
         with torch.no_grad():
             self.weight_mu.uniform_(-bound, bound)
@@ -466,17 +473,33 @@ class _ConvKind(GroupSparseLayer):
         return zero_padded(self)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        conv = F.conv2d if self.nd == 2 else F.conv1d
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _as_2d(self) -> tuple:
+        """(stride, padding, dilation) of the 2-d convolution that computes this one on inputs with an axis of
+        size 1 added at dimension 2."""
+        def lift(v, pad: int):
+            return v if isinstance(v, str) else (pad, _ntuple(v, 1, "argument")[0])
+        return lift(self.stride, 1), lift(self.padding, 0), lift(self.dilation, 1)
 
     def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
-        args = (x, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
-        if isinstance(self.padding, str):  # "same"/"valid": the autograd expressions handle the arithmetic
-            return conv2d_lrt_reference(*args, None, self.stride, self.padding, self.dilation, self.groups)
-        return self._keep_kl(conv2d_lrt(*args, None, self.stride, self.padding, self.dilation, self.groups,
-                                        with_kl=self._fuse_kl))
+        params = (self.weight_mu, self.weight_logvar)
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        if self.nd == 1:
+            x = x.unsqueeze(2)
+            params = tuple(p.unsqueeze(2) for p in params)
+            stride, padding, dilation = self._as_2d()
+        args = (x, z, *params, self.bias_mu, self.bias_logvar)
+        if isinstance(padding, str):  # "same"/"valid": the autograd expressions handle the arithmetic
+            out = conv2d_lrt_reference(*args, None, stride, padding, dilation, self.groups)
+        else:
+            out = self._keep_kl(conv2d_lrt(*args, None, stride, padding, dilation, self.groups,
+                                           with_kl=self._fuse_kl))
+        return out.squeeze(2) if self.nd == 1 else out
 
     def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:
-        return self._conv(x, self.weight_mu, self.bias_mu) * z.view(1, -1, 1, 1)
+        return self._conv(x, self.weight_mu, self.bias_mu) * z.view(1, -1, *([1] * self.nd))
 
     def posterior_bias(self) -> Tensor | None:
         return None if self.bias_mu is None else (self.bias_mu * self.z_mean()).detach().clone()
@@ -487,3 +510,11 @@ class _ConvKind(GroupSparseLayer):
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias_mu is not None}"
             + (f", input_origin={self._origin:g}" if self._origin else "")
         )
+
+
+def _ntuple(v, n: int, what: str) -> tuple[int, ...]:
+    """An int or a sequence of `n` ints as a tuple of `n` ints (a clear error otherwise)."""
+    t = (v,) * n if isinstance(v, int) else tuple(v)
+    if len(t) != n or not all(isinstance(i, int) for i in t):
+        raise ValueError(f"{what} must be an int or {n} ints, got {v!r}")
+    return t

@@ -334,3 +334,14 @@ class Conv2dGroupHS(_GroupHS, _ConvKind):
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var
         )
         self._init_z(tau0, global_kl)
+
+
+class Conv1dGroupHS(_GroupHS, _ConvKind):
+    """`nn.Conv1d` twin with a horseshoe scale per output channel (the 2-d layer with one spatial axis).
+
+    >>> Conv1dGroupHS(4, 8, 3)(torch.randn(2, 4, 10)).shape
+    torch.Size([2, 8, 8])
+    """
+
+    nd = 1
+    __init__ = Conv2dGroupHS.__init__  # the same arguments (not a subclass: a Conv1d layer is no Conv2d layer)

@@ -99,3 +99,14 @@ class Conv2dGroupNJ(_GroupNJ, _ConvKind):
                  groups: int = 1, bias: bool = True, max_var: float | None = None) -> None:
         _ConvKind.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var)
         self._init_z()
+
+
+class Conv1dGroupNJ(_GroupNJ, _ConvKind):
+    """`nn.Conv1d` twin with a normal-Jeffreys scale per output channel (the 2-d layer with one spatial axis).
+
+    >>> Conv1dGroupNJ(4, 8, 3)(torch.randn(2, 4, 10)).shape
+    torch.Size([2, 8, 8])
+    """
+
+    nd = 1
+    __init__ = Conv2dGroupNJ.__init__  # the same arguments (not a subclass: a Conv1d layer is no Conv2d layer)
