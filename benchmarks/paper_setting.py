@@ -66,7 +66,8 @@ def write_result(out: Path, report: dict) -> None:
     os.replace(tmp, out)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet300")
     p.add_argument("--prior", default="gnj")
@@ -88,8 +89,13 @@ def main() -> None:
     p.add_argument("--speed-only", action="store_true",
                    help="only re-measure the training-step ratio and update the existing result file")
     add_selection_options(p)
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
-    from bayescomp.cli import parse_thresholds
+    from bayescomp.clioptions import parse_thresholds
 
     out = Path(args.out) if args.out else RESULTS / f"{args.model}_{args.prior}.json"
     if args.from_run:

@@ -40,7 +40,8 @@ def run_selection(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return combine(settings[0], thresholds[0]), f"{settings[1].rstrip('.')}; {thresholds[1]}"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", default="gnj", choices=["gnj", "ghs"])
     p.add_argument("--epochs", type=int, default=10)
@@ -51,6 +52,11 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--keep-run", default=None, help="also keep the run folder here")
     add_selection_options(p)
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     selection = run_selection(p, args)  # before any training
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
