@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from selection import stamp  # beside this script
 
 from bayescomp import bayesianize, compress

@@ -22,7 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from selection import add_selection_options, auto_threshold_selection, combine, explicit_settings, stamp, user_selection  # beside this script
+from selection import (  # beside this script
+    add_selection_options,
+    auto_threshold_selection,
+    combine,
+    explicit_settings,
+    stamp,
+    user_selection,
+)
 
 from bayescomp.pipeline import RunOptions, run
 
