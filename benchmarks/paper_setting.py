@@ -1,6 +1,8 @@
 """Run one of the paper's MNIST settings on full MNIST and record every figure.
 
-    python benchmarks/paper_setting.py --model lenet300 --prior gnj --epochs 30
+    python benchmarks/paper_setting.py --model lenet300 --prior gnj
+    python benchmarks/paper_setting.py --model lenet300 --prior gnj --epochs 200 --selection fixed \\
+        --selection-note "the paper's 200 epochs and the model's default thresholds, set before any run"
 
 writes benchmarks/results/<model>_<prior>.json: the report.json fields of the run, the command, and
 the time of one training step of the Bayesian model against the plain model (same data, batch size,
