@@ -1,27 +1,53 @@
 """Run one of the paper's MNIST settings on full MNIST and record every figure.
 
-    python benchmarks/paper_setting.py --model lenet300 --prior gnj --epochs 30
+    python benchmarks/paper_setting.py --model lenet300 --prior gnj
+    python benchmarks/paper_setting.py --model lenet300 --prior gnj --epochs 200 --selection fixed \\
+        --selection-note "the paper's 200 epochs and the model's default thresholds, set before any run"
 
 writes benchmarks/results/<model>_<prior>.json: the report.json fields of the run, the command, and
 the time of one training step of the Bayesian model against the plain model (same data, batch size,
 threads, Adam settings), measured side by side in this process as a ratio of medians.
+
+The file ends with `selection` and `selection_note` (benchmarks/selection.py). At the script's defaults and the
+model's default thresholds they are "fixed"; a setting given on the command line (thresholds, epochs, rates,
+τ0, ...) must come with `--selection fixed|rule|validation|test` and `--selection-note` saying how it was chosen,
+or nothing is run or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from selection import add_selection_options, explicit_settings, stamp, user_selection
 from speed import train_steps  # benchmarks/speed.py, beside this script
 
 from bayescomp.pipeline import RunOptions, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the options that are choices of the method (argparse dests): given explicitly, they need --selection
+SETTINGS = ("epochs", "batch_size", "lr", "warmup_epochs", "thresholds", "tau0", "global_kl")
+DEFAULTS_NOTE = "the script's default training settings and the model's default thresholds, set before any run"
+
+
+def run_selection(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  previous: dict | None = None) -> tuple[str, str]:
+    """The `selection` and `selection_note` of the file this invocation writes: the user's --selection when given
+    (required when a setting was given explicitly), else "fixed" at the defaults; with --from-run and no new
+    thresholds, the selection the refreshed file already records (the run and its thresholds are unchanged)."""
+    explicit = explicit_settings(parser, args, SETTINGS if not args.from_run else ("thresholds",))
+    if args.from_run and not explicit and args.selection is None:
+        if previous and previous.get("selection") and previous.get("selection_note"):
+            return previous["selection"], previous["selection_note"]
+        explicit = ["--from-run (of a result file that records no selection)"]
+    given = user_selection(parser, args, explicit)
+    return given if given is not None else ("fixed", DEFAULTS_NOTE)
 
 
 def step_time_ratio(model_name: str, prior: str, batch_size: int, data_dir: str | None, rounds: int = 7,
@@ -34,7 +60,16 @@ def step_time_ratio(model_name: str, prior: str, batch_size: int, data_dir: str 
             "threads": torch.get_num_threads(), "rounds": rounds, "steps_per_round": steps}
 
 
-def main() -> None:
+def write_result(out: Path, report: dict) -> None:
+    """Write the result file atomically (a stopped script leaves the old file, never half a new one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet300")
     p.add_argument("--prior", default="gnj")
@@ -55,14 +90,21 @@ def main() -> None:
                         "given) and refresh the compression figures of the result file, keeping the rest")
     p.add_argument("--speed-only", action="store_true",
                    help="only re-measure the training-step ratio and update the existing result file")
+    add_selection_options(p)
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
-    from bayescomp.cli import parse_thresholds
+    from bayescomp.clioptions import parse_thresholds
 
     out = Path(args.out) if args.out else RESULTS / f"{args.model}_{args.prior}.json"
     if args.from_run:
         from bayescomp.pipeline import recompress
 
         old = json.loads(out.read_text()) if out.is_file() else {}
+        selection = run_selection(p, args, old)
         with tempfile.TemporaryDirectory() as tmp:
             fresh = recompress(args.from_run, Path(tmp) / "run", parse_thresholds(args.thresholds),
                                data_dir=args.data_dir)
@@ -70,17 +112,21 @@ def main() -> None:
             if key in old:
                 fresh[key] = old[key]
         fresh["recompress_command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        out.write_text(json.dumps(fresh, indent=2) + "\n")
+        write_result(out, stamp(fresh, *selection))
         print(f"refreshed {out}: cr_max {fresh.get('cr_max')}, file bytes {fresh.get('file_bytes')}")
         return
     if args.speed_only:
         report = json.loads(out.read_text())
+        given = user_selection(p, args, [])  # (the run is unchanged: its selection stands unless restated)
         report["speed"] = step_time_ratio(args.model, args.prior, args.batch_size, args.data_dir)
         report["speed"]["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        if given is not None or "selection" in report:
+            report = stamp(report, *(given or (report["selection"], report["selection_note"])))
+        write_result(out, report)
         print(f"step time ratio {report['speed']['train_step_ratio']:.2f}; updated {out}")
         return
 
+    selection = run_selection(p, args)  # before minutes of timing and training
     opts = RunOptions(model=args.model, prior=args.prior, epochs=args.epochs, seed=args.seed,
                       batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
                       thresholds=parse_thresholds(args.thresholds), data_dir=args.data_dir,
@@ -94,8 +140,7 @@ def main() -> None:
         report = run(opts, run_dir, force=True, resume=args.resume, progress=sys.stderr.isatty(), command=command)
     report["command"] = command
     report["speed"] = speed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(out, stamp(report, *selection))
     print(f"{args.model} {args.prior}: test error {report['test_error']:.2f}% (uncompressed "
           f"{report['test_error_uncompressed']:.2f}%), architecture {report['architecture']}, weights kept "
           f"{report['weights_kept_pct']:.2f}%, bits {report['bits']}, CR arch {report['cr_architecture']:.1f}, "

@@ -12,7 +12,7 @@ threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for 
 `--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0). One JSON line per run is appended to
 benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
 kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
-validation error at four points of training (`curve`).
+validation error at four points of training (`curve`), then `selection` "validation" and its `selection_note`.
 """
 import argparse
 import json
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from selection import stamp  # beside this script
 
 from bayescomp import bayesianize, compress
 from bayescomp.compress import apply_masks, group_masks
@@ -103,7 +104,11 @@ if a.ft:
                ft_arch=res.report["architecture"])
 out["seconds"] = time.perf_counter() - t0
 out["pre_seconds"] = t_pre
+SELECTION = ("validation", "one configuration of the fast recipe's search, trained on 90% of the training set and "
+             "measured on the other 10% (validation_split(60000, 0.1, seed=0), benchmarks/recipe_search.py); the test "
+             "set is never read")
 out["curve"] = [(r["epoch"], round(r.get("test_error", -1), 2), r.get("groups_kept")) for r in hist if "test_error" in r]
+out = stamp(out, *SELECTION)
 print(json.dumps(out))
 with open(a.out, "a") as f:
     f.write(json.dumps(out) + "\n")

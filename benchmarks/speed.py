@@ -28,7 +28,7 @@ writes benchmarks/results/speed.json. Per model:
 The compressed model of a model comes from a trained run (`--run model=DIR`, its model.pt) when
 one is given; otherwise from a fresh Bayesian network whose groups are pruned down to the paper's
 reported architecture (`PAPER_ARCH`; latency depends on the shapes only, not on the values) — the
-results file says which.
+results file says which. The file ends with `selection` "none" (a timing chooses nothing) and its note.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from selection import TIMING, stamp  # beside this script
 from torch import nn
 
 import bayescomp
@@ -362,7 +363,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(stamp(result, *TIMING), indent=1) + "\n")
     os.replace(tmp, out)
     print(f"wrote {out}")
 

@@ -3,7 +3,8 @@
     python benchmarks/vgg_epoch_time.py --steps 3
 
 CIFAR-10 is not on this machine: the steps run on random 3×32×32 inputs, which costs what real
-images cost. One epoch = ⌈50000 / batch⌉ steps. Writes benchmarks/results/vgg16_epoch_time.json.
+images cost. One epoch = ⌈50000 / batch⌉ steps. Writes benchmarks/results/vgg16_epoch_time.json (atomically;
+`selection` "none": a timing chooses nothing).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from selection import TIMING, stamp  # beside this script
 
 import bayescomp
 from bayescomp.models import build_model
@@ -29,6 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", default=str(RESULTS / "vgg16_epoch_time.json"))
     args = p.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32)
@@ -57,8 +61,11 @@ def main() -> None:
         result[f"{kind}_step_seconds"] = step
         result[f"{kind}_epoch_seconds_extrapolated"] = step * result["steps_per_epoch"]
         print(f"{kind}: {step:.2f} s/step, ≈ {step * result['steps_per_epoch'] / 3600:.2f} h/epoch", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vgg16_epoch_time.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp(result, *TIMING), indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,9 @@ def test_threshold_sweep_monotone(tau_sweep, tmp_path):
     assert points[-1]["pareto"]  # the lowest error of a full model or on the front by size
     doc = json.loads((tmp_path / "ts.json").read_text())
     assert doc["kind"] == "threshold" and len(doc["points"]) == 3
+    # a results-style file: it chooses nothing, and says so in its last two keys (tests/test_results_selection.py)
+    assert list(doc)[-2:] == ["selection", "selection_note"]
+    assert doc["selection"] == "none" and "every threshold" in doc["selection_note"]
     # a setting that empties a layer is a skipped point, not an error; relative offsets work
     pts = threshold_sweep(run_dir, [-1e9, 0.0], data_dir=str(DATA), relative=True)
     assert pts[0]["skipped"] and pts[0]["test_error"] is None and pts[0]["pareto"] is False
@@ -200,12 +203,16 @@ def test_sweep_and_threshold_sweep_commands(tau_sweep, tmp_path):
     res = CliRunner().invoke(main, args)  # reuses the finished runs
     assert res.exit_code == 0, res.output
     assert "ELBO prefers" in res.output and (out / "sweep.json").is_file()
+    doc = json.loads((out / "sweep.json").read_text())  # its one choice, the ELBO's τ0, reads the training set only
+    assert (doc["selection"], list(doc)[-1]) == ("rule", "selection_note")
+    assert "training-set ELBO" in doc["selection_note"] and "thresholds the prior's defaults" in doc["selection_note"]
     run_dir = out / result["points"][0]["run_dir"]
     res = CliRunner().invoke(main, ["threshold-sweep", str(run_dir), "--values", "-1e9,0,100", "--relative",
                                     "--data-dir", str(DATA)])
     assert res.exit_code == 0, res.output
     doc = json.loads((run_dir / "threshold_sweep.json").read_text())
     assert len(doc["points"]) == 3 and doc["points"][0]["skipped"] and "skipped" in res.output
+    assert doc["selection"] == "none"
     res = CliRunner().invoke(main, ["threshold-sweep", str(run_dir), "--values", "0", "--layer", "fc9",
                                     "--data-dir", str(DATA)])
     assert res.exit_code == 1 and "fc9" in res.output and "fc1, fc2, fc3" in res.output
@@ -233,3 +240,17 @@ def test_sweep_command_trains_each_point_with_the_recipe_options(tmp_path):
     # the finished point is reused only with the same recipe
     res = CliRunner().invoke(main, [a if a != "0.3" else "0.5" for a in args])
     assert res.exit_code == 1 and "kl_weight=0.3 (now 0.5)" in res.output
+
+
+def test_sweep_selection_says_where_the_thresholds_came_from():
+    """sweep.json's one choice is a rule either way; its note follows the options the runs were thresholded by."""
+    from dataclasses import replace
+
+    from bayescomp.sweep import sweep_selection
+
+    notes = {name: sweep_selection(replace(BASE, **kw)) for name, kw in (
+        ("default", {}), ("given", {"thresholds": 2.0}), ("otsu", {"auto_thresholds": "histogram"}),
+        ("held_out", {"auto_thresholds": "validation"}))}
+    assert {sel for sel, _ in notes.values()} == {"rule"}
+    assert "prior's defaults" in notes["default"][1] and "as given" in notes["given"][1]
+    assert "histogram rule" in notes["otsu"][1] and "held out of the training set" in notes["held_out"][1]

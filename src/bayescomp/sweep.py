@@ -17,6 +17,10 @@ posterior: ELBO = −(Σ_i nll_i + KL), the data term estimated with one local-r
 sample per example (`training_elbo`, seeded). Higher is better; it is comparable between τ0 values
 because the data set and the likelihood are the same (τ0 changes the prior, and the ELBO is a
 lower bound on the evidence of that prior).
+
+Both files end with `selection` and `selection_note`, as every results file of benchmarks/results/ does: a
+threshold sweep chooses nothing ("none": every threshold's test error is reported); a τ0 sweep's one choice, the
+ELBO's τ0, reads the training set only ("rule"), and its note says how each run's thresholds were set.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from .train.checkpoint import load_checkpoint
 
 SWEEP_FILE = "sweep.json"
 THRESHOLD_SWEEP_FILE = "threshold_sweep.json"
+#: a threshold sweep's selection: it reports every point and chooses nothing
+THRESHOLD_SWEEP_SELECTION = ("none", "a sweep: every threshold's test error is reported; nothing is chosen from it")
 #: options that do not change a run's result (ignored when an existing run folder is reused)
 _NOT_DEFINING = ("data_dir", "verify_data")
 
@@ -123,6 +129,22 @@ def _training_set(opts: RunOptions) -> tuple[Tensor, Tensor]:
         train_idx, _ = validation_split(len(x), opts.val_fraction, opts.seed)
         x, y = x[train_idx], y[train_idx]
     return x, y
+
+
+def sweep_selection(opts: RunOptions) -> tuple[str, str]:
+    """The `selection` and `selection_note` of sweep.json: "rule" (the ELBO's τ0 is chosen on the training set
+    alone; every τ0's test error is reported), the note saying where each run's thresholds came from."""
+    auto = getattr(opts, "auto_thresholds", None)
+    if auto == "validation":
+        cut = "thresholds chosen on a split held out of the training set"
+    elif auto:
+        cut = f"thresholds by the {auto} rule on the posterior"
+    elif opts.thresholds is not None:
+        cut = "thresholds as given to the sweep (how they were chosen is not recorded)"
+    else:
+        cut = "thresholds the prior's defaults"
+    return "rule", (f"every tau0's test error is reported; the one choice, elbo_choice, is by the training-set ELBO "
+                    f"after training (no held-out or test data); {cut}")
 
 
 def _run_point(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,6 +242,7 @@ def sweep(
         "base_options": _comparable({k: v for k, v in asdict(base_opts).items() if k != "extra"}),
         "points": points,
     }
+    result["selection"], result["selection_note"] = sweep_selection(base_opts)
     atomic_write(out / SWEEP_FILE, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
@@ -311,9 +334,10 @@ def threshold_sweep(
                "bit_accounting": bit_accounting,
                "variance_scale": variance_scale,
                "test_error_uncompressed": err_uncompressed, "pareto_keys": list(PARETO_KEYS), "points": points}
+        doc["selection"], doc["selection_note"] = THRESHOLD_SWEEP_SELECTION
         atomic_write(out, (json.dumps(doc, indent=2) + "\n").encode())
     return points
 
 
-__all__ = ["PARETO_KEYS", "SWEEP_FILE", "THRESHOLD_SWEEP_FILE", "pareto_front", "sweep", "threshold_sweep",
-           "training_elbo"]
+__all__ = ["PARETO_KEYS", "SWEEP_FILE", "THRESHOLD_SWEEP_FILE", "THRESHOLD_SWEEP_SELECTION", "pareto_front", "sweep",
+           "sweep_selection", "threshold_sweep", "training_elbo"]
