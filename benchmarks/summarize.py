@@ -52,7 +52,10 @@ def main() -> None:
         "Measured on this project's machines (2 CPU cores); every row comes from the results file named in",
         "its first column, which also holds the exact command. Paper figures: the method notes' reconstruction",
         "of Table 1, with their certainty tags. `cr_fast` uses the paper code's accounting (1 + E + T bits per",
-        "weight) unless the file says otherwise.",
+        "weight) unless the file says otherwise. Each file also says how its settings were chosen (`selection`:",
+        "fixed, rule, validation, test — a diagnostic — or none) with the evidence (`selection_note`). The commands",
+        "are the ones that ran; today `paper_setting.py` and `resnet_mnist.py` also ask for `--selection` and",
+        "`--selection-note` when a setting is given on the command line.",
         "",
         "| run | epochs | test error % (paper) | uncompressed % | architecture (paper) | weights kept % (paper) "
         "| bits (paper) | CR arch | CR fast (paper) | CR max (paper) | CR file | file bytes | train s | step ratio |",
