@@ -1,6 +1,7 @@
 """Group-sparse Bayesian layers (see `base.GroupSparseLayer` for the contract)."""
 
-from .base import PARAMETER_KINDS, GroupSparseLayer, fuse_weight_kl, parameter_kind, zero_padded
+from .base import PARAMETER_KINDS, GroupSparseLayer, parameter_kind, zero_padded
+from .fusion import fuse_weight_kl
 from .ghs import Conv1dGroupHS, Conv2dGroupHS, LinearGroupHS
 from .gnj import Conv1dGroupNJ, Conv2dGroupNJ, LinearGroupNJ
 from .kl import kl_gaussian_std_normal, kl_log_uniform

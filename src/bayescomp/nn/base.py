@@ -4,8 +4,8 @@ A group-sparse layer holds a Gaussian posterior over "unscaled" weights w̃ ~ N(
 posterior over one scale z_i per group; the weight is w = z_i · w̃. What differs between priors
 (normal-Jeffreys, horseshoe) is only how z is parameterised, sampled and penalised: subclasses
 provide `z_mean()`, `z_variance()`, `sample_z(n)`, `kl_z()` and `log_alpha()`. What differs between
-layer kinds (Linear, Conv1d/Conv2d) is only the affine map and where the gate sits: `_LinearKind` gates
-the inputs (one group per input unit), `_ConvKind` gates the outputs (one group per output channel).
+layer kinds (Linear, Conv1d/Conv2d) is only the affine map and where the gate sits: `LinearKind` gates
+the inputs (one group per input unit), `ConvKind` gates the outputs (one group per output channel).
 
 Forward pass:
 
@@ -28,8 +28,6 @@ into W·x + (b − c·Σ_j W_j) (`compress.weights.fold_origin`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +36,8 @@ from torch import Tensor, nn
 from .kl import kl_gaussian_std_normal
 from .lrt import conv2d_lrt, conv2d_lrt_reference, gated_linear_lrt, linear_lrt
 
-_LOGVAR_INIT = -9.0
-_INIT_STD = 1e-2
+LOGVAR_INIT = -9.0
+INIT_STD = 1e-2
 
 
 def zero_padded(conv: nn.Module) -> bool:
@@ -162,9 +160,9 @@ class GroupSparseLayer(nn.Module):
     # ---- initialisation -------------------------------------------------------------------
     def _init_variational(self) -> None:
         with torch.no_grad():
-            self.weight_logvar.normal_(_LOGVAR_INIT, _INIT_STD)
+            self.weight_logvar.normal_(LOGVAR_INIT, INIT_STD)
             if self.bias_logvar is not None:
-                self.bias_logvar.normal_(_LOGVAR_INIT, _INIT_STD)
+                self.bias_logvar.normal_(LOGVAR_INIT, INIT_STD)
                 self.bias_mu.zero_()
 
     def load_plain(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -343,35 +341,7 @@ class GroupSparseLayer(nn.Module):
         raise NotImplementedError
 
 
-@contextmanager
-def fuse_weight_kl(model: nn.Module) -> Iterator[None]:
-    """Within this block, each training forward of a group-sparse layer also computes its KL: a Linear
-    layer's whole KL (scales, weights, bias: its forward is one node, `lrt.gated_linear_lrt`), a
-    convolution's weights and bias.
-
-    The next `kl()` of the layer then returns that value, and its gradient is added inside the layer's
-    own backward pass: the σ² = exp(log σ²) of the forward is reused, and no second set of weight-sized
-    gradient buffers is made and summed (for LeNet-300-100's fc1, one exp and about four passes over its
-    235,200 weights fewer per step), and a Linear layer's scale KL needs no autograd node of its own.
-    `fit` uses it; the result is the same as without it.
-
-    The contract it relies on, which `fit` keeps: after each forward, the loss adds `kl()` and ONE
-    backward pass runs through both (a `kl()` computed after a later forward, after the parameters
-    changed, or outside the block is computed afresh). Do not use it when the KL is backpropagated in a
-    separate `backward()` call from the data term.
-    """
-    layers = [m for m in model.modules() if isinstance(m, GroupSparseLayer)]
-    for layer in layers:
-        layer._fuse_kl = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._fuse_kl = False
-            layer._kl_stash = None
-
-
-class _LinearKind(GroupSparseLayer):
+class LinearKind(GroupSparseLayer):
     """Fully connected: one group per input unit; the gate multiplies the inputs."""
 
     group_dim = 1
@@ -421,7 +391,7 @@ class _LinearKind(GroupSparseLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}{origin}"
 
 
-class _ConvKind(GroupSparseLayer):
+class ConvKind(GroupSparseLayer):
     """Convolution over `nd` spatial dimensions (2: Conv2d, 1: Conv1d): one group per output channel; the gate
     multiplies the output channel.
 

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind, sampled_z
+from .base import INIT_STD, LOGVAR_INIT, ConvKind, LinearKind, sampled_z
 from .horseshoe_kl import (
     kl_global_sa_paper,
     kl_lognormal_gamma_half,
@@ -142,12 +142,12 @@ class _GroupHS:
         like = {"dtype": self.weight_mu.dtype, "device": self.weight_mu.device}
         n = self.n_groups
         with torch.no_grad():
-            a_logvar = torch.empty(n, **like).normal_(_LOGVAR_INIT, _INIT_STD)
-            b_logvar = torch.empty(n, **like).normal_(_LOGVAR_INIT, _INIT_STD)
-            sa_logvar = torch.full((), _LOGVAR_INIT, **like)
-            sb_logvar = torch.full((), _LOGVAR_INIT, **like)
-            a_mu = -math.log(2.0) - 0.5 * a_logvar.exp() + torch.empty(n, **like).normal_(0.0, _INIT_STD)
-            b_mu = math.log(2.0) + 0.5 * b_logvar.exp() + torch.empty(n, **like).normal_(0.0, _INIT_STD)
+            a_logvar = torch.empty(n, **like).normal_(LOGVAR_INIT, INIT_STD)
+            b_logvar = torch.empty(n, **like).normal_(LOGVAR_INIT, INIT_STD)
+            sa_logvar = torch.full((), LOGVAR_INIT, **like)
+            sb_logvar = torch.full((), LOGVAR_INIT, **like)
+            a_mu = -math.log(2.0) - 0.5 * a_logvar.exp() + torch.empty(n, **like).normal_(0.0, INIT_STD)
+            b_mu = math.log(2.0) + 0.5 * b_logvar.exp() + torch.empty(n, **like).normal_(0.0, INIT_STD)
             sa_mu = torch.full((), 2.0 * math.log(tau0) - math.log(2.0), **like) - 0.5 * sa_logvar.exp()
             var_z = 0.25 * (sa_logvar.exp() + sb_logvar.exp() + a_logvar.exp() + b_logvar.exp())
             # mean over groups of μ_z = ½(sa + sb + a + b) should be −σ²_z/2, so E[z] ≈ 1
@@ -288,7 +288,7 @@ class _GroupHS:
         return f"{super().extra_repr()}, tau0={self.tau0:g}, global_kl={self.global_kl!r}"  # type: ignore[misc]
 
 
-class LinearGroupHS(_GroupHS, _LinearKind):
+class LinearGroupHS(_GroupHS, LinearKind):
     """`nn.Linear` twin with a horseshoe scale per input unit.
 
     >>> layer = LinearGroupHS(784, 300)
@@ -307,11 +307,11 @@ class LinearGroupHS(_GroupHS, _LinearKind):
         global_kl: str = "derived",
     ) -> None:
         tau0, global_kl = _check_hs_args(tau0, global_kl)
-        _LinearKind.__init__(self, in_features, out_features, bias, max_var)
+        LinearKind.__init__(self, in_features, out_features, bias, max_var)
         self._init_z(tau0, global_kl)
 
 
-class Conv2dGroupHS(_GroupHS, _ConvKind):
+class Conv2dGroupHS(_GroupHS, ConvKind):
     """`nn.Conv2d` twin with a horseshoe scale per output channel."""
 
     def __init__(
@@ -330,13 +330,13 @@ class Conv2dGroupHS(_GroupHS, _ConvKind):
         global_kl: str = "derived",
     ) -> None:
         tau0, global_kl = _check_hs_args(tau0, global_kl)
-        _ConvKind.__init__(
+        ConvKind.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var
         )
         self._init_z(tau0, global_kl)
 
 
-class Conv1dGroupHS(_GroupHS, _ConvKind):
+class Conv1dGroupHS(_GroupHS, ConvKind):
     """`nn.Conv1d` twin with a horseshoe scale per output channel (the 2-d layer with one spatial axis).
 
     >>> Conv1dGroupHS(4, 8, 3)(torch.randn(2, 4, 10)).shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import _INIT_STD, _LOGVAR_INIT, _ConvKind, _LinearKind, sampled_z
+from .base import INIT_STD, LOGVAR_INIT, ConvKind, LinearKind, sampled_z
 from .kl import group_nj_kl_backward, group_nj_kl_forward, kl_group_nj
 from .scalars import const
 
@@ -32,8 +32,8 @@ class _GroupNJ:
     n_groups: int
 
     def _init_z(self) -> None:
-        self.z_mu = nn.Parameter(torch.empty(self.n_groups).normal_(1.0, _INIT_STD))
-        self.z_logvar = nn.Parameter(torch.empty(self.n_groups).normal_(_LOGVAR_INIT, _INIT_STD))
+        self.z_mu = nn.Parameter(torch.empty(self.n_groups).normal_(1.0, INIT_STD))
+        self.z_logvar = nn.Parameter(torch.empty(self.n_groups).normal_(LOGVAR_INIT, INIT_STD))
 
     def z_mean(self) -> Tensor:
         return self.z_mu
@@ -79,7 +79,7 @@ class _GroupNJ:
         return kl_group_nj(self.z_mu, self.z_logvar, _EPS)
 
 
-class LinearGroupNJ(_GroupNJ, _LinearKind):
+class LinearGroupNJ(_GroupNJ, LinearKind):
     """`nn.Linear` twin with a normal-Jeffreys scale per input unit.
 
     >>> layer = LinearGroupNJ(784, 300)
@@ -88,20 +88,20 @@ class LinearGroupNJ(_GroupNJ, _LinearKind):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None) -> None:
-        _LinearKind.__init__(self, in_features, out_features, bias, max_var)
+        LinearKind.__init__(self, in_features, out_features, bias, max_var)
         self._init_z()
 
 
-class Conv2dGroupNJ(_GroupNJ, _ConvKind):
+class Conv2dGroupNJ(_GroupNJ, ConvKind):
     """`nn.Conv2d` twin with a normal-Jeffreys scale per output channel."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, max_var: float | None = None) -> None:
-        _ConvKind.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var)
+        ConvKind.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, max_var)
         self._init_z()
 
 
-class Conv1dGroupNJ(_GroupNJ, _ConvKind):
+class Conv1dGroupNJ(_GroupNJ, ConvKind):
     """`nn.Conv1d` twin with a normal-Jeffreys scale per output channel (the 2-d layer with one spatial axis).
 
     >>> Conv1dGroupNJ(4, 8, 3)(torch.randn(2, 4, 10)).shape

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ..base import atomic_write
 from ..convert import group_layers, kl_divergence
-from ..nn.base import PARAMETER_KINDS, fuse_weight_kl, parameter_kind
+from ..nn.base import PARAMETER_KINDS, parameter_kind
+from ..nn.fusion import fuse_weight_kl
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import RUN_DEFINING, TrainConfig, kl_beta, length_change_refused, lr_at
