@@ -114,7 +114,8 @@ def plan_layers(model: nn.Module, exclude: Exclude = ()) -> list[LayerPlan]:
         if _passes_through(module):
             plans.append(LayerPlan(name, kind, "follow", "channel-wise: sliced with the channels it carries"))
         elif not list(module.children()) or _rule_kind(module) == "dense":
-            plans.append(LayerPlan(name, kind, "dense", f"unsupported: bayescomp does not convert {kind}"))
+            hint = "" if _rule_kind(module) else " (a channel-wise module of yours: bayescomp.register_channelwise)"
+            plans.append(LayerPlan(name, kind, "dense", f"unsupported: bayescomp does not convert {kind}{hint}"))
             whole.append(name)
     return plans
 

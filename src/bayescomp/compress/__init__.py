@@ -100,7 +100,7 @@ def warn_if_keeps_all(model: nn.Module, report: Mapping[str, Any], resolved: Map
             la = m.log_alpha().detach()
             parts.append(f"{name}: scores {la.min().item():.1f}..{la.max().item():.1f}, threshold {resolved[name]:g}")
     warnings.warn(f"compression keeps {pct:.1f}% of the weights ({'; '.join(parts)}); a group is kept while its "
-                  "score is below the threshold: train longer or lower the threshold", CompressionWarning, stacklevel=3)
+                  "score is below the threshold: train longer or lower the threshold", CompressionWarning, stacklevel=4)
 
 
 def _keeps_of(masks: Mapping[str, LayerMask]) -> dict[str, Tensor]:
