@@ -107,3 +107,16 @@ def test_check_leaves_the_model_as_it_is_and_refuses_an_input_that_does_not_fit(
     assert all(type(m) is not bayescomp.nn.LinearGroupNJ for m in model.modules())
     with pytest.raises(ValueError, match="example_input does not fit"):
         bayescomp.check(model, torch.randn(3, 5))
+
+
+class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+    def forward(self, x):
+        return x if bool(x.sum() > 0) else -x
+
+
+def test_an_untraceable_module_is_refused_with_the_exclusion_that_fixes_it():
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    report = bayescomp.check(model, x)
+    assert not report.ok and "cannot trace" in report.refusals[0].reason and "exclude=['1']" in report.refusals[0].fix
+    assert bayescomp.check(model, x, exclude=["1"]).ok

@@ -112,7 +112,8 @@ def plan_layers(model: nn.Module, exclude: Exclude = ()) -> list[LayerPlan]:
         if not any(True for _ in module.parameters(recurse=False)):
             continue
         if _passes_through(module):
-            plans.append(LayerPlan(name, kind, "follow", "channel-wise: sliced with the channels it carries"))
+            plans.append(LayerPlan(name, kind, "follow", "channel-wise: sliced with the channels it carries"
+                                   if _rule_kind(module) == "channelwise" else "barrier: keeps the channels around it"))
         elif not list(module.children()) or _rule_kind(module) == "dense":
             hint = "" if _rule_kind(module) else " (a channel-wise module of yours: bayescomp.register_channelwise)"
             plans.append(LayerPlan(name, kind, "dense", f"unsupported: bayescomp does not convert {kind}{hint}"))
@@ -219,7 +220,7 @@ def bayesianize(
                              f"{', '.join(unknown)}")
     if not convertible:
         raise UnsupportedLayerError("the model has no nn.Linear or nn.Conv2d layer to convert"
-                                    + (" (all are excluded)" if any(p.action == "dense" for p in plans) else ""))
+                                    + (" (the others are left dense)" if any(p.action == "dense" for p in plans) else ""))
     model = copy.deepcopy(model)
     from .compress.rules import DENSE_MARK
 
