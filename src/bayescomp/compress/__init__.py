@@ -12,11 +12,10 @@ that happens to be a line: its result is given back as an `nn.Sequential`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor, fx, nn
