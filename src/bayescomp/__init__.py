@@ -7,8 +7,8 @@
 """
 
 from . import nn
-from .compress import CompressedModel, compress, graph_compress, register_channelwise
 from .check import CheckReport, check
+from .compress import CompressedModel, compress, graph_compress, register_channelwise
 from .convert import CompressionWarning, UnsupportedLayerError, bayesianize, kl_divergence
 from .io.export import export_onnx
 from .io.packed import PackedFileError, load, save
