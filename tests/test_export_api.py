@@ -62,3 +62,26 @@ def test_the_shape_form_still_works_and_bad_inputs_are_refused(tmp_path):
         bayescomp.export_onnx(TwoInputs(), (torch.zeros(1, 1, 6, 6), torch.zeros(1, 3)), tmp_path / "b.onnx",
                               input_names=["x"])
     assert not (tmp_path / "bad.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_export_command_takes_one_input_shape_per_input(tmp_path):
+    from click.testing import CliRunner
+
+    from bayescomp.cli import main
+
+    torch.manual_seed(2)
+    example = (torch.randn(2, 1, 6, 6), torch.randn(2, 3))
+    result = bayescomp.compress(bayescomp.bayesianize(TwoInputs()), keeps={
+        "img": torch.arange(4) < 3, "side": torch.arange(3) < 2, "head": torch.arange(69) % 3 > 0},
+        example_input=example)
+    bayescomp.save(result, tmp_path / "two.bcz")
+    out = tmp_path / "two.onnx"
+    run = CliRunner().invoke(main, ["export", str(tmp_path / "two.bcz"), "--out", str(out),
+                                    "--input-shape", "1,6,6", "--input-shape", "3"])
+    assert run.exit_code == 0, run.output
+    feeds = {"input0": torch.randn(4, 1, 6, 6).numpy(), "input1": torch.randn(4, 3).numpy()}
+    got = _run(out, feeds)
+    want = bayescomp.load(tmp_path / "two.bcz")(*(torch.as_tensor(v) for v in feeds.values()))
+    assert abs(torch.as_tensor(got) - want.detach()).max() <= 1e-5
+    bad = CliRunner().invoke(main, ["export", str(tmp_path / "two.bcz"), "--input-shape", "1x6"])
+    assert bad.exit_code != 0 and "not a shape such as 1,28,28" in bad.output
