@@ -452,6 +452,8 @@ def test_bayesianize_conv_keeps_geometry():
 def test_bayesianize_unsupported_layer_names_path(bad):
     model = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4), block=nn.Sequential(OrderedDict(odd=bad()))))
     with pytest.raises(UnsupportedLayerError, match=r"block\.odd"):
+        bayesianize(model, strict=True)
+    with pytest.warns(UserWarning, match=r"block\.odd"):  # by default: left dense, with a warning
         bayesianize(model)
 
 

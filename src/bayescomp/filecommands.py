@@ -104,21 +104,35 @@ def pack_cmd(run_dir: str, coder: str, out: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "safetensors"]), default="onnx", show_default=True)
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="File to write (default RUN_DIR/model.onnx or RUN_DIR/model.safetensors).")
-def export_cmd(run_dir: str, fmt: str, out: str | None) -> None:
-    """Export the compressed model of a run as ONNX (runs in onnxruntime) or safetensors."""
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="C,H,W",
+              help="One example's shape, e.g. 1,28,28; repeat for a model with several inputs "
+                   "(default: the shape of the run's dataset).")
+def export_cmd(run_dir: str, fmt: str, out: str | None, input_shapes: tuple[str, ...]) -> None:
+    """Export the compressed model of a run (or a model file) as ONNX (runs in onnxruntime) or safetensors."""
+    import torch
+
     from .data import input_shape
     from .io.export import export_onnx, export_safetensors
     from .recipes import recipe
     from .runreport import read_run
 
+    shapes = []
+    for text in input_shapes:
+        try:
+            shapes.append(tuple(int(d) for d in text.split(",")))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a shape such as 1,28,28", param_hint="--input-shape") from None
+        if not shapes[-1] or min(shapes[-1]) < 1:
+            raise click.BadParameter(f"{text!r}: every size must be a positive integer", param_hint="--input-shape")
     try:
         folder = Path(run_dir)
         model, meta = load_any(folder)
         report = (read_run(folder, required=False) or {}) if folder.is_dir() else {}
         target = Path(out) if out else folder / f"model.{fmt}" if folder.is_dir() else folder.with_suffix(f".{fmt}")
         if fmt == "onnx":
-            name = report.get("model") or meta.get("model")
-            export_onnx(model, target, input_shape(recipe(name).dataset))
+            if not shapes:
+                shapes = [input_shape(recipe(report.get("model") or meta.get("model")).dataset)]
+            export_onnx(model, tuple(torch.zeros(2, *s) for s in shapes), target)
         else:
             export_safetensors(model, target, {k: report.get(k) for k in ("model", "prior", "architecture", "bits")})
     except USER_ERRORS as exc:

@@ -12,15 +12,17 @@ that happens to be a line: its result is given back as an `nn.Sequential`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from ..convert import CompressionWarning
 from ..nn import GroupSparseLayer
-from .analysis import Analysis, analyse, decision_masks
+from .analysis import Analysis, analyse, decision_masks, output_layers
 from .masks import (
     LayerMask,
     PruneError,
@@ -53,11 +55,51 @@ class CompressedModel:
     bits: dict[str, int]
 
 
+#: a compression that keeps at least this percentage of the weights warns (`CompressionWarning`)
+KEEPS_ALL_PCT = 99.0
+
+
+def _traced(model: nn.Module, example_input: Example | None) -> fx.GraphModule:
+    """The model traced with `example_input`, or a chain's own `chain_example`."""
+    return trace(model, chain_example(model) if example_input is None else example_input)
+
+
 def _analysis(model: nn.Module, keeps: Mapping[str, Tensor], example_input: Example | None,
               thresholds: Mapping[str, float] | None) -> Analysis:
     """The model traced (with `example_input`, or a chain's own `chain_example`) and analysed under `keeps`."""
-    example = chain_example(model) if example_input is None else example_input
-    return analyse(model, trace(model, example), keeps, thresholds)
+    return analyse(model, _traced(model, example_input), keeps, thresholds)
+
+
+def keep_output_width(model: nn.Module, gm: fx.GraphModule, keeps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`keeps` with every group of each output convolution kept (its groups are its output channels, which
+    are the model's outputs: a pruned one would be a constant logit), except groups its `group_mask` switched
+    off. A fully connected output layer's groups are its inputs; it never loses outputs anyway."""
+    out = dict(keeps)
+    for name in output_layers(gm):
+        m = model.get_submodule(name)
+        if isinstance(m, GroupSparseLayer) and not hasattr(m, "in_features") and name in out:
+            out[name] = m.group_mask.detach().cpu().clone()
+    return out
+
+
+def _threshold_decision(model: nn.Module, gm: fx.GraphModule, resolved: Mapping[str, float]) -> dict[str, Tensor]:
+    """The group keeps at resolved thresholds, output width preserved (`keep_output_width`)."""
+    return keep_output_width(model, gm, keeps_below(model, resolved))
+
+
+def warn_if_keeps_all(model: nn.Module, report: Mapping[str, Any], resolved: Mapping[str, float]) -> None:
+    """A `CompressionWarning` when the compression keeps ≥ `KEEPS_ALL_PCT` % of the weights, with each
+    layer's score range and threshold (usually: the training was too short for the scores to separate)."""
+    pct = report["weights_kept_pct"]
+    if pct < KEEPS_ALL_PCT:
+        return
+    parts = []
+    for name, m in model.named_modules():
+        if isinstance(m, GroupSparseLayer):
+            la = m.log_alpha().detach()
+            parts.append(f"{name}: scores {la.min().item():.1f}..{la.max().item():.1f}, threshold {resolved[name]:g}")
+    warnings.warn(f"compression keeps {pct:.1f}% of the weights ({'; '.join(parts)}); a group is kept while its "
+                  "score is below the threshold: train longer or lower the threshold", CompressionWarning, stacklevel=4)
 
 
 def _keeps_of(masks: Mapping[str, LayerMask]) -> dict[str, Tensor]:
@@ -130,6 +172,10 @@ def compress(
     - `example_input`: a batch (or tuple of inputs) the model accepts; it fixes the shapes used to follow
       channels through flatten and pooling. Needed for any model but an `nn.Sequential` chain.
 
+    With thresholds (no `keeps`/`masks`), an output convolution keeps all its groups: the model's output
+    width is preserved (`keep_output_width`). A compression keeping ≥ 99% of the weights warns
+    (`CompressionWarning`, with each layer's score range and threshold).
+
     `.model` is an `nn.Sequential` for a chain (an `nn.Sequential` whose traced graph is a line), else a
     plain `torch.fx.GraphModule`. The input model is not modified.
     """
@@ -140,8 +186,9 @@ def compress(
     try:
         resolved = resolve_thresholds(model, thresholds)
         chosen = _keeps_of(masks) if masks is not None else keeps
-        decision = dict(chosen) if chosen is not None else keeps_below(model, resolved)
-        an = _analysis(model, decision, example_input, resolved)
+        gm = _traced(model, example_input)
+        decision = dict(chosen) if chosen is not None else _threshold_decision(model, gm, resolved)
+        an = analyse(model, gm, decision, resolved)
         layer_masks = decision_masks(an, resolved)
         if masks is not None:
             _check_same(masks, layer_masks)
@@ -151,6 +198,7 @@ def compress(
                 for n, new in builder.new_layers.items()]
         report = summarize(rows, bits, e_bits, resolved, bit_accounting)
         report.update(rounded=round_weights, bits_reduce=bits_reduce, variance_scale=variance_scale)
+        warn_if_keeps_all(model, report, resolved)
         return CompressedModel(plain, report, layer_masks, bits)
     finally:
         model.train(was_training)
@@ -178,7 +226,13 @@ def compression_masks(model: nn.Module, thresholds: float | Mapping[str, float] 
                       example_input: Example | None = None) -> dict[str, LayerMask]:
     """`group_masks` then `propagate`: the full decision for a model at the given thresholds."""
     resolved = resolve_thresholds(model, thresholds)
-    return propagate(model, keeps_below(model, resolved), resolved, example_input=example_input)
+    was_training = model.training
+    model.eval()
+    try:
+        gm = _traced(model, example_input)
+        return decision_masks(analyse(model, gm, _threshold_decision(model, gm, resolved), resolved), resolved)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -215,6 +269,7 @@ def shrink(model: nn.Module, masks: Mapping[str, LayerMask], bits: Mapping[str, 
 __all__ = [
     "AppendOnes",
     "CompressedModel",
+    "CompressionWarning",
     "FastMaxPool2d",
     "LayerMask",
     "OpRule",
@@ -229,6 +284,7 @@ __all__ = [
     "graph_compress",
     "graph_shrinker",
     "group_masks",
+    "keep_output_width",
     "kept_weights",
     "layer_bits",
     "layer_precisions",
@@ -238,5 +294,6 @@ __all__ = [
     "round_to_bits",
     "shrink",
     "weight_bits",
+    "warn_if_keeps_all",
     "with_pooling",
 ]

@@ -80,8 +80,39 @@ def label(node: fx.Node) -> str:
     return f"node {node.name!r} ({target}{', in ' + inside if inside else ''})"
 
 
+def module_path(node: fx.Node) -> str:
+    """The path of the module a node is (call_module) or runs in ("" for the model's own forward)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
 def unsupported(node: fx.Node, why: str) -> UnsupportedLayerError:
-    return UnsupportedLayerError(f"{label(node)}: {why}")
+    """The refusal of one node; `.path` is the module it is or runs in, for `check`'s suggested fix."""
+    exc = UnsupportedLayerError(f"{label(node)}: {why}")
+    exc.path = module_path(node)  # type: ignore[attr-defined]
+    return exc
+
+
+def output_layers(gm: fx.GraphModule) -> list[str]:
+    """The weighted layers whose outputs reach the model's output without passing another weighted layer."""
+    modules = dict(gm.named_modules())
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            rule = module_rule(modules[str(node.target)])
+            if rule is not None and rule.kind == "weighted":
+                found.append(str(node.target))
+                continue
+        stack.extend(node.all_input_nodes)
+    return found
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
@@ -133,7 +164,9 @@ class Analysis:
                 self.output = node
                 continue
             info = self._classify(node)
-            if info.kind != "meta":
+            if info.kind == "dense" and info.shape is None:  # a tuple: one flag, alive or not
+                info.need = torch.zeros(1, dtype=torch.bool)
+            elif info.kind != "meta":
                 if info.shape is None or len(info.shape) < 2:
                     raise unsupported(node, f"gives a tensor of shape {info.shape}; channels must run along dimension 1")
                 info.need = torch.zeros(info.shape[1], dtype=torch.bool)
@@ -154,6 +187,12 @@ class Analysis:
         if node.op == "get_attr":
             raise unsupported(node, f"the forward uses the tensor attribute {node.target!r} directly; "
                                      "only registered layers can be shrunk")
+        if node.op == "call_module" and getattr(module_rule(self.modules[str(node.target)]), "kind", None) == "dense":
+            return self._dense(node, shape)
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and self.info[node.args[0]].kind == "dense" and self.info[node.args[0]].shape is None:
+            # an item of a dense module's tuple is dense too; one that is not a tensor (None) is a non-tensor value
+            return Info("meta") if shape is None else Info("dense", [node.args[0]], shape)  # an item of a dense module's tuple: dense too
         if shape is None:  # sizes and shapes (x.size(0), x.shape[0]): only reshapes may use them
             shape_query = (node.op == "call_method" and node.target == "size") or (
                 node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
@@ -179,6 +218,14 @@ class Analysis:
         return Info(rule.kind, [self._tensor_input(node, node.args[0])], shape, rule=rule)
 
     _barrier = _channelwise
+
+    def _dense(self, node: fx.Node, shape: tuple[int, ...] | None) -> Info:
+        inputs: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), inputs.append)
+        for x in inputs:
+            if self.info[x].kind == "meta":
+                raise unsupported(node, "a dense module called with a size computed in the graph")
+        return Info("dense", inputs, shape, module=self.modules[str(node.target)])
 
     def _classify_module(self, node: fx.Node, shape: tuple[int, ...]) -> Info:
         mod = self.modules[str(node.target)]
@@ -281,6 +328,8 @@ class Analysis:
 
     @torch.no_grad()
     def _const(self, node: fx.Node, info: Info) -> Tensor:
+        if info.kind == "dense":
+            return torch.full((info.need.numel(),), math.nan, dtype=torch.float64)
         c_out = info.shape[1]
         nan = torch.full((c_out,), math.nan, dtype=torch.float64)
         kind = info.kind
@@ -370,7 +419,8 @@ class Analysis:
                     read = torch.ones_like(read)           # that flattens to the same count then works
                 info.carried = read.repeat_interleave(info.block)
                 info.reads = [read]
-            elif kind == "barrier":
+            elif kind in ("barrier", "dense") or (kind in ("weighted", "depthwise") and info.own is None):
+                # all or nothing; a plain layer (left dense by `exclude`) keeps all its inputs and outputs
                 alive = bool(need.any())
                 info.carried = torch.full_like(need, alive)
                 info.reads = [torch.full_like(self.info[x].need, alive) for x in info.inputs]

@@ -16,7 +16,13 @@ reduction       a reduction over dimensions ≥ 2 (e.g. global average pooling):
 binary          element-wise with another tensor or a number (add, sub, mul, div): channels tied
 cat             concatenation along dimension 1: channel ranges map to the operands
 flatten         flatten from dimension 1: each channel becomes a block of features
+dense           a module carried through whole and unchanged (a layer kind bayescomp does not shrink, or
+                one `bayesianize(exclude=...)` left dense): reads every channel of every tensor operand,
+                produces every channel; it may take several inputs and return a tuple
 ==============  =====================================================================================
+
+A plain (not group-sparse) Linear/Conv2d in a Bayesian model keeps the rule `weighted` but is treated as
+dense by the analysis: all its inputs and outputs stay, its weights are copied as they are.
 
 Adding an op is one entry in `MODULE_RULES`, `FUNCTION_RULES` or `METHOD_RULES`; a user's own
 channel-wise module is added with `register_channelwise`.
@@ -37,7 +43,10 @@ from torch import Tensor, nn
 from ..nn import GroupSparseLayer
 from .runtime import FastMaxPool2d
 
-KINDS = ("weighted", "channelwise", "barrier", "reduction", "binary", "cat", "flatten")
+KINDS = ("weighted", "channelwise", "barrier", "reduction", "binary", "cat", "flatten", "dense")
+
+#: the attribute `bayesianize` sets on a module it leaves dense (`exclude=`); its rule is then DENSE
+DENSE_MARK = "_bayescomp_dense"
 
 #: (module, per-channel constants in, float64, NaN = varies) -> constants out
 ConstantRule = Callable[[nn.Module, Tensor], Tensor]
@@ -102,6 +111,7 @@ REDUCTION = OpRule("reduction")
 BINARY = OpRule("binary")
 CAT = OpRule("cat")
 FLATTEN = OpRule("flatten")
+DENSE = OpRule("dense")
 BATCH_NORM = OpRule("channelwise", constant=batch_norm_constant, slicer=slice_batch_norm)
 
 #: module type -> rule (subclasses inherit their base's rule)
@@ -119,6 +129,9 @@ MODULE_RULES: dict[type[nn.Module], OpRule] = {
         nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
         nn.ZeroPad1d, nn.ConstantPad1d,
     ), CHANNELWISE),
+    **dict.fromkeys((
+        nn.Embedding, nn.EmbeddingBag, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.PReLU, nn.MultiheadAttention,
+    ), DENSE),
 }  # fmt: skip
 
 #: call_function targets -> rule (every one of them may appear in a compressed graph: see io.graphs.FUNCTIONS)
@@ -154,7 +167,9 @@ def type_rule(cls: type[nn.Module]) -> OpRule | None:
 
 
 def module_rule(module: nn.Module) -> OpRule | None:
-    """The rule of a module (None: unknown)."""
+    """The rule of a module (None: unknown); DENSE for one `bayesianize` left dense."""
+    if getattr(module, DENSE_MARK, False):
+        return DENSE
     return type_rule(type(module))
 
 

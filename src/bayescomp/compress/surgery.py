@@ -58,9 +58,9 @@ class Builder:
         parent.add_module(parts[-1], module)
         return ".".join(parts)
 
-    def _call(self, module: nn.Module, path: str, args: tuple) -> fx.Node:
+    def _call(self, module: nn.Module, path: str, args: tuple, kwargs: dict | None = None) -> fx.Node:
         target = self._add_module(path, module.to(self.device))
-        return self.graph.call_module(target, args)
+        return self.graph.call_module(target, args, kwargs)
 
     def _materialize(self, src: fx.Node, reads: Tensor, consumer: fx.Node, slot: int,
                      broadcast: bool = False) -> fx.Node | None:
@@ -247,6 +247,16 @@ class Builder:
         return self.graph.call_function(node.target, (x, *node.args[1:]), dict(node.kwargs))
 
     _emit_barrier = _emit_channelwise
+
+    def _emit_dense(self, node: fx.Node, info: Info) -> fx.Node:
+        """A module carried whole (or an item of its tuple output): every operand with all its channels."""
+        def whole(x: fx.Node) -> fx.Node:
+            return self._materialize(x, torch.ones_like(self.an.info[x].carried), node, info.inputs.index(x))
+
+        if node.op == "call_function":  # operator.getitem on a dense module's tuple
+            return self.graph.call_function(node.target, fx.node.map_arg(node.args, whole))
+        args, kwargs = fx.node.map_arg(node.args, whole), fx.node.map_arg(node.kwargs, whole)
+        return self._call(copy_layer(info.module), str(node.target), args, kwargs)
 
     @staticmethod
     def _sliced(node: fx.Node, info: Info) -> nn.Module:

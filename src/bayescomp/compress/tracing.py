@@ -50,10 +50,12 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> fx.Gr
     except Exception as exc:
         path = getattr(exc, "_bayescomp_path", "")
         where = f"{path} ({type(model.get_submodule(path)).__name__})" if path else type(model).__name__
-        raise UnsupportedLayerError(
+        err = UnsupportedLayerError(
             f"{where}: torch.fx cannot trace this module ({type(exc).__name__}: {exc}); compression "
             "needs a forward without data-dependent control flow"
-        ) from exc
+        )
+        err.path = path  # type: ignore[attr-defined]  # the module to exclude (check's suggested fix)
+        raise err from exc
     gm = fx.GraphModule(model, graph)
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:

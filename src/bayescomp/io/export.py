@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +34,86 @@ class ExportError(BayescompError, RuntimeError):
     """An export that cannot be made (missing package, unsupported model)."""
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], opset: int = 17) -> Path:
-    """Write `model` as an ONNX graph with a dynamic batch axis; input name "input", output "logits".
+Example = torch.Tensor | tuple[torch.Tensor, ...]
+log = logging.getLogger("bayescomp")
 
-    `input_shape` is one example's shape, e.g. (1, 28, 28) for MNIST. `FastMaxPool2d` modules are exported
-    as plain max pooling (a copy of the model is exported; `model` itself is left as it is).
+
+def _inputs(example_input: Example) -> tuple[torch.Tensor, ...]:
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise ExportError("example_input must be a tensor or a tuple of tensors (one batch the model accepts)")
+    return args
+
+
+def _names(given: Sequence[str] | None, n: int, one: str, many: str) -> list[str]:
+    if given is None:
+        return [one] if n == 1 else [f"{many}{i}" for i in range(n)]
+    if len(given) != n:
+        raise ExportError(f"{len(given)} names given for {n} {many}s")
+    return list(given)
+
+
+def onnx_max_diff(model: nn.Module, path: str | os.PathLike, args: tuple[torch.Tensor, ...],
+                  input_names: Sequence[str]) -> float | None:
+    """Max |ONNX − PyTorch| over all outputs on `args`, run with onnxruntime (None: onnxruntime not installed)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: a.detach().cpu().numpy() for n, a in zip(input_names, args, strict=True)})
+    with torch.no_grad():
+        want = model(*args)
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    return max(float((torch.as_tensor(g) - w.detach().cpu()).abs().max()) for g, w in zip(got, want, strict=True))
+
+
+def export_onnx(model: Any, example_input: Example | str | os.PathLike, path: Any = "model.onnx", opset: int = 17, *,
+                input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                check: bool = True, atol: float = 1e-5) -> Path:
+    """Write a compressed model (a `CompressedModel` or any plain `nn.Module`) as ONNX; return the path.
+
+    `example_input`: one batch the model accepts, a tensor or a tuple of tensors (one per input). Inputs
+    are named "input" (or "input0", "input1", ...), outputs "logits" (or "output0", ...), unless
+    `input_names`/`output_names` say otherwise; the batch axis (dimension 0) is dynamic. With `check`
+    and onnxruntime installed, the ONNX graph is run on `example_input` and its outputs must equal the
+    PyTorch model's within `atol` (else `ExportError`); the difference is logged. `FastMaxPool2d`
+    modules are written as plain max pooling; `model` itself is left as it is.
+
+    The earlier form ``export_onnx(model, path, input_shape)`` (one example's shape, e.g. (1, 28, 28))
+    still works: it exports on a zero batch of two.
     """
+    if isinstance(example_input, (str, os.PathLike)):  # the earlier form: (model, path, input_shape)
+        example_input, path = torch.zeros(2, *path), example_input
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ImportError as exc:
         raise ExportError("ONNX export needs the onnx package: pip install 'bayescomp[export]'") from exc
+    model = getattr(model, "model", model)  # a CompressedModel's plain model
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export_onnx takes a CompressedModel or an nn.Module, not {type(model).__name__}")
+    args = _inputs(example_input)
     model = with_pooling(model, fast=False).eval()
-    example = torch.zeros(2, *input_shape)
+    with torch.no_grad():
+        out = model(*args)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    ins = _names(input_names, len(args), "input", "input")
+    outs = _names(output_names, n_out, "logits", "output")
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset)
+        torch.onnx.export(model, args, buffer, dynamo=False, input_names=ins, output_names=outs,
+                          dynamic_axes={n: {0: "batch"} for n in (*ins, *outs)}, opset_version=opset)
     atomic_write(path, buffer.getvalue())
+    if check:
+        diff = onnx_max_diff(model, path, args, ins)
+        if diff is None:
+            log.info("exported %s (not checked: onnxruntime is not installed)", path)
+        elif not diff <= atol:
+            Path(path).unlink(missing_ok=True)
+            raise ExportError(f"the ONNX export differs from the PyTorch model by {diff:.3g} (> {atol:g}); not written")
+        else:
+            log.info("exported %s; onnxruntime outputs equal PyTorch's within %.3g", path, diff)
     return Path(path)
 
 
