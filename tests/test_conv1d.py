@@ -140,10 +140,13 @@ def test_bayesianize_converts_conv1d(prior):
     assert bayescomp.kl_divergence(bmodel) > 0
 
 
-def test_conv1d_with_circular_padding_is_refused_by_name():
+def test_conv1d_with_circular_padding_is_left_dense_or_refused_by_name():
     plain = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(4 * 5, 3))
-    with pytest.raises(bayescomp.UnsupportedLayerError, match="0: Conv1d with padding_mode='circular'"):
-        bayescomp.bayesianize(plain, "gnj")
+    with pytest.raises(bayescomp.UnsupportedLayerError, match="Conv1d with padding_mode='circular'"):
+        bayescomp.bayesianize(plain, "gnj", strict=True)
+    with pytest.warns(UserWarning, match=r"left dense, not compressed: 0 \(Conv1d\)"):
+        bmodel = bayescomp.bayesianize(plain, "gnj")
+    assert type(bmodel[0]) is nn.Conv1d and isinstance(bmodel[2], bayescomp.nn.GroupSparseLayer)
 
 
 # ---- compression ----------------------------------------------------------------------------------------------
