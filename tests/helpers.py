@@ -26,6 +26,17 @@ def randomise(model: nn.Module, gen: torch.Generator) -> None:
                 m.z_mu.copy_(1 + 0.3 * torch.randn(m.n_groups, generator=gen))
 
 
+def random_keeps(bmodel: nn.Module, gen: torch.Generator, p: float = 0.6) -> dict[str, torch.Tensor]:
+    """A keep-mask over each group-sparse layer's groups, each kept with probability p (the first always)."""
+    keeps = {}
+    for name, m in bmodel.named_modules():
+        if isinstance(m, GroupSparseLayer):
+            k = torch.rand(m.n_groups, generator=gen) < p
+            k[0] = True
+            keeps[name] = k
+    return keeps
+
+
 def write_cifar(root: Path, n_train: int = 16, n_test: int = 20, seed: int = 0) -> dict[str, str]:
     """Synthetic CIFAR-10 under root/cifar10 in the official python-pickle batches (random pixels and labels);
     returns each file's MD5 (for tests that point the checksum table at these files)."""

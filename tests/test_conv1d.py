@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_keeps
 from torch import fx, nn
 
 import bayescomp
@@ -32,16 +33,6 @@ def perturb(bmodel: nn.Module, gen: torch.Generator) -> None:
             if isinstance(m, GroupSparseLayer):
                 scale = m.z_mu if m.prior == "gnj" else m.a_mu
                 scale.add_(0.3 * torch.randn(m.n_groups, generator=gen))
-
-
-def random_keeps(bmodel: nn.Module, gen: torch.Generator, p: float = 0.6) -> dict[str, torch.Tensor]:
-    keeps = {}
-    for name, m in bmodel.named_modules():
-        if isinstance(m, GroupSparseLayer):
-            k = torch.rand(m.n_groups, generator=gen) < p
-            k[0] = True
-            keeps[name] = k
-    return keeps
 
 
 def shrunk_and_masked(bmodel, keeps, x, example_input=None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_keeps as _random_keeps
 from helpers import randomise as _randomise
 from torch import fx, nn
 
@@ -21,16 +22,6 @@ from bayescomp.models.resnet import concat_net, resnet18, resnet20_cifar, resnet
 from bayescomp.nn import GroupSparseLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _random_keeps(bmodel: nn.Module, gen: torch.Generator, p: float = 0.6) -> dict[str, torch.Tensor]:
-    keeps = {}
-    for name, m in bmodel.named_modules():
-        if isinstance(m, GroupSparseLayer):
-            k = torch.rand(m.n_groups, generator=gen) < p
-            k[0] = True
-            keeps[name] = k
-    return keeps
 
 
 def _streams(bmodel: nn.Module, stem: str) -> list[tuple[list[str], list[str]]]:

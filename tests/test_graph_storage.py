@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_keeps as _random_keeps
 from helpers import randomise
 from torch import fx, nn
 
@@ -41,22 +42,11 @@ from bayescomp.io.plain import (
 )
 from bayescomp.models import build_model
 from bayescomp.models.resnet import concat_net, resnet18_cifar, resnet20_cifar, resnet_mnist
-from bayescomp.nn import GroupSparseLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- models -------------------------------------------------------------------------------------------------
-
-
-def _random_keeps(bmodel: nn.Module, gen: torch.Generator, p: float) -> dict[str, torch.Tensor]:
-    keeps = {}
-    for name, m in bmodel.named_modules():
-        if isinstance(m, GroupSparseLayer):
-            k = torch.rand(m.n_groups, generator=gen) < p
-            k[0] = True
-            keeps[name] = k
-    return keeps
 
 
 def _prune_residual_streams(bmodel: nn.Module, keeps: dict[str, torch.Tensor], stem: str, gen: torch.Generator) -> None:
