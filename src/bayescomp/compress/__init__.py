@@ -23,6 +23,8 @@ from torch import Tensor, fx, nn
 from ..convert import CompressionWarning
 from ..nn import GroupSparseLayer
 from .analysis import Analysis, analyse, decision_masks, output_layers
+from .budget import check_target, known_example
+from .costs import multiply_adds
 from .masks import (
     LayerMask,
     PruneError,
@@ -39,6 +41,7 @@ from .rules import OpRule, register_channelwise
 from .runtime import AppendOnes, FastMaxPool2d, Realign, Select, with_pooling
 from .summary import summarize
 from .surgery import Builder, as_sequential
+from .thresholds import SizeTarget
 from .tracing import chain_example, trace
 from .weights import effective_params, kept_weights
 
@@ -158,6 +161,8 @@ def compress(
     variance_scale: float = 1.0,
     bit_accounting: str = "code",
     example_input: Example | None = None,
+    target_kept: float | None = None,
+    max_multiply_adds: int | None = None,
 ) -> CompressedModel:
     """Prune, quantise and shrink a trained Bayesian model.
 
@@ -172,8 +177,15 @@ def compress(
     - `example_input`: a batch (or tuple of inputs) the model accepts; it fixes the shapes used to follow
       channels through flatten and pooling. Needed for any model but an `nn.Sequential` chain.
 
+    - `target_kept` (share of the weights kept, in (0, 1]) or `max_multiply_adds` (per example, on
+      `example_input`): a size target instead of thresholds: per-layer thresholds chosen by the scores alone
+      (`SizeTarget`, `budget`) so that this compressed model meets it, within one group per layer. The report
+      then holds `size_target` (the rule, the budget, the size reached, the floor).
+
     With thresholds (no `keeps`/`masks`), an output convolution keeps all its groups: the model's output
-    width is preserved (`keep_output_width`). A compression keeping ≥ 99% of the weights warns
+    width is preserved (`keep_output_width`). Where the input's shape is known (`example_input`, or a chain
+    that starts fully connected) the report gives `multiply_adds_total`, `multiply_adds_kept` (per example,
+    `costs.multiply_adds`) and `multiply_adds_kept_pct`. A compression keeping ≥ 99% of the weights warns
     (`CompressionWarning`, with each layer's score range and threshold).
 
     `.model` is an `nn.Sequential` for a chain (an `nn.Sequential` whose traced graph is a line), else a
@@ -181,9 +193,20 @@ def compress(
     """
     if masks is not None and keeps is not None:
         raise ValueError("give masks= or keeps=, not both")
+    if target_kept is not None or max_multiply_adds is not None:
+        check_target(target_kept, max_multiply_adds)
+        if thresholds is not None or masks is not None or keeps is not None:
+            raise ValueError("a size target chooses the thresholds: give target_kept=/max_multiply_adds= or "
+                             "thresholds=/keeps=/masks=, not both")
+        thresholds = SizeTarget(target_kept, max_multiply_adds, example_input)
     was_training = model.training
     model.eval()
     try:
+        size_target = None
+        if isinstance(thresholds, SizeTarget):
+            choices = thresholds.choose(model)
+            size_target = next(iter(choices.values())).details["size_target"]
+            thresholds = {n: float(c.value) for n, c in choices.items()}
         resolved = resolve_thresholds(model, thresholds)
         chosen = _keeps_of(masks) if masks is not None else keeps
         gm = _traced(model, example_input)
@@ -198,10 +221,23 @@ def compress(
                 for n, new in builder.new_layers.items()]
         report = summarize(rows, bits, e_bits, resolved, bit_accounting)
         report.update(rounded=round_weights, bits_reduce=bits_reduce, variance_scale=variance_scale)
+        report.update(_multiply_adds(model, plain, example_input))
+        if size_target is not None:
+            report["size_target"] = size_target
         warn_if_keeps_all(model, report, resolved)
         return CompressedModel(plain, report, layer_masks, bits)
     finally:
         model.train(was_training)
+
+
+def _multiply_adds(model: nn.Module, plain: nn.Module, example_input: Example | None) -> dict[str, Any]:
+    """The report's multiply-adds per example before and after (`costs.multiply_adds`), where the input is known."""
+    example = known_example(model, example_input)
+    if example is None:
+        return {}
+    total, kept = multiply_adds(model, example), multiply_adds(plain, example)
+    return {"multiply_adds_total": total, "multiply_adds_kept": kept,
+            "multiply_adds_kept_pct": 100.0 * kept / total if total else 0.0}
 
 
 def graph_compress(model: nn.Module, thresholds: float | Mapping[str, float] | None = None, *,
@@ -272,6 +308,7 @@ __all__ = [
     "CompressionWarning",
     "FastMaxPool2d",
     "LayerMask",
+    "SizeTarget",
     "OpRule",
     "PruneError",
     "Realign",
@@ -288,6 +325,7 @@ __all__ = [
     "kept_weights",
     "layer_bits",
     "layer_precisions",
+    "multiply_adds",
     "propagate",
     "rates",
     "register_channelwise",

@@ -17,7 +17,7 @@ says why (and, for degenerate layers, why everything is kept).
 The decision policy: every way of choosing the thresholds is a rule object with one method,
 `choose(model) -> {layer: ThresholdChoice}` — the priors' defaults (`PriorDefault`), one value for every
 layer (`EveryLayer`), values for named layers over another rule (`PerLayer`), the histogram split
-(`HistogramSplit`), the noise floor (`NoiseFloor`), the validation budget (`ValidationBudget`).
+(`HistogramSplit`), the noise floor (`NoiseFloor`), the validation budget (`ValidationBudget`), a size target (`SizeTarget`).
 `rule_for(thresholds)` turns what a user passes (None, a number, {layer: number}, or a rule) into a
 rule, and `choose_thresholds(model, thresholds)` resolves it, once, into {layer: float}.
 """
@@ -339,6 +339,22 @@ class ValidationBudget:
                                      example_input=self.example_input)
 
 
+@dataclass(frozen=True, eq=False)
+class SizeTarget:
+    """Per-layer thresholds that make the compressed model fit a size: `target_kept` (share of the weights
+    kept) or `max_multiply_adds` (per example), groups ranked by log α across layers (`budget`)."""
+
+    target_kept: float | None = None
+    max_multiply_adds: int | None = None
+    example_input: Tensor | tuple[Tensor, ...] | None = None
+
+    def choose(self, model: nn.Module) -> dict[str, ThresholdChoice]:
+        from .budget import size_target_thresholds  # imported late: budget imports the analysis and surgery
+
+        return size_target_thresholds(model, target_kept=self.target_kept, max_multiply_adds=self.max_multiply_adds,
+                                      example_input=self.example_input)
+
+
 def rule_for(thresholds: ThresholdRule | float | Mapping[str, float] | None) -> ThresholdRule:
     """The rule for what a user passes as thresholds: None (the priors' defaults), a number (every layer),
     {layer: number} (those layers; the others the priors' defaults), or a rule (itself)."""
@@ -365,6 +381,7 @@ __all__ = [
     "NoiseFloor",
     "PerLayer",
     "PriorDefault",
+    "SizeTarget",
     "ThresholdChoice",
     "ThresholdRule",
     "ValidationBudget",
