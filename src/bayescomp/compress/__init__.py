@@ -224,7 +224,8 @@ def compress(
         report.update(_multiply_adds(model, plain, example_input))
         if size_target is not None:
             report["size_target"] = size_target
-        warn_if_keeps_all(model, report, resolved)
+        if size_target is None:  # (a size target keeping everything was asked for)
+            warn_if_keeps_all(model, report, resolved)
         return CompressedModel(plain, report, layer_masks, bits)
     finally:
         model.train(was_training)

@@ -11,7 +11,9 @@ Search, over each layer's groups in order of increasing score (a layer's kept gr
 the lowest scores, so each layer's decision is one threshold; groups with the same score go together):
 
 1. The floor: every layer keeps only its lowest-score group (a layer with none left would cut the network
-   in two), output convolutions all theirs. A budget below it raises `PruneError` naming the floor.
+   in two), output convolutions all theirs; where that leaves a fully connected layer no input (its kept
+   inputs come from channels cut upstream), groups are added in the order of step 2 until every layer has
+   one. A budget below it raises `PruneError` naming the floor.
 2. Groups across layers, ranked by score: the longest prefix of that ranking that fits (binary search;
    the size never shrinks as groups are added).
 3. Then, layer by layer in the order of their next group's score, as many more of the layer's next
@@ -182,15 +184,7 @@ def _search(layers: dict[str, _Layer], measure: Callable[[Mapping[str, Tensor]],
 
     free = {n: lay for n, lay in layers.items() if not lay.fixed}
     counts = {n: min(1, len(lay.levels)) for n, lay in layers.items()}
-    floor = size_at(counts)
-    unit = "weights" if target_kept is not None else "multiply-adds"
-    if floor > budget:
-        what = "it cannot be built" if math.isinf(floor) else f"{int(floor)} {unit}"
-        share = "" if math.isinf(floor) or target_kept is None else f" ({100.0 * floor / total:.3g}% of {total})"
-        raise PruneError(f"size target {budget} {unit} is below the floor: keeping only each layer's lowest-score "
-                         f"group (output convolutions their width), the compressed model keeps {what}{share}")
-
-    # 2. the ranking across layers: every level above each layer's floor, by score
+    # the ranking across layers: every level above each layer's floor, by score
     ranking = sorted(((lay.levels[i], k, n) for k, (n, lay) in enumerate(free.items())
                       for i in range(counts[n], len(lay.levels))))
 
@@ -200,7 +194,19 @@ def _search(layers: dict[str, _Layer], measure: Callable[[Mapping[str, Tensor]],
             c[n] += 1
         return c
 
-    k = _largest(len(ranking), lambda k: size_at(with_prefix(k)) <= budget)
+    # 1. the floor: the shortest prefix of the ranking whose model can be built (a fully connected layer
+    # whose kept inputs are all cut upstream cannot; more groups never make a model unbuildable)
+    start = _smallest(len(ranking), lambda k: not math.isinf(size_at(with_prefix(k))))
+    floor = size_at(with_prefix(start)) if start <= len(ranking) else math.inf
+    unit = "weights" if target_kept is not None else "multiply-adds"
+    if floor > budget:
+        what = "it cannot be built" if math.isinf(floor) else f"{int(floor)} {unit}"
+        share = "" if math.isinf(floor) or target_kept is None else f" ({100.0 * floor / total:.3g}% of {total})"
+        raise PruneError(f"size target {budget} {unit} is below the floor: keeping only each layer's lowest-score "
+                         f"group (output convolutions their width; then groups by score until every layer has an "
+                         f"input), the compressed model keeps {what}{share}")
+    # 2. the longest prefix of the ranking that fits
+    k = start + _largest(len(ranking) - start, lambda j: size_at(with_prefix(start + j)) <= budget)
     counts = with_prefix(k)
     # 3. each layer's next groups while they fit, the layers in order of their next group's score
     order = sorted((n for n, lay in free.items() if counts[n] < len(lay.levels)), key=lambda n: free[n].levels[counts[n]])
@@ -223,6 +229,18 @@ def _search(layers: dict[str, _Layer], measure: Callable[[Mapping[str, Tensor]],
                "every group fits")
         out[n] = ThresholdChoice(lay.threshold(), RULE, why, kept, lay.module.n_groups, {"size_target": dict(record)})
     return out
+
+
+def _smallest(n: int, ok: Callable[[int], bool]) -> int:
+    """The smallest k in 0..n with ok(k), for ok monotone (false, then true); n + 1 where none is."""
+    lo, hi = 0, n + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid <= n and ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _largest(n: int, fits: Callable[[int], bool]) -> int:
