@@ -52,7 +52,7 @@ def compress_cmd(out, dataset, resume, force, quiet, **params) -> None:
     if dataset is not None and model in MODELS and MODELS[model][1] != dataset:
         fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
     values = run_values("compress", params)
-    given = {k: values[k] for k in (*RECIPE_OPTIONS, "init_from", "thresholds")}
+    given = {k: values[k] for k in (*RECIPE_OPTIONS, "init_from", "thresholds", "target_kept", "max_multiply_adds")}
     opts = RunOptions(**(values | recipe_options(values["recipe"], given, prior=values["prior"], model=values["model"])))
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -90,7 +90,8 @@ def prune_cmd(run_dir: str, out: str, force: bool, **params) -> None:
         report = recompress(run_dir, out, values["thresholds"], data_dir=values["data_dir"],
                             bit_accounting=values["bit_accounting"], force=force,
                             variance_scale=values["variance_scale"], verify=values["verify_data"],
-                            no_split=values["no_split"], command=command)
+                            no_split=values["no_split"], command=command, target_kept=values["target_kept"],
+                            max_multiply_adds=values["max_multiply_adds"])
     except USER_ERRORS as exc:
         fail(exc)
     click.echo(format_table(summary_rows(report)))

@@ -1,7 +1,8 @@
 """A run's compression decision: the threshold rule its options name, and what it chooses.
 
 The rules themselves are `compress.thresholds`' objects (each with one `choose`); this module only says
-which one a run's options stand for (`run_rule`): its --auto-thresholds rule (with the layers named in
+which one a run's options stand for (`run_rule`): its size target (--target-kept, --max-multiply-adds), its
+--auto-thresholds rule (with the layers named in
 --thresholds over the histogram's), else its --thresholds, else the recipe's thresholds for its model and
 prior, else the priors' defaults. A run's thresholds are resolved once, here, into {layer: float}, and
 `compress` receives them resolved.
@@ -18,6 +19,7 @@ import torch
 from .compress.thresholds import (
     HistogramSplit,
     PerLayer,
+    SizeTarget,
     ThresholdChoice,
     ThresholdRule,
     ValidationBudget,
@@ -32,7 +34,9 @@ from .runoptions import validate
 def run_rule(opts: Any, val: tuple[torch.Tensor, torch.Tensor] | None = None,
              example: torch.Tensor | None = None) -> ThresholdRule:
     """The threshold rule of a run with options `opts`; `val`, `example`: the validation split and the
-    example input that the validation rule compresses with."""
+    example input that the validation rule and a size target compress with."""
+    if getattr(opts, "target_kept", None) is not None or getattr(opts, "max_multiply_adds", None) is not None:
+        return SizeTarget(opts.target_kept, opts.max_multiply_adds, example)
     if opts.auto_thresholds == "histogram":
         rule: ThresholdRule = HistogramSplit(no_split=opts.no_split)
         if isinstance(opts.thresholds, Mapping):  # the named layers as given, the rule the others
@@ -50,9 +54,11 @@ def choose_thresholds(opts: Any, bmodel: torch.nn.Module, val, example: torch.Te
                       ) -> tuple[dict[str, float], dict[str, ThresholdChoice] | None]:
     """(thresholds, choice) a run compresses with: every layer's threshold from its rule (`run_rule`), and the
     rule's per-layer record where an automatic rule chose them (None where they were set by hand)."""
-    choice = run_rule(opts, val, example).choose(bmodel)
+    rule = run_rule(opts, val, example)
+    choice = rule.choose(bmodel)
     thresholds = {name: float(c.value) for name, c in choice.items()}
-    return thresholds, choice if opts.auto_thresholds is not None else None
+    chosen = opts.auto_thresholds is not None or isinstance(rule, SizeTarget)
+    return thresholds, choice if chosen else None
 
 
 def named_over(own: Any, given: Any) -> Any:

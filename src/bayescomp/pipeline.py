@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .base import atomic_write
 from .compress import PruneError, apply_masks, group_masks
+from .compress.thresholds import SizeTarget
 from .decision import choose_thresholds, decide_again, no_split_again
 from .factories import (
     augmentation,
@@ -73,6 +74,7 @@ from .runoptions import (
     RunOptions,
     check_option,
     check_resume_options,
+    check_size_target,
     config_record,
     read_options,
     train_config,
@@ -230,8 +232,13 @@ def write_result(folder: RunFolder, compressed, figures: Mapping[str, Any], base
     report = {k: v for k, v in base.items() if k not in compressed.report and k not in figures} | dict(figures) | \
         compressed.report
     report.pop("threshold_choice", None)
+    if "size_target" not in compressed.report:
+        report.pop("size_target", None)  # (a size target of the run compressed again)
     if choice:
         report["threshold_choice"] = dict(choice)
+        size_target = next(iter(choice.values())).get("details", {}).get("size_target")
+        if size_target is not None:  # the thresholds a size target chose: the report says which and how big
+            report["size_target"] = size_target
     if command_was is not None and "command" in report:
         report[command_was] = report.pop("command")
     report.update(fields)
@@ -254,7 +261,8 @@ def write_result(folder: RunFolder, compressed, figures: Mapping[str, Any], base
 def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: float | Mapping[str, float] | None,
                *, data_dir: str | None = None, bit_accounting: str = "code", force: bool = False,
                variance_scale: float = 1.0, verify: bool = True, no_split: str | None = None,
-               command: str | None = None) -> dict[str, Any]:
+               command: str | None = None, target_kept: float | None = None,
+               max_multiply_adds: int | None = None) -> dict[str, Any]:
     """Compress a run's posterior again (other thresholds), evaluate it, write a new run folder.
 
     A finished run is compressed from its posterior.pt. A run still training (or stopped before the end)
@@ -268,10 +276,17 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     records them as given. `no_split` ("keep" or "floor"): a run of the histogram rule chooses its thresholds
     again with that in the layers without a split (`decision.decide_again`). `verify=False` skips the data files'
     checksum check (data you made yourself). `command`: this command line, recorded as the report's
-    `command`; the one that made the run compressed again becomes its `source_command`.
+    `command`; the one that made the run compressed again becomes its `source_command`. `target_kept` or
+    `max_multiply_adds`: a size target chooses the thresholds instead (`compress.thresholds.SizeTarget`; a
+    finished run only).
     """
     run_dir = Path(run_dir)
     check_thresholds(thresholds)
+    size_target = target_kept is not None or max_multiply_adds is not None
+    if size_target and (thresholds is not None or no_split is not None):
+        raise RunError("--target-kept/--max-multiply-adds choose the thresholds: not with --thresholds or --no-split")
+    if size_target:
+        check_size_target(target_kept, max_multiply_adds)
     check_option("variance_scale", variance_scale)
     check_option("bit_accounting", bit_accounting)
     check_out(out)
@@ -286,6 +301,8 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
         if no_split is not None:
             opts = no_split_again(_run_options(run_dir, previous), no_split)
     else:
+        if size_target:
+            raise RunError(f"{run_dir}: a size target compresses a finished run's posterior; this run has none yet")
         opts, bmodel, epoch, work = unfinished_run(run_dir)
         if no_split is not None:
             no_split_again(opts, no_split)
@@ -302,6 +319,10 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
                                                            verify)
             if tuned:
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
+        elif size_target:
+            chosen = SizeTarget(target_kept, max_multiply_adds, example_input(state["model"])).choose(bmodel)
+            thresholds = {name: float(c.value) for name, c in chosen.items()}
+            choice = {name: c.to_dict() for name, c in chosen.items()}
         else:  # the run's own thresholds (a recipe's, or the user's), not the priors' defaults
             thresholds, choice = decide_again(opts, bmodel, previous, thresholds)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, bit_accounting, variance_scale,

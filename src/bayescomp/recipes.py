@@ -112,7 +112,7 @@ def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None
     `TrainingRecipe.for_model` then `for_prior`), with the options the user `given` (None: not given) laid over.
 
     Where a given option excludes a recipe setting, the setting yields: a trained start (`init_from`) needs no
-    pretraining; thresholds given for every layer (a number) or another threshold rule replace the recipe's
+    pretraining; thresholds given for every layer (a number), a size target or another threshold rule replace the recipe's
     rule (and its `no_split`); a constant learning rate has no fall (`lr_decay_epochs`).
     """
     rec = training_recipe(name).for_model(model).for_prior(prior)
@@ -123,7 +123,8 @@ def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None
     if given.get("init_from"):
         out["pretrain_epochs"] = 0
     thresholds = given.get("thresholds")
-    if "auto_thresholds" in given or (thresholds is not None and not isinstance(thresholds, Mapping)):
+    size_target = "target_kept" in given or "max_multiply_adds" in given
+    if "auto_thresholds" in given or size_target or (thresholds is not None and not isinstance(thresholds, Mapping)):
         out["auto_thresholds"], out["no_split"] = None, "keep"
     if given.get("lr_schedule") == "constant":
         out["lr_decay_epochs"] = None

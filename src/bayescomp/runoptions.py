@@ -135,6 +135,25 @@ def _check_thresholds(value: Any, opts: Any) -> None:
     _check_layer_names(opts, value, "--thresholds")
 
 
+def check_size_target(kept: Any, macs: Any) -> None:
+    """--target-kept / --max-multiply-adds: at most one of them, each in its range."""
+    if kept is not None and not (isinstance(kept, (int, float)) and 0 < kept <= 1):
+        raise RunError(f"--target-kept is the share of the weights kept, in (0, 1]; got {kept!r}")
+    if macs is not None and (isinstance(macs, bool) or not isinstance(macs, int) or macs < 1):
+        raise RunError(f"--max-multiply-adds must be a positive integer, got {macs!r}")
+    if kept is not None and macs is not None:
+        raise RunError("--target-kept and --max-multiply-adds: give one size target")
+
+
+def _check_size_target(value: Any, opts: Any) -> None:
+    """A size target (`check_size_target`), not with thresholds set another way."""
+    kept, macs = opts.target_kept, opts.max_multiply_adds
+    check_size_target(kept, macs)
+    flag = "--target-kept" if kept is not None else "--max-multiply-adds" if macs is not None else None
+    if flag is not None and (opts.thresholds is not None or opts.auto_thresholds is not None):
+        raise RunError(f"{flag} chooses the thresholds: not with --thresholds or --auto-thresholds")
+
+
 def _check_max_var(value: Any, opts: Any) -> None:
     """A variance clamp must be a positive finite number, for layers the model has."""
     if value is None:
@@ -312,6 +331,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("auto_thresholds", "--auto-thresholds", "str | None", None, _AUTO_HELP, _BOTH,
            choices=("histogram", "validation"), recipe=True, check=_check_auto_thresholds,
            helps={"compress": _AUTO_HELP, "sweep": "Choose each run's thresholds after training (see `compress --help`)."}),
+    Option("target_kept", "--target-kept", "float | None", None,
+           "Size target: choose each layer's threshold so that the compressed model keeps at most this share of the "
+           "weights (0 < FRACTION <= 1), groups ranked by log α across layers; not with --thresholds.",
+           ("compress", "prune"), check=_check_size_target),
+    Option("max_multiply_adds", "--max-multiply-adds", "int | None", None,
+           "Size target: choose each layer's threshold so that the compressed model takes at most N multiply-adds "
+           "per example, groups ranked by log α across layers; not with --thresholds.", ("compress", "prune")),
     Option("no_split", "--no-split", "str", "keep", _NO_SPLIT_HELP, (*_BOTH, "prune", "finetune"), choices=NO_SPLIT,
            recipe=True, check=_check_no_split, defaults={"prune": None, "finetune": None},
            helps={"sweep": _NO_SPLIT_HELP + ".", "prune": _NO_SPLIT_AGAIN, "finetune": _NO_SPLIT_AGAIN}),
@@ -432,5 +458,5 @@ def check_resume_options(work: Path, opts: Any) -> None:
                        f"resume with the same options, or start afresh with --force")
 
 
-__all__ = ["OPTIONS", "RESUME_FIXED", "Option", "RunOptions", "check_option", "check_resume_options", "config_record",
+__all__ = ["OPTIONS", "RESUME_FIXED", "Option", "RunOptions", "check_option", "check_size_target", "check_resume_options", "config_record",
            "read_options", "train_config", "validate"]
