@@ -337,7 +337,8 @@ OPTIONS: tuple[Option, ...] = (
            ("compress", "prune"), check=_check_size_target),
     Option("max_multiply_adds", "--max-multiply-adds", "int | None", None,
            "Size target: choose each layer's threshold so that the compressed model takes at most N multiply-adds "
-           "per example, groups ranked by log α across layers; not with --thresholds.", ("compress", "prune")),
+           "per example, groups ranked by log α across layers; not with --thresholds.", ("compress", "prune"),
+           check=lambda v, o: check_size_target(None, v)),
     Option("no_split", "--no-split", "str", "keep", _NO_SPLIT_HELP, (*_BOTH, "prune", "finetune"), choices=NO_SPLIT,
            recipe=True, check=_check_no_split, defaults={"prune": None, "finetune": None},
            helps={"sweep": _NO_SPLIT_HELP + ".", "prune": _NO_SPLIT_AGAIN, "finetune": _NO_SPLIT_AGAIN}),
