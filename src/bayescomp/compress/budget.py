@@ -76,17 +76,19 @@ class _Layer:
     """One group-sparse layer in the search: its scores, its distinct score levels, how many it keeps."""
 
     module: GroupSparseLayer
-    scores: Tensor  # float32 log α (CPU)
+    scores: Tensor  # log α (CPU)
     levels: list[float]  # distinct finite scores of the groups not switched off, ascending
     fixed: bool  # an output convolution: keeps its width
     count: int = 0  # levels kept
 
     def threshold(self, count: int | None = None) -> float:
-        c = self.count if count is None else count
-        if self.fixed or not self.levels:
-            return float(self.scores[torch.isfinite(self.scores)].max()) + 1.0 if bool(torch.isfinite(self.scores).any()) \
-                else math.inf
-        return self.levels[c] if c < len(self.levels) else self.levels[-1] + 1.0
+        """Keep while log α < this: the score of the first level not kept, or max + 1 (keep all)."""
+        c = len(self.levels) if self.fixed or count is None and self.count >= len(self.levels) else \
+            self.count if count is None else count
+        if c < len(self.levels):
+            return self.levels[c]
+        finite = self.scores[torch.isfinite(self.scores)]
+        return float(finite.max()) + 1.0 if finite.numel() else math.inf
 
     def keep(self, count: int | None = None) -> Tensor:
         if self.fixed:
@@ -99,7 +101,7 @@ def _layers(model: nn.Module, outputs: list[str]) -> dict[str, _Layer]:
     for name, m in model.named_modules():
         if not isinstance(m, GroupSparseLayer):
             continue
-        la = m.log_alpha().detach().float().cpu()
+        la = m.log_alpha().detach().cpu()  # (in the layer's dtype: a threshold is one of these values, exactly)
         on = m.group_mask.detach().cpu() & torch.isfinite(la)
         levels = [float(v) for v in torch.unique(la[on])]  # sorted ascending
         layers[name] = _Layer(m, la, levels, name in outputs and not hasattr(m, "in_features"))
