@@ -176,7 +176,6 @@ def compress(
     - `bits_reduce`, `variance_scale`: see `precision.layer_bits`; `bit_accounting`: see `rates`.
     - `example_input`: a batch (or tuple of inputs) the model accepts; it fixes the shapes used to follow
       channels through flatten and pooling. Needed for any model but an `nn.Sequential` chain.
-
     - `target_kept` (share of the weights kept, in (0, 1]) or `max_multiply_adds` (per example, on
       `example_input`): a size target instead of thresholds: per-layer thresholds chosen by the scores alone
       (`SizeTarget`, `budget`) so that this compressed model meets it, within one group per layer. The report
@@ -222,9 +221,9 @@ def compress(
         report = summarize(rows, bits, e_bits, resolved, bit_accounting)
         report.update(rounded=round_weights, bits_reduce=bits_reduce, variance_scale=variance_scale)
         report.update(_multiply_adds(model, plain, example_input))
-        if size_target is not None:
+        if size_target is not None:  # (one keeping everything was asked for: no warning)
             report["size_target"] = size_target
-        if size_target is None:  # (a size target keeping everything was asked for)
+        else:
             warn_if_keeps_all(model, report, resolved)
         return CompressedModel(plain, report, layer_masks, bits)
     finally:
