@@ -105,7 +105,8 @@ class ShapeOps:
         if not inputs:  # pragma: no cover - fx does not record ops on plain numbers
             raise unsupported(node, "no tensor operand")
         axis = None
-        for x in sorted(inputs, key=lambda n: self.info[n].kind == "param"):  # a computed tensor decides first
+        # a computed tensor of the result's shape decides first, then a broadcast one, then a parameter
+        for x in sorted(inputs, key=lambda n: (self.info[n].kind == "param", shape_of(n) != shape)):
             a, s = self.info[x].axis, shape_of(x)
             if a is not None and s[a] == shape[a + len(shape) - len(s)]:
                 axis = a + len(shape) - len(s)

@@ -361,7 +361,7 @@ class Builder:
     def _sliced(node: fx.Node, info: Info) -> nn.Module:
         """A channel-wise module cut to the channels it carries (its rule's slicer), or copied whole."""
         keep, module = info.carried, info.module
-        if info.rule is not None and info.rule.slicer is not None:
+        if info.rule is not None and info.rule.slicer is not None and not bool(keep.all()):
             return info.rule.slicer(module, keep)
         if not bool(keep.all()) and (next(module.parameters(), None) is not None or next(module.buffers(), None) is not None):
             raise UnsupportedLayerError(f"{label(node)}: {type(module).__name__} holds tensors and loses channels; "

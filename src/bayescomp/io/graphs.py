@@ -26,7 +26,8 @@ from .layers import ModelFileError, build_layer, layer_entry
 #: functions graph_compress can emit (it re-emits the model's own element-wise ops, reductions over
 #: spatial dimensions, barriers, cat and flatten); a test checks that the rule table of compress.rules stays inside it.
 FUNCTIONS: dict[str, Any] = {
-    **{f"operator.{n}": getattr(operator, n) for n in ("add", "sub", "mul", "truediv", "neg", "getitem", "matmul")},
+    **{f"operator.{n}": getattr(operator, n) for n in (
+        "add", "sub", "mul", "truediv", "neg", "getitem", "matmul", "gt", "ge", "lt", "le", "eq", "ne")},
     **{f"torch.{n}": getattr(torch, n) for n in (
         "add", "sub", "mul", "div", "true_divide", "cat", "concat", "concatenate", "flatten", "relu", "sigmoid",
         "tanh", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "where", "unsqueeze", "squeeze", "transpose",
