@@ -283,6 +283,8 @@ class Analysis(ShapeOps):
             return self._binary_const(node, info, ins, nan)
         # channel-wise: evaluate on an input uniform along every other axis (of the recorded shape)
         const, view = ins[0], info.views[0]
+        if any(self.info[n].kind == "meta" for n in node.all_input_nodes):
+            return nan  # a size computed in the graph (its value is not known here): taken to vary
         in_shape = shape_of(info.inputs[0])
         x = along(torch.nan_to_num(const, nan=0.0), view, len(in_shape)).expand(1, *in_shape[1:]).contiguous()
         out = self._apply(node, [x])
@@ -319,10 +321,9 @@ class Analysis(ShapeOps):
                 return getattr(operands[0], node.target)(*operands[1:])
             return node.target(*operands)
         x = operands[0]
-        rest = fx.node.map_arg(node.args[1:], lambda n: math.nan)  # a size computed in the graph: unused
         if node.op == "call_method":
-            return getattr(x, node.target)(*rest, **node.kwargs)
-        return node.target(x, *rest, **node.kwargs)
+            return getattr(x, node.target)(*node.args[1:], **node.kwargs)
+        return node.target(x, *node.args[1:], **node.kwargs)
 
     # -- which channels must exist ------------------------------------------------------------------
     def _propagate(self, x: fx.Node, view: int | None, read: Tensor) -> None:
