@@ -205,13 +205,19 @@ class Ops(nn.Module):
         elif op == "split_heads":  # the channel axis split in two: carried whole
             B, T, C = y.shape
             y = y.view(B, T, 2, C // 2).reshape(B, T, C)
+        elif op == "sdpa":  # attention by the fused function: read whole, an opaque result
+            B, T, C = y.shape
+            h = y.view(B, T, 2, C // 2).transpose(1, 2)
+            y = F.scaled_dot_product_attention(h, h, h).transpose(1, 2).reshape(B, T, C)
+        elif op == "reshape_to_a_shape":  # sizes given as one computed shape: carried whole
+            y = y.reshape(y.shape)
         elif op == "gelu_dropout":
             y = F.dropout(F.gelu(y), 0.5, self.training)
         return self.fc2(y)
 
 
 OPS = ["unsqueeze", "view_tokens_into_batch", "merge", "transpose", "permute", "where", "where_param", "cat_tokens",
-       "select_token", "mean_tokens", "softmax_tokens", "layer_scale", "layer_norm", "split_heads", "gelu_dropout"]
+       "select_token", "mean_tokens", "softmax_tokens", "layer_scale", "layer_norm", "split_heads", "sdpa", "reshape_to_a_shape", "gelu_dropout"]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -224,7 +230,7 @@ def test_each_shape_op_and_layer_kind_equals_the_masked_model(op):
     result = _equal_to_masked(Ops(op), x, keeps=keeps, more=[torch.randn(5, 4, 6)])
     fc1 = result.model.get_submodule("fc1")
     assert fc1.in_features == 5  # fc1's own pruned group
-    channelwise = op not in ("layer_norm", "split_heads", "merge")
+    channelwise = op not in ("layer_norm", "split_heads", "merge", "sdpa", "reshape_to_a_shape")
     if channelwise:  # fc2's pruned inputs reach back to fc1's outputs through the op
         assert fc1.out_features == 5, op
     else:  # LayerNorm and a split read every channel; a merge here keeps the blocks' union

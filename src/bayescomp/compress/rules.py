@@ -185,7 +185,7 @@ FUNCTION_RULES: dict[Callable, OpRule] = {
                      torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.where,
                      operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne), BINARY),
     **dict.fromkeys((torch.unsqueeze, torch.squeeze, torch.transpose, torch.permute, operator.getitem), SHAPE),
-    **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm), WHOLE),
+    **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm, F.scaled_dot_product_attention), WHOLE),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), CAT),
     **dict.fromkeys((torch.flatten, torch.reshape), FLATTEN),
 }  # fmt: skip

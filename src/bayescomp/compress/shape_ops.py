@@ -149,8 +149,8 @@ class ShapeOps:
         info = Info("flatten", [x], shape, b, [axis], module=module, block=(outer, inner))
         if node.op != "call_module" and node.target not in ("flatten", torch.flatten):
             sizes = _varargs(node, "shape")
-            if sizes is None or len(sizes) != len(shape):  # pragma: no cover - reshape needs its sizes
-                raise unsupported(node, "a reshape whose sizes cannot be read")
+            if sizes is None or len(sizes) != len(shape):  # sizes given as one computed shape: not rewritable
+                return self._opaque(node, shape, [x], "flatten")
             info.resize = (b, "count")
         return info
 

@@ -36,7 +36,8 @@ FUNCTIONS: dict[str, Any] = {
         "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
         "hardtanh", "softplus", "logsigmoid", "sigmoid", "tanh", "dropout", "dropout1d", "dropout2d", "max_pool1d",
         "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d",
-        "adaptive_max_pool2d", "interpolate", "pad", "softmax", "log_softmax", "normalize")},
+        "adaptive_max_pool2d", "interpolate", "pad", "softmax", "log_softmax", "normalize",
+        "scaled_dot_product_attention")},
 }  # fmt: skip
 #: function -> its name in FUNCTIONS (the first, where one function has two names)
 FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in reversed(FUNCTIONS.items())}
