@@ -9,6 +9,12 @@ convolution, whose border taps see the padding's zeros). A grouped convolution i
 (block-diagonal) equivalent and packed back into groups of equal width (`Builder._emit_grouped`); a 1-d
 convolution stays a `nn.Conv1d`. `as_sequential` turns a graph that is a line
 of modules into the flat `nn.Sequential` a chain's user expects.
+
+Channels run along each tensor's own axis (`channel_axes`): a `Select`/`Realign` on another axis than 1
+is run between two transposes; an operand read whole and cut along another axis is selected after it;
+a parameter the forward uses directly becomes a buffer cut to the channels it meets; sizes read from a
+tensor whose channels were cut report its original width (`channel_axes.full_shape`), and a reshape's
+size at the channel position is rewritten to the shrunk width.
 """
 
 from __future__ import annotations
