@@ -381,6 +381,9 @@ class Builder:
             return self._call(copy.deepcopy(info.module), str(node.target), (self._input(node, info),))
         if classic and len(x_shape) >= 2 and info.resize is not None:  # a reshape that is a flatten: as one
             return self.graph.call_function(torch.flatten, (self._input(node, info), 1))
+        if node.target in ("flatten", torch.flatten):  # a method or a function: as the function
+            args, kwargs = self._mapped(node, info)
+            return self.graph.call_function(torch.flatten, args, kwargs)
         return self._emit_channelwise(node, info)
 
     def _emit_cat(self, node: fx.Node, info: Info) -> fx.Node:

@@ -30,7 +30,7 @@ FUNCTIONS: dict[str, Any] = {
         "add", "sub", "mul", "truediv", "neg", "getitem", "matmul", "gt", "ge", "lt", "le", "eq", "ne")},
     **{f"torch.{n}": getattr(torch, n) for n in (
         "add", "sub", "mul", "div", "true_divide", "cat", "concat", "concatenate", "flatten", "relu", "sigmoid",
-        "tanh", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "where", "unsqueeze", "squeeze", "transpose",
+        "tanh", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "where", "reshape", "unsqueeze", "squeeze", "transpose",
         "permute", "matmul", "bmm")},
     **{f"torch.nn.functional.{n}": getattr(F, n) for n in (
         "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
@@ -45,7 +45,7 @@ FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in reversed(FUNCTIONS.it
 #: call_method targets (tensor methods) a stored graph may use
 METHODS = frozenset({"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "mean", "sum", "amax", "amin",
                      "softmax", "log_softmax", "add", "sub", "mul", "div", "unsqueeze", "squeeze", "transpose",
-                     "permute", "expand", "matmul", "bmm"})
+                     "permute", "expand", "matmul", "bmm", "view", "reshape"})
 
 #: names the forward that torch.fx generates uses besides its nodes' (its first parameter, the getattr builtin and
 #: torch.fx's own globals): an input (a parameter of that forward) must not shadow them
