@@ -158,6 +158,36 @@ def test_a_linear_output_on_tokens_keeps_its_width():
     assert result.model(torch.randn(3, 5, 6)).shape == (3, 5, 7)
 
 
+class FusedQKV(nn.Module):
+    """The timm way: one Linear gives q, k and v, reshaped into heads, permuted and unbound (or chunked)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, unbind: bool = True) -> None:
+        super().__init__()
+        self.heads, self.unbind = heads, unbind
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.unbind:
+            qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q, k, v = [t.view(B, N, self.heads, -1).transpose(1, 2) for t in (q, k, v)]
+        att = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, N, C))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("unbind", [True, False])
+def test_a_fused_qkv_projection_split_by_unbind_or_chunk_is_carried_whole(unbind):
+    result = _equal_to_masked(FusedQKV(unbind=unbind), torch.randn(3, 5, 8), 7, more=[torch.randn(2, 5, 8)])
+    layers = {r["name"]: r for r in result.report["layers"]}
+    assert layers["qkv"]["outputs_kept"] == 24  # split into q, k and v: every output read
+    assert layers["qkv"]["inputs_kept"] < 8 and layers["proj"]["inputs_kept"] < 8  # their own groups still go
+    _fewer(result)
+
+
 # ---- each shape op and layer kind on its own ----------------------------------------------------------------
 
 class Ops(nn.Module):
@@ -343,14 +373,13 @@ class CumsumTokens(nn.Module):
         return self.fc2(torch.cumsum(self.fc1(x), 1))
 
 
-class ChunkQKV(nn.Module):
+class SortTokens(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.qkv, self.fc = nn.Linear(6, 18), nn.Linear(6, 3)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.fc(q * k + v)
+        return self.fc2(self.fc1(x).sort(1).values)
 
 
 class Twice(nn.Module):
@@ -364,7 +393,7 @@ class Twice(nn.Module):
 
 @pytest.mark.parametrize("make, where, why", [
     (CumsumTokens, "cumsum", "does not know how it maps channels"),
-    (ChunkQKV, "chunk", "does not return a single tensor"),
+    (SortTokens, "sort", "does not return a single tensor"),
     (Twice, "fc", "called more than once"),
 ])
 def test_check_names_what_is_still_refused_and_the_fix(make, where, why):

@@ -155,11 +155,16 @@ class Analysis(ShapeOps):
         if node.op == "call_module" and getattr(module_rule(self.modules[str(node.target)]), "kind", None) == "dense":
             return self._dense(node, shape)
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
-                and self.info[node.args[0]].kind == "dense" and self.info[node.args[0]].shape is None:
-            # an item of a dense module's tuple is dense too; one that is not a tensor (None) is a non-tensor value
+                and self.info[node.args[0]].kind in ("dense", "whole") and self.info[node.args[0]].shape is None:
+            # an item of a dense module's tuple (or of a split) is carried whole too; one that is not a tensor
+            # (None) is a non-tensor value
             return Info("meta") if shape is None else Info("dense", [node.args[0]], shape, None, [None])
-        if shape is None:  # sizes and shapes (x.size(0), x.shape[0] * x.shape[1]): metadata
-            return self._meta(node)
+        if shape is None:
+            rule = method_rule(node.target) if node.op == "call_method" else \
+                function_rule(node.target) if node.op == "call_function" else None
+            if rule is not None and rule.kind == "whole":  # a tuple of tensors (chunk, split, unbind): whole
+                return self._whole(node, shape, rule)
+            return self._meta(node)  # sizes and shapes (x.size(0), x.shape[0] * x.shape[1]): metadata
         if node.op == "call_module":
             return self._classify_module(node, shape)
         if node.op == "call_method":

@@ -27,7 +27,8 @@ flatten         flatten, view, reshape: the channel axis is followed where it st
                 blocks of features (flatten-like); a reshape that splits it gives an opaque tensor
 shape           moves the channel axis without touching channels: unsqueeze, squeeze, transpose,
                 permute, expand, indexing (``x[:, 0]``, a token); indexing within the channels: opaque
-whole           reads every operand whole and gives an opaque tensor (matmul: an attention product)
+whole           reads every operand whole and gives an opaque tensor (matmul: an attention product), or
+                a tuple of them (chunk, split, unbind: a fused q/k/v projection split in three)
 embedding       nn.Embedding: reads token ids, gives features on the last axis; its columns are sliced
 dense           a module carried through whole and unchanged (a layer kind bayescomp does not shrink, or
                 one `bayesianize(exclude=...)` left dense): reads every channel of every tensor operand,
@@ -185,20 +186,21 @@ FUNCTION_RULES: dict[Callable, OpRule] = {
                      torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.where,
                      operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne), BINARY),
     **dict.fromkeys((torch.unsqueeze, torch.squeeze, torch.transpose, torch.permute, operator.getitem), SHAPE),
-    **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm, F.scaled_dot_product_attention), WHOLE),
+    **dict.fromkeys((torch.matmul, operator.matmul, torch.bmm, F.scaled_dot_product_attention,
+                     torch.chunk, torch.split, torch.unbind), WHOLE),
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), CAT),
     **dict.fromkeys((torch.flatten, torch.reshape), FLATTEN),
 }  # fmt: skip
 
 #: call_method targets (tensor methods) -> rule
 METHOD_RULES: dict[str, OpRule] = {
-    **dict.fromkeys(("relu", "sigmoid", "tanh", "contiguous", "clone", "detach"), ELEMENTWISE),
+    **dict.fromkeys(("relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "to"), ELEMENTWISE),
     **dict.fromkeys(("softmax", "log_softmax"), BARRIER),
     **dict.fromkeys(("mean", "sum", "amax", "amin"), REDUCTION),
     **dict.fromkeys(("add", "sub", "mul", "div"), BINARY),
     **dict.fromkeys(("flatten", "view", "reshape"), FLATTEN),
     **dict.fromkeys(("unsqueeze", "squeeze", "transpose", "permute", "expand"), SHAPE),
-    **dict.fromkeys(("matmul", "bmm"), WHOLE),
+    **dict.fromkeys(("matmul", "bmm", "chunk", "split", "unbind"), WHOLE),
 }
 
 

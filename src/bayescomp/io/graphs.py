@@ -31,7 +31,7 @@ FUNCTIONS: dict[str, Any] = {
     **{f"torch.{n}": getattr(torch, n) for n in (
         "add", "sub", "mul", "div", "true_divide", "cat", "concat", "concatenate", "flatten", "relu", "sigmoid",
         "tanh", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "where", "reshape", "unsqueeze", "squeeze", "transpose",
-        "permute", "matmul", "bmm")},
+        "permute", "matmul", "bmm", "chunk", "split", "unbind")},
     **{f"torch.nn.functional.{n}": getattr(F, n) for n in (
         "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
         "hardtanh", "softplus", "logsigmoid", "sigmoid", "tanh", "dropout", "dropout1d", "dropout2d", "max_pool1d",
@@ -45,7 +45,8 @@ FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in reversed(FUNCTIONS.it
 #: call_method targets (tensor methods) a stored graph may use
 METHODS = frozenset({"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "mean", "sum", "amax", "amin",
                      "softmax", "log_softmax", "add", "sub", "mul", "div", "unsqueeze", "squeeze", "transpose",
-                     "permute", "expand", "matmul", "bmm", "view", "reshape"})
+                     "permute", "expand", "matmul", "bmm", "view", "reshape", "chunk", "split", "unbind", "float",
+                     "to"})
 
 #: names the forward that torch.fx generates uses besides its nodes' (its first parameter, the getattr builtin and
 #: torch.fx's own globals): an input (a parameter of that forward) must not shadow them
