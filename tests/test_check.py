@@ -68,9 +68,11 @@ def test_an_op_without_a_rule_is_refused_with_the_exclusion_that_fixes_it():
     bayescomp.bayesianize(WithBlock(), exclude=["block"], example_input=x)
 
 
-def test_a_parameter_used_in_the_models_own_forward_is_refused():
+def test_a_parameter_used_in_the_models_own_forward_is_followed():
+    # a layer scale x * self.gamma is a channel-wise product by a constant vector, sliced with the channels
+    # (tests/test_tokens.py compares the compressed model with the masked one)
     report = bayescomp.check(LayerScale(), torch.randn(2, 6))
-    assert not report.ok and "gamma" in report.refusals[0].reason and "submodule" in report.refusals[0].fix
+    assert report.ok, str(report)
 
 
 def test_reflect_padding_is_left_dense_and_refused_when_strict():

@@ -448,7 +448,7 @@ def test_bayesianize_conv_keeps_geometry():
     torch.testing.assert_close(bm.eval()(x), plain(x))
 
 
-@pytest.mark.parametrize("bad", [lambda: nn.Embedding(10, 4), lambda: nn.LSTM(4, 4)])
+@pytest.mark.parametrize("bad", [lambda: nn.EmbeddingBag(10, 4), lambda: nn.LSTM(4, 4)])
 def test_bayesianize_unsupported_layer_names_path(bad):
     model = nn.Sequential(OrderedDict(fc=nn.Linear(4, 4), block=nn.Sequential(OrderedDict(odd=bad()))))
     with pytest.raises(UnsupportedLayerError, match=r"block\.odd"):

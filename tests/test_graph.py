@@ -355,7 +355,6 @@ class _Shared(nn.Module):
 @pytest.mark.parametrize("model,shape,match", [
     (_Roll, (1, 3, 8, 8), r"node 'roll' \(roll\).*does not know how it maps channels"),
     (_Outer, (1, 3, 8, 8), r"block \(_Branchy\): torch.fx cannot trace"),
-    (_Unflatten, (1, 3, 8, 8), r"node 'view' \(view\).*not a flatten from dimension 1"),
     (_Shared, (1, 4, 8, 8), r"conv: the layer is called more than once"),
 ])
 def test_unsupported_constructs_are_named(model, shape, match):

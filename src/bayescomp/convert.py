@@ -36,11 +36,11 @@ KEYWORDS = ("exclude", "strict", "example_input", "keep_weights", "max_var", "in
 
 def _passes_through(module: nn.Module) -> bool:
     """A module with parameters that stays as it is: one the compression follows channels through (batch
-    norm, layer/group norm, a module declared with `compress.register_channelwise`)."""
+    norm, layer/group norm, an embedding, a module declared with `compress.register_channelwise`)."""
     from .compress.rules import module_rule  # here, not at import time: compress imports this module
 
     rule = module_rule(module)
-    return rule is not None and rule.kind in ("channelwise", "barrier")
+    return rule is not None and rule.kind in ("channelwise", "barrier", "embedding")
 
 
 class UnsupportedLayerError(TypeError):
@@ -120,8 +120,8 @@ def plan_layers(model: nn.Module, exclude: Exclude = ()) -> list[LayerPlan]:
         if not any(True for _ in module.parameters(recurse=False)):
             continue
         if _passes_through(module):
-            plans.append(LayerPlan(name, kind, "follow", "channel-wise: sliced with the channels it carries"
-                                   if _rule_kind(module) == "channelwise" else "barrier: keeps the channels around it"))
+            plans.append(LayerPlan(name, kind, "follow", "barrier: keeps the channels around it"
+                                   if _rule_kind(module) == "barrier" else "channel-wise: sliced with the channels it carries"))
         elif not list(module.children()) or _rule_kind(module) == "dense":
             hint = "" if _rule_kind(module) else " (a channel-wise module of yours: bayescomp.register_channelwise)"
             plans.append(LayerPlan(name, kind, "dense", f"unsupported: bayescomp does not convert {kind}{hint}"))

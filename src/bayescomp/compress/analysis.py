@@ -1,7 +1,9 @@
 """The one analysis: per tensor of the traced graph, which channels are constant and which must exist.
 
-Two passes over the traced graph (channels along dimension 1), acting on each node's rule kind
-(`rules.py`):
+Two passes over the traced graph, acting on each node's rule kind (`rules.py`). Each tensor carries
+its channels along its own axis (`channel_axes`: dimension 1 for a convolution's tensors, the last one for
+a Linear layer's features on inputs of any rank), or is opaque (carried whole); each op reads each operand
+along an axis, and an operand read along another axis than its own is read whole:
 
 1. Forward, per tensor a *constant per channel* (NaN where the channel varies with the input):
    a pruned conv channel is 0 (its gate covers its bias); batch norm maps c to
@@ -25,8 +27,14 @@ nonzero constant would vanish from a residual sum (bayescomp folds it instead); 
 all-or-nothing, while a channel of a sum may go only when constant in every operand; and it does not
 know the group-sparse layers. Its rule registry is the model for `rules.py`.
 
-Anything else — an op without a rule, a reshape that is not a flatten, a parameter used directly in
-`forward`, a layer called twice — raises `UnsupportedLayerError` naming the node or module path.
+A parameter used directly in `forward` (a layer scale ``x * self.gamma``, a cls token, a positional
+embedding) is a constant operand, sliced with the channels it meets. LayerNorm is a barrier: its mean
+and variance mix every channel of its input, so it reads all of them (a constant channel is put back,
+not dropped: it changes the statistics) and produces all of its outputs — the exact rule that needs no
+re-derivation of the statistics; consumers then read the outputs they need (a `Select` behind it).
+
+Anything else — an op without a rule, a layer called twice — raises `UnsupportedLayerError` naming the
+node or module path.
 """
 
 from __future__ import annotations
@@ -34,65 +42,23 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..convert import UnsupportedLayerError
 from ..nn import GroupSparseLayer
+from .channel_axes import Info, along, label, module_path, norm_dim, per_channel, shape_of, unsupported
 from .masks import LayerMask, PruneError, check_keeps, on_device
 from .rules import OpRule, function_rule, is_linear, method_rule, module_rule
+from .shape_ops import ShapeOps, block_reads, block_spread
 from .weights import effective_params
 
+__all__ = ["Analysis", "Info", "analyse", "conv_group_inputs", "decision_masks", "label", "module_path",
+           "output_layers", "shape_of", "unsupported"]
 
-@dataclass
-class Info:
-    """What the analysis knows of one node of the traced graph."""
-
-    kind: str  # input, meta (a size), depthwise, or a rule kind (rules.KINDS; a reduction is channelwise)
-    inputs: list[fx.Node] = field(default_factory=list)  # tensor operands, in order
-    shape: tuple[int, ...] | None = None
-    const: Tensor | None = None  # float64 per channel, NaN = varies
-    need: Tensor | None = None  # channels some consumer reads physically
-    carried: Tensor | None = None  # channels the shrunk network produces
-    reads: list[Tensor] = field(default_factory=list)  # per operand: channels the shrunk op reads
-    module: nn.Module | None = None
-    rule: OpRule | None = None
-    own: Tensor | None = None  # a group-sparse layer's own keep-mask
-    block: int = 1  # flatten: features per channel
-    slices: list[tuple[int, int]] = field(default_factory=list)  # cat: channel range of each operand
-
-    @property
-    def varying(self) -> Tensor:
-        return torch.isnan(self.const)
-
-
-def label(node: fx.Node) -> str:
-    """A node's name for error messages: the module path, or the op and the module it runs in."""
-    if node.op == "call_module":
-        return f"{node.target}"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    stack = node.meta.get("nn_module_stack") or {}
-    inside = next(reversed(stack.values()))[0] if stack else ""
-    return f"node {node.name!r} ({target}{', in ' + inside if inside else ''})"
-
-
-def module_path(node: fx.Node) -> str:
-    """The path of the module a node is (call_module) or runs in ("" for the model's own forward)."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
-def unsupported(node: fx.Node, why: str) -> UnsupportedLayerError:
-    """The refusal of one node; `.path` is the module it is or runs in, for `check`'s suggested fix."""
-    exc = UnsupportedLayerError(f"{label(node)}: {why}")
-    exc.path = module_path(node)  # type: ignore[attr-defined]
-    return exc
+#: softmax-like ops: (the argument position, its name, its default) of the dimension they normalise over
+_NORMALISE_DIM = {"softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "normalize": (2, "dim", 1)}
 
 
 def output_layers(gm: fx.GraphModule) -> list[str]:
@@ -115,23 +81,12 @@ def output_layers(gm: fx.GraphModule) -> list[str]:
     return found
 
 
-def shape_of(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+def _nan(n: int) -> Tensor:
+    return torch.full((n,), math.nan, dtype=torch.float64)
 
 
-def _has_node(value: Any) -> bool:
-    found = []
-    fx.node.map_arg(value, found.append)
-    return bool(found)
-
-
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
-
-
-class Analysis:
-    """The traced graph, each tensor's channel constants, and what the shrunk network carries.
+class Analysis(ShapeOps):
+    """The traced graph, each tensor's channel axis and constants, and what the shrunk network carries.
 
     `keeps` must have passed `masks.check_keeps`; build it with `analyse`.
     """
@@ -148,14 +103,22 @@ class Analysis:
 
     # -- classification and constants ---------------------------------------------------------------
     def _tensor_input(self, node: fx.Node, value: Any) -> fx.Node:
-        if not isinstance(value, fx.Node) or self.info[value].kind == "meta":
+        if not self._is_tensor(value):
             raise unsupported(node, "expects a tensor operand here")
         return value
 
-    def _check_rest(self, node: fx.Node, rest: tuple, kwargs: dict) -> None:
-        if _has_node(rest) or _has_node(kwargs):
-            raise unsupported(node, "an argument other than the input tensor is computed in the graph "
-                                     "(e.g. from a tensor's shape); this cannot be rebuilt for a shrunk tensor")
+    def seen(self, x: fx.Node, view: int | None) -> Tensor:
+        """Operand `x`'s constant per channel as an op reading it along `view` sees it (NaN = varies): its own
+        where the view is its axis, a parameter's values along the view, NaN for an operand read whole."""
+        info = self.info[x]
+        if info.kind == "param":
+            if view is None:
+                c = per_channel(info.value.reshape(1, -1), 0) if info.value.numel() else _nan(1)
+                return c if c.numel() == 1 else _nan(1)
+            return per_channel(info.value, view)
+        if view is not None and view == info.axis:
+            return info.const
+        return _nan(1 if view is None else shape_of(x)[view])
 
     def _forward(self) -> None:
         used_weighted: dict[str, fx.Node] = {}
@@ -164,43 +127,44 @@ class Analysis:
                 self.output = node
                 continue
             info = self._classify(node)
-            if info.kind == "dense" and info.shape is None:  # a tuple: one flag, alive or not
-                info.need = torch.zeros(1, dtype=torch.bool)
-            elif info.kind != "meta":
-                if info.shape is None or len(info.shape) < 2:
-                    raise unsupported(node, f"gives a tensor of shape {info.shape}; channels must run along dimension 1")
-                info.need = torch.zeros(info.shape[1], dtype=torch.bool)
+            self.info[node] = info
+            if info.kind == "meta":
+                continue
+            if info.axis is not None and (info.shape is None or not 1 <= info.axis < len(info.shape)):
+                info.axis = None  # pragma: no cover - every rule gives an axis ≥ 1 of a tensor
             if info.kind in ("weighted", "depthwise"):
                 if node.target in used_weighted:
                     raise unsupported(node, "the layer is called more than once (shared weights cannot be shrunk per call)")
                 used_weighted[str(node.target)] = node
-            self.info[node] = info
-            if info.kind != "meta":
-                info.const = self._const(node, info)
+            info.need = torch.zeros(info.width, dtype=torch.bool)
+            info.const = self._const(node, info)
 
     def _classify(self, node: fx.Node) -> Info:
         shape = shape_of(node)
         if node.op == "placeholder":
             if shape is None:
                 raise unsupported(node, "model inputs must be tensors")
-            return Info("input", shape=shape)
+            return Info("input", shape=shape, axis=1 if len(shape) >= 2 else None)
         if node.op == "get_attr":
-            raise unsupported(node, f"the forward uses the tensor attribute {node.target!r} directly; "
-                                     "only registered layers can be shrunk")
+            value: Any = self.gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            if not isinstance(value, Tensor):
+                raise unsupported(node, f"the forward uses the attribute {node.target!r}, which is not a tensor")
+            return Info("param", shape=tuple(value.shape), value=value.detach().cpu())
         if node.op == "call_module" and getattr(module_rule(self.modules[str(node.target)]), "kind", None) == "dense":
             return self._dense(node, shape)
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
-                and self.info[node.args[0]].kind == "dense" and self.info[node.args[0]].shape is None:
-            # an item of a dense module's tuple is dense too; one that is not a tensor (None) is a non-tensor value
-            return Info("meta") if shape is None else Info("dense", [node.args[0]], shape)  # an item of a dense module's tuple: dense too
-        if shape is None:  # sizes and shapes (x.size(0), x.shape[0]): only reshapes may use them
-            shape_query = (node.op == "call_method" and node.target == "size") or (
-                node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
-            from_meta = node.op == "call_function" and node.target is operator.getitem and all(
-                self.info[a].kind == "meta" for a in node.all_input_nodes)
-            if not (shape_query or from_meta):
-                raise unsupported(node, "an op that does not return a single tensor is not supported")
-            return Info("meta")
+                and self.info[node.args[0]].kind in ("dense", "whole") and self.info[node.args[0]].shape is None:
+            # an item of a dense module's tuple (or of a split) is carried whole too; one that is not a tensor
+            # (None) is a non-tensor value
+            return Info("meta") if shape is None else Info("dense", [node.args[0]], shape, None, [None])
+        if shape is None:
+            rule = method_rule(node.target) if node.op == "call_method" else \
+                function_rule(node.target) if node.op == "call_function" else None
+            if rule is not None and rule.kind == "whole":  # a tuple of tensors (chunk, split, unbind): whole
+                return self._whole(node, shape, rule)
+            return self._meta(node)  # sizes and shapes (x.size(0), x.shape[0] * x.shape[1]): metadata
         if node.op == "call_module":
             return self._classify_module(node, shape)
         if node.op == "call_method":
@@ -213,11 +177,34 @@ class Analysis:
                 raise unsupported(node, "this op is not supported: bayescomp does not know how it maps channels")
         return getattr(self, f"_{rule.kind}")(node, shape, rule)
 
-    def _channelwise(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule) -> Info:
-        self._check_rest(node, node.args[1:], node.kwargs)
-        return Info(rule.kind, [self._tensor_input(node, node.args[0])], shape, rule=rule)
+    def _channelwise(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule, x: fx.Node | None = None) -> Info:
+        if x is None:
+            x = self._tensor_input(node, node.args[0] if node.args else node.kwargs.get("input"))
+            self._no_other_tensors(node, x)
+        in_shape = shape_of(x)
+        view = self.info[x].axis if rule.dim is None else norm_dim(rule.dim, len(in_shape))
+        if view is not None and not (1 <= view < len(in_shape) and len(shape) == len(in_shape)):
+            view = None  # pragma: no cover - a channel-wise op keeps the rank
+        module = self.modules[str(node.target)] if node.op == "call_module" else None
+        return Info("channelwise", [x], shape, view, [view], module=module, rule=rule)
 
-    _barrier = _channelwise
+    def _barrier(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule, x: fx.Node | None = None) -> Info:
+        """A barrier reads and produces all channels; a softmax or normalize over another axis is channel-wise."""
+        if x is None:
+            x = self._tensor_input(node, node.args[0] if node.args else node.kwargs.get("input"))
+            self._no_other_tensors(node, x)
+        axis, rank = self.info[x].axis, len(shape_of(x))
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        dim: Any = "all"
+        if node.op == "call_module" and isinstance(self.modules[str(node.target)], (nn.Softmax, nn.LogSoftmax)):
+            dim = self.modules[str(node.target)].dim
+        elif node.op != "call_module" and name in _NORMALISE_DIM:
+            pos, key, default = _NORMALISE_DIM[name]
+            dim = node.args[pos] if len(node.args) > pos else node.kwargs.get(key, default)
+        if axis is not None and isinstance(dim, int) and norm_dim(dim, rank) != axis:
+            return self._channelwise(node, shape, OpRule("channelwise", dim=None), x)
+        module = self.modules[str(node.target)] if node.op == "call_module" else None
+        return Info("barrier", [x], shape, axis, [axis], module=module, rule=rule)
 
     def _dense(self, node: fx.Node, shape: tuple[int, ...] | None) -> Info:
         inputs: list[fx.Node] = []
@@ -225,7 +212,7 @@ class Analysis:
         for x in inputs:
             if self.info[x].kind == "meta":
                 raise unsupported(node, "a dense module called with a size computed in the graph")
-        return Info("dense", inputs, shape, module=self.modules[str(node.target)])
+        return Info("dense", inputs, shape, None, [None] * len(inputs), module=self.modules[str(node.target)])
 
     def _classify_module(self, node: fx.Node, shape: tuple[int, ...]) -> Info:
         mod = self.modules[str(node.target)]
@@ -240,109 +227,44 @@ class Analysis:
         in_shape = shape_of(x)
         if rule.kind == "weighted":
             return self._weighted(node, mod, x, in_shape, shape)
+        if rule.kind == "embedding":
+            return Info("embedding", [x], shape, len(shape) - 1, [None], module=mod, rule=rule)
         if rule.kind == "flatten":
-            rank = len(in_shape)
-            if _dim(mod.start_dim, rank) != 1 or _dim(mod.end_dim, rank) != rank - 1:
-                raise unsupported(node, f"Flatten(start_dim={mod.start_dim}, end_dim={mod.end_dim}); only flattening "
-                                        "from dimension 1 to the last is supported")
-            return Info("flatten", [x], shape, module=mod, block=math.prod(in_shape[2:]))
-        if rule.kind not in ("channelwise", "barrier"):
-            raise unsupported(node, f"a module cannot have the rule kind {rule.kind!r}")
-        return Info(rule.kind, [x], shape, module=mod, rule=rule)
+            return self._flatten(node, shape, rule)
+        if rule.kind == "channelwise":
+            return self._channelwise(node, shape, rule, x)
+        if rule.kind == "barrier":
+            return self._barrier(node, shape, rule, x)
+        raise unsupported(node, f"a module cannot have the rule kind {rule.kind!r}")
 
     def _weighted(self, node: fx.Node, mod: nn.Module, x: fx.Node, in_shape: tuple[int, ...],
                   shape: tuple[int, ...]) -> Info:
         own = self._own_keep(node, mod) if isinstance(mod, GroupSparseLayer) else None
-        if is_linear(mod):
-            if len(in_shape) != 2:
-                raise unsupported(node, f"{type(mod).__name__} on a {len(in_shape)}-D input; only (batch, features) "
-                                        "inputs are supported")
-            return Info("weighted", [x], shape, module=mod, own=own)
+        if is_linear(mod):  # features on the last axis, groups shared across every other (tokens, positions)
+            if len(in_shape) < 2:
+                raise unsupported(node, f"{type(mod).__name__} on a {len(in_shape)}-D input; it needs a batch dimension")
+            return Info("weighted", [x], shape, len(shape) - 1, [len(in_shape) - 1], module=mod, own=own)
         if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:
-            return Info("depthwise", [x], shape, module=mod, own=own)
-        return Info("weighted", [x], shape, module=mod, own=own)  # groups > 1: see `conv_group_inputs`
+            return Info("depthwise", [x], shape, 1, [1], module=mod, own=own)
+        return Info("weighted", [x], shape, 1, [1], module=mod, own=own)  # groups > 1: see `conv_group_inputs`
 
     def _own_keep(self, node: fx.Node, mod: GroupSparseLayer) -> Tensor:
         return self.keeps[str(node.target)].detach().cpu()  # checked by `masks.check_keeps` (see `analyse`)
 
-    def _reduction(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule) -> Info:
-        x = self._tensor_input(node, node.args[0])
-        rank = len(shape_of(x))
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dims is None:
-            raise unsupported(node, "a reduction over all dimensions mixes channels")
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        if not all(isinstance(d, int) for d in dims) or any(_dim(d, rank) < 2 for d in dims):
-            raise unsupported(node, f"a reduction over dimensions {dims} mixes channels or examples; "
-                                     "only reductions over dimensions ≥ 2 are supported")
-        self._check_rest(node, node.args[1:], node.kwargs)
-        return Info("channelwise", [x], shape, rule=rule)
-
-    def _binary(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule) -> Info:
-        args = list(node.args)
-        kwargs = dict(node.kwargs)
-        if "other" in kwargs and len(args) == 1:
-            args.append(kwargs.pop("other"))
-        if kwargs or len(args) != 2:
-            raise unsupported(node, f"arguments {sorted(kwargs)} are not supported for an element-wise op")
-        inputs = []
-        for a in args:
-            if isinstance(a, fx.Node):
-                t = self._tensor_input(node, a)
-                s = shape_of(t)
-                if len(s) != len(shape) or s[1] != shape[1]:
-                    raise unsupported(node, f"operand of shape {list(s)} broadcasts over the channel dimension "
-                                             f"of the result {list(shape)}")
-                inputs.append(t)
-            elif not isinstance(a, (int, float, bool)):
-                raise unsupported(node, f"operand of type {type(a).__name__} is not supported")
-        if not inputs:  # pragma: no cover - fx does not record ops on plain numbers
-            raise unsupported(node, "no tensor operand")
-        return Info("binary", inputs, shape)
-
-    def _cat(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule) -> Info:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if not isinstance(dim, int) or _dim(dim, len(shape)) != 1:
-            raise unsupported(node, f"concatenation along dimension {dim}; only the channel dimension (1) is supported")
-        inputs = [self._tensor_input(node, t) for t in tensors]
-        slices, start = [], 0
-        for t in inputs:
-            c = shape_of(t)[1]
-            slices.append((start, start + c))
-            start += c
-        return Info("cat", inputs, shape, slices=slices)
-
-    def _flatten(self, node: fx.Node, shape: tuple[int, ...], rule: OpRule) -> Info:
-        x = self._tensor_input(node, node.args[0])
-        in_shape = shape_of(x)
-        ok = len(shape) == 2 and len(in_shape) >= 2 and shape[0] == in_shape[0] and shape[1] == math.prod(in_shape[1:])
-        if node.target in ("flatten",) or node.target is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            ok = ok and isinstance(start, int) and _dim(start, len(in_shape)) == 1 and _dim(end, len(in_shape)) == len(in_shape) - 1
-        if not ok:
-            raise unsupported(node, f"reshape {list(in_shape)} → {list(shape)} is not a flatten from dimension 1; "
-                                     "channels cannot be followed through it")
-        return Info("flatten", [x], shape, block=math.prod(in_shape[2:]))
-
     @torch.no_grad()
     def _const(self, node: fx.Node, info: Info) -> Tensor:
-        if info.kind == "dense":
-            return torch.full((info.need.numel(),), math.nan, dtype=torch.float64)
-        c_out = info.shape[1]
-        nan = torch.full((c_out,), math.nan, dtype=torch.float64)
+        nan = _nan(info.width)
         kind = info.kind
-        if kind in ("input", "barrier"):
+        if info.axis is None or kind in ("input", "barrier", "dense", "whole", "embedding"):
             return nan
-        ins = [self.info[x].const for x in info.inputs]
+        ins = [self.seen(x, v) for x, v in zip(info.inputs, info.views, strict=True)]
         if kind == "weighted":
             if info.own is not None and not is_linear(info.module):
                 return torch.where(info.own, nan, torch.zeros_like(nan))
             return nan
         if kind == "depthwise":
             mod = info.module
-            own = info.own if info.own is not None else torch.ones(c_out, dtype=torch.bool)
+            own = info.own if info.own is not None else torch.ones(info.width, dtype=torch.bool)
             if getattr(mod, "_origin", 0.0):  # a zero input is −origin to it: its output would hang on the bits
                 return torch.where(own, nan, torch.zeros_like(nan))
             _, bias = effective_params(mod, on_device(LayerMask(str(node.target), own, own, nan, info.own), mod))
@@ -351,32 +273,46 @@ class Analysis:
         if info.rule is not None and info.rule.constant is not None:
             return info.rule.constant(info.module, ins[0])
         if kind == "flatten":
-            return ins[0].repeat_interleave(info.block)
+            return block_spread(ins[0], info.block)
+        if kind == "shape":
+            return ins[0].clone()
         if kind == "cat":
-            return torch.cat(ins)
+            if info.slices:
+                return torch.cat(ins)
+            first = ins[0]
+            same = torch.ones_like(first, dtype=torch.bool)
+            for c in ins[1:]:
+                same &= c == first
+            return torch.where(same, first, nan)
         if kind == "binary":
-            operands = []
-            it = iter(ins)
-            for a in node.args if "other" not in node.kwargs else (*node.args, node.kwargs["other"]):
-                operands.append(next(it) if isinstance(a, fx.Node) else a)
-            out = self._apply(node, operands)
-            varying = torch.zeros(c_out, dtype=torch.bool)
-            for c in ins:
-                varying |= torch.isnan(c)
-            return torch.where(varying | ~torch.isfinite(out), nan, out)
-        # channel-wise: evaluate on a spatially uniform input of the recorded shape
-        const = ins[0]
+            return self._binary_const(node, info, ins, nan)
+        # channel-wise: evaluate on an input uniform along every other axis (of the recorded shape)
+        const, view = ins[0], info.views[0]
+        if any(self.info[n].kind == "meta" for n in node.all_input_nodes):
+            return nan  # a size computed in the graph (its value is not known here): taken to vary
         in_shape = shape_of(info.inputs[0])
-        x = torch.nan_to_num(const, nan=0.0).view(1, -1, *([1] * (len(in_shape) - 2)))
-        x = x.expand(1, *in_shape[1:]).contiguous()
+        x = along(torch.nan_to_num(const, nan=0.0), view, len(in_shape)).expand(1, *in_shape[1:]).contiguous()
         out = self._apply(node, [x])
-        if out.dim() < 2 or out.shape[1] != const.numel():  # pragma: no cover - guarded by the op lists
+        if out.dim() <= info.axis or out.shape[info.axis] != const.numel():  # pragma: no cover - guarded by the op lists
             raise unsupported(node, "the op changes the number of channels")
-        flat = out.reshape(1, out.shape[1], -1)[0]
-        if flat.shape[1] == 0:
-            return nan
-        uniform = (flat.amax(1) == flat.amin(1)) & torch.isfinite(flat[:, 0])
-        return torch.where(torch.isnan(const) | ~uniform, nan, flat[:, 0])
+        return torch.where(torch.isnan(const), nan, per_channel(out, info.axis))
+
+    def _binary_const(self, node: fx.Node, info: Info, ins: list[Tensor], nan: Tensor) -> Tensor:
+        operands, it = [], iter(ins)
+        varying = torch.zeros(info.width, dtype=torch.bool)
+        for a in (*node.args, *([node.kwargs["other"]] if "other" in node.kwargs else [])):
+            if self._is_tensor(a):
+                c = next(it).expand(info.width)
+                varying |= torch.isnan(c)
+                operands.append(torch.nan_to_num(c, nan=0.0))
+            elif isinstance(a, fx.Node):  # a size computed in the graph: its value is not known here
+                return nan
+            else:
+                operands.append(a)
+        if node.target is torch.where:
+            operands[0] = operands[0] != 0
+        out = self._apply(node, operands).double()
+        return torch.where(varying | ~torch.isfinite(out), nan, out)
 
     def _apply(self, node: fx.Node, operands: list[Any]) -> Tensor:
         """Run the node's own op on float64 stand-ins (constants) for its tensor operands."""
@@ -385,66 +321,79 @@ class Analysis:
             param = next(module.parameters(), None)
             x = operands[0] if param is None else operands[0].to(param.dtype)
             return module(x).double()
-        if len(operands) == 2:
-            a, b = operands[0], operands[1]
+        if len(operands) >= 2:
             if node.op == "call_method":
-                return getattr(a, node.target)(b)
-            return node.target(a, b)
+                return getattr(operands[0], node.target)(*operands[1:])
+            return node.target(*operands)
         x = operands[0]
         if node.op == "call_method":
             return getattr(x, node.target)(*node.args[1:], **node.kwargs)
         return node.target(x, *node.args[1:], **node.kwargs)
 
     # -- which channels must exist ------------------------------------------------------------------
+    def _propagate(self, x: fx.Node, view: int | None, read: Tensor) -> None:
+        """Mark what an op reading `read` of `x` along `view` needs of `x` (all of it where not aligned)."""
+        info = self.info[x]
+        if info.kind == "param" or not bool(read.any()):
+            return
+        if view is not None and view == info.axis:
+            info.need |= read & info.varying
+        else:
+            info.need |= info.varying
+
     def _backward(self) -> None:
         outs: list[fx.Node] = []
         fx.node.map_arg(self.output.args, outs.append)
         for x in outs:
-            if self.info[x].kind == "meta":
+            if self.info[x].kind in ("meta", "param"):
                 continue
             self.info[x].need |= self.info[x].varying
         for node in reversed(list(self.info)):
             info = self.info[node]
-            if info.kind == "meta":
+            if info.kind in ("meta", "param"):
                 continue
-            need = info.need
-            kind = info.kind
+            need, kind = info.need, info.kind
+            alive = bool(need.any())
             if kind == "input":
                 info.carried = torch.ones_like(need)
                 continue
-            if kind == "flatten":
-                c_in = self.info[info.inputs[0]].need.numel()
-                read = need.view(c_in, info.block).any(dim=1)
+            widths = [1 if v is None else shape_of(x)[v] for x, v in zip(info.inputs, info.views, strict=True)]
+            whole = [torch.full((w,), alive) for w in widths]
+            if info.axis is None or kind in ("barrier", "dense", "whole") or (
+                    kind in ("weighted", "depthwise") and info.own is None) or (
+                    kind == "embedding" and info.module.max_norm is not None):
+                # all or nothing; a plain layer (left dense by `exclude`) keeps all its inputs and outputs
+                info.carried = torch.full_like(need, alive)
+                info.reads = whole
+            elif kind == "flatten":
+                read = block_reads(need, widths[0], info.block)
                 if self.info[info.inputs[0]].kind == "input":  # select after the flatten: any input shape
                     read = torch.ones_like(read)           # that flattens to the same count then works
-                info.carried = read.repeat_interleave(info.block)
+                info.carried = block_spread(read, info.block)
                 info.reads = [read]
-            elif kind in ("barrier", "dense") or (kind in ("weighted", "depthwise") and info.own is None):
-                # all or nothing; a plain layer (left dense by `exclude`) keeps all its inputs and outputs
-                alive = bool(need.any())
-                info.carried = torch.full_like(need, alive)
-                info.reads = [torch.full_like(self.info[x].need, alive) for x in info.inputs]
             elif kind == "weighted":
                 info.carried = need.clone()
-                x = self.info[info.inputs[0]]
-                in_mask = x.varying.clone()
+                in_mask = torch.isnan(self.seen(info.inputs[0], info.views[0])).clone()
                 if info.own is not None and is_linear(info.module):
                     in_mask &= info.own
                 if getattr(info.module, "groups", 1) > 1:
                     in_mask &= conv_group_inputs(info.module, need)
-                if not bool(need.any()):
+                if not alive:
                     in_mask[:] = False
                 elif not bool(in_mask.any()):
                     raise PruneError(f"pruning removes every input of layer {node.target}")
                 info.reads = [in_mask]
-            elif kind == "cat":
+            elif kind == "embedding":
+                info.carried = need.clone()
+                info.reads = whole
+            elif kind == "cat" and info.slices:
                 info.carried = need.clone()
                 info.reads = [need[a:b].clone() for a, b in info.slices]
-            else:  # depthwise, channelwise, binary: channel c of the output reads channel c of each input
+            else:  # depthwise, channelwise, shape, binary, cat along tokens: channel c reads channel c of each
                 info.carried = need.clone()
-                info.reads = [need.clone() for _ in info.inputs]
-            for x, read in zip(info.inputs, info.reads, strict=True):
-                self.info[x].need |= read & self.info[x].varying
+                info.reads = [need.clone() if v is not None else w for v, w in zip(info.views, whole, strict=True)]
+            for x, view, read in zip(info.inputs, info.views, info.reads, strict=True):
+                self._propagate(x, view, read)
 
 
 def conv_group_inputs(conv: nn.Module, need: Tensor) -> Tensor:
@@ -466,10 +415,10 @@ def decision_masks(an: Analysis, thresholds: Mapping[str, float] | None = None) 
         if info.kind not in ("weighted", "depthwise"):
             continue
         name = str(node.target)
-        x = an.info[info.inputs[0]]
+        const = an.seen(info.inputs[0], info.views[0])
         reads = info.reads[0].clone()
-        nan = torch.full_like(x.const, math.nan)
-        fold = torch.where(~x.varying & ~reads, x.const, nan) if info.kind == "weighted" else nan
+        nan = torch.full_like(const, math.nan)
+        fold = torch.where(~torch.isnan(const) & ~reads, const, nan) if info.kind == "weighted" else nan
         if not bool(info.carried.any()):
             reads[:] = False
         threshold = None if thresholds is None or info.own is None else thresholds.get(name)

@@ -9,12 +9,19 @@ convolution, whose border taps see the padding's zeros). A grouped convolution i
 (block-diagonal) equivalent and packed back into groups of equal width (`Builder._emit_grouped`); a 1-d
 convolution stays a `nn.Conv1d`. `as_sequential` turns a graph that is a line
 of modules into the flat `nn.Sequential` a chain's user expects.
+
+Channels run along each tensor's own axis (`channel_axes`): a `Select`/`Realign` on another axis than 1
+is run between two transposes; an operand read whole and cut along another axis is selected after it;
+a parameter the forward uses directly becomes a buffer cut to the channels it meets; sizes read from a
+tensor whose channels were cut report its original width (`channel_axes.full_shape`), and a reshape's
+size at the channel position is rewritten to the shrunk width.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -22,6 +29,7 @@ from torch import Tensor, fx, nn
 from ..convert import UnsupportedLayerError
 from ..nn import zero_padded
 from .analysis import Analysis, Info, label, shape_of, unsupported
+from .channel_axes import along, full_shape, norm_dim
 from .masks import LayerMask, PruneError, on_device
 from .precision import round_to_bits
 from .rules import copy_layer, is_linear
@@ -38,7 +46,7 @@ class Builder:
         self.bits = bits
         self.graph = fx.Graph()
         self.root = nn.Module()
-        self.env: dict[fx.Node, fx.Node] = {}
+        self.env: dict[fx.Node, Any] = {}  # a node of the new graph, or a size known to be constant
         self.cache: dict[tuple, fx.Node] = {}
         param = next(an.model.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -62,50 +70,123 @@ class Builder:
         target = self._add_module(path, module.to(self.device))
         return self.graph.call_module(target, args, kwargs)
 
-    def _materialize(self, src: fx.Node, reads: Tensor, consumer: fx.Node, slot: int,
+    def _along(self, module: nn.Module, path: str, x: fx.Node, axis: int) -> fx.Node:
+        """Run a channel helper (`Select`, `Realign`: dimension 1) along `axis` (transposed there and back)."""
+        if axis == 1:
+            return self._call(module, path, (x,))
+        x = self.graph.call_method("transpose", (x, 1, axis))
+        return self.graph.call_method("transpose", (self._call(module, path, (x,)), 1, axis))
+
+    def _param(self, src: fx.Node, view: int | None, reads: Tensor, tag: str) -> fx.Node:
+        """A parameter the forward uses directly, cut to the channels `reads` along `view`, as a buffer."""
+        value = self.an.info[src].value
+        if view is not None and not bool(reads.all()):
+            value = value.index_select(view, torch.nonzero(reads).flatten())
+        name = f"_param_{tag}"
+        self.root.register_buffer(name, value.clone().to(self.device))
+        return self.graph.get_attr(name)
+
+    def _materialize(self, src: fx.Node, view: int | None, reads: Tensor, consumer: fx.Node, slot: int,
                      broadcast: bool = False) -> fx.Node | None:
-        """The new-graph value holding channels `reads` of `src` (in order), constants put back."""
+        """The new-graph value holding channels `reads` of `src` along `view` (in order), constants put back;
+        `view` None, or another axis than `src`'s: `src` whole (then cut along `view`)."""
         info = self.an.info[src]
         if not bool(reads.any()):
             return None
-        key = (src, reads.numpy().tobytes(), broadcast)
+        key = (src, view, reads.numpy().tobytes(), broadcast)
         if key in self.cache:
             return self.cache[key]
-        carried = info.carried
+        tag = f"{consumer.name}_in{slot}"
+        if info.kind == "param":
+            value = self._param(src, view, reads, tag)
+        elif info.axis is None or view != info.axis:
+            value = self.env[src] if info.axis is None else \
+                self._materialize(src, info.axis, torch.ones_like(info.carried), consumer, slot)
+            if view is not None and not bool(reads.all()):
+                index = torch.nonzero(reads).flatten()
+                value = self._along(Select(index, reads.numel()), f"{tag}_select", value, view)
+        else:
+            value = self._aligned(src, info, reads, consumer, tag, broadcast)
+        self.cache[key] = value
+        return value
+
+    def _aligned(self, src: fx.Node, info: Info, reads: Tensor, consumer: fx.Node, tag: str,
+                 broadcast: bool) -> fx.Node:
+        carried, axis = info.carried, info.axis
         fill = reads & ~carried
         phys = reads & carried
-        tag = f"{consumer.name}_in{slot}"
         if not bool(fill.any()):
             if torch.equal(reads, carried):
                 return self.env[src]
             index = torch.nonzero(reads[carried]).flatten()
-            value = self._call(Select(index, int(carried.sum())), f"{tag}_select", (self.env[src],))
-        else:
-            values = info.const[reads]
-            if bool(torch.isnan(info.const[fill]).any()):  # pragma: no cover - the analysis guarantees this
-                raise AssertionError(f"{label(consumer)}: a varying channel of {src.name} was not carried")
-            if not bool(phys.any()) and broadcast:
-                c = values.to(self.dtype).view(1, -1, *([1] * (len(info.shape) - 2)))
-                name = f"_const_{tag}"
-                self.root.register_buffer(name, c.to(self.device))
-                value = self.graph.get_attr(name)
-            elif not bool(carried.any()):
-                raise PruneError(f"{label(consumer)}: every channel of its input is constant after pruning, but "
-                                 "its output still varies; this network cannot be shrunk at these thresholds")
+            return self._along(Select(index, int(carried.sum())), f"{tag}_select", self.env[src], axis)
+        values = info.const[reads]
+        if bool(torch.isnan(info.const[fill]).any()):  # pragma: no cover - the analysis guarantees this
+            raise AssertionError(f"{label(consumer)}: a varying channel of {src.name} was not carried")
+        if not bool(phys.any()) and broadcast:
+            name = f"_const_{tag}"
+            self.root.register_buffer(name, along(values.to(self.dtype), axis, len(info.shape)).to(self.device))
+            return self.graph.get_attr(name)
+        if not bool(carried.any()):
+            raise PruneError(f"{label(consumer)}: every channel of its input is constant after pruning, but "
+                             "its output still varies; this network cannot be shrunk at these thresholds")
+        pos = torch.cumsum(carried.long(), 0) - 1  # position of each carried channel in the shrunk tensor
+        sel = phys[reads]
+        src_idx = pos[reads & carried]
+        dst_idx = torch.nonzero(sel).flatten()
+        fill_values = torch.where(sel, torch.zeros_like(values), values).to(self.dtype)
+        return self._along(Realign(src_idx, dst_idx, fill_values), f"{tag}_realign", self.env[src], axis)
+
+    def _meta(self, n: fx.Node) -> Any:
+        """A size of the original graph in the new one: computed there from the same tensors, except that a
+        tensor whose channels were cut reports its original width (`channel_axes.full_shape`)."""
+        if n in self.env:
+            return self.env[n]
+        info = self.an.info[n]
+        if info.kind != "meta":
+            raise unsupported(n, "a size is read from a value that is not a tensor shape")  # pragma: no cover
+        x = n.args[0] if n.all_input_nodes and n.args and isinstance(n.args[0], fx.Node) else None
+        if x is not None and self.an.info[x].kind != "meta":  # a shape query on a tensor
+            xi = self.an.info[x]
+            if xi.kind == "param":
+                value: Any = self._param(x, None, torch.ones(1, dtype=torch.bool), f"{n.name}_src")
+            elif x not in self.env:
+                raise unsupported(n, "reads the shape of a tensor that pruning removes entirely")
             else:
-                pos = torch.cumsum(carried.long(), 0) - 1  # position of each carried channel in the shrunk tensor
-                sel = phys[reads]
-                src_idx = pos[reads & carried]
-                dst_idx = torch.nonzero(sel).flatten()
-                fill_values = torch.where(sel, torch.zeros_like(values), values).to(self.dtype)
-                value = self._call(Realign(src_idx, dst_idx, fill_values), f"{tag}_realign", (self.env[src],))
-        self.cache[key] = value
-        return value
+                value = self.env[x]
+            cut = xi.axis is not None and xi.kind != "param" and not bool(xi.carried.all())
+            if cut and n.target == "size" and len(n.args) > 1:
+                if norm_dim(n.args[1], len(xi.shape)) == xi.axis:
+                    self.env[n] = xi.shape[xi.axis]
+                    return self.env[n]
+            elif cut and (n.target == "size" or n.args[1:] == ("shape",)):
+                self.env[n] = self.graph.call_function(full_shape, (value, xi.axis, xi.shape[xi.axis]))
+                return self.env[n]
+            args = (value, *n.args[1:])
+        else:
+            args = fx.node.map_arg(n.args, self._meta)
+        kwargs = fx.node.map_arg(n.kwargs, self._meta)
+        make = self.graph.call_method if n.op == "call_method" else self.graph.call_function
+        self.env[n] = make(n.target, args, kwargs)
+        return self.env[n]
+
+    def _mapped(self, node: fx.Node, info: Info, broadcast: list[bool] | None = None) -> tuple[tuple, dict]:
+        """The node's arguments in the new graph: each tensor operand as the op reads it, sizes as `_meta`."""
+        def value(n: fx.Node) -> Any:
+            if n in info.inputs:
+                i = info.inputs.index(n)
+                out = self._materialize(n, info.views[i], info.reads[i], node, i, bool(broadcast and broadcast[i]))
+                if out is None:  # pragma: no cover - a live node reads at least one channel of each operand
+                    raise AssertionError(f"{label(node)} reads nothing of {n.name}")
+                return out
+            return self._meta(n)
+
+        return fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
 
     def build(self) -> fx.GraphModule:
         an = self.an
         for node, info in an.info.items():
-            if info.kind == "meta":
+            if info.kind in ("meta", "param"):  # emitted where used (`_meta`, `_param`)
                 continue
             if info.kind == "input":
                 if node.args:
@@ -124,7 +205,7 @@ class Builder:
             info = an.info[n]
             if info.kind == "meta":
                 raise unsupported(an.output, f"the model returns the non-tensor value {n.name!r}")
-            return self._materialize(n, torch.ones_like(info.carried), an.output, 0)
+            return self._materialize(n, info.axis, torch.ones(info.width, dtype=torch.bool), an.output, 0)
 
         self.graph.output(fx.node.map_arg(an.output.args[0], out_value))
         self.graph.lint()
@@ -132,7 +213,7 @@ class Builder:
         return gm.eval()
 
     def _input(self, node: fx.Node, info: Info, i: int = 0, broadcast: bool = False) -> fx.Node:
-        value = self._materialize(info.inputs[i], info.reads[i], node, i, broadcast)
+        value = self._materialize(info.inputs[i], info.views[i], info.reads[i], node, i, broadcast)
         if value is None:  # pragma: no cover - a live node reads at least one channel
             raise AssertionError(f"{label(node)} reads nothing")
         return value
@@ -239,19 +320,43 @@ class Builder:
         return self._call(new, lm.name, (x,))
 
     def _emit_channelwise(self, node: fx.Node, info: Info) -> fx.Node:
-        x = self._input(node, info)
+        """The node's own op on the channels it carries (a module sliced), sizes rewritten where it has any."""
+        args, kwargs = self._mapped(node, info)
         if node.op == "call_module":
-            return self._call(self._sliced(node, info), str(node.target), (x,))
-        if node.op == "call_method":
-            return self.graph.call_method(node.target, (x, *node.args[1:]), dict(node.kwargs))
-        return self.graph.call_function(node.target, (x, *node.args[1:]), dict(node.kwargs))
+            return self._call(self._sliced(node, info), str(node.target), args, kwargs)
+        if info.resize is not None:
+            args, kwargs = self._resized(node, info, args, kwargs)
+        make = self.graph.call_method if node.op == "call_method" else self.graph.call_function
+        return make(node.target, args, kwargs)
 
-    _emit_barrier = _emit_channelwise
+    _emit_barrier = _emit_shape = _emit_whole = _emit_embedding = _emit_channelwise
+
+    def _resized(self, node: fx.Node, info: Info, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A reshape's (or expand's) sizes with the channel position set to the width the shrunk tensor has."""
+        pos, mode = info.resize
+        if mode == "keep":
+            new = -1
+        else:
+            outer, inner = info.block
+            new = outer * int(info.reads[0].sum()) * inner
+        rest = list(args[1:])
+        if node.op == "call_method" and len(rest) > 1 or (rest and not isinstance(rest[0], (tuple, list))):
+            if rest[pos] != -1:
+                rest[pos] = new
+            return (args[0], *rest), kwargs
+        if rest:
+            sizes = list(rest[0])
+            sizes[pos] = new if sizes[pos] != -1 else -1
+            return (args[0], type(rest[0])(sizes), *rest[1:]), kwargs
+        key = "shape" if "shape" in kwargs else "size"
+        sizes = list(kwargs[key])
+        sizes[pos] = new if sizes[pos] != -1 else -1
+        return args, {**kwargs, key: tuple(sizes)}
 
     def _emit_dense(self, node: fx.Node, info: Info) -> fx.Node:
         """A module carried whole (or an item of its tuple output): every operand with all its channels."""
         def whole(x: fx.Node) -> fx.Node:
-            return self._materialize(x, torch.ones_like(self.an.info[x].carried), node, info.inputs.index(x))
+            return self._materialize(x, None, torch.ones(1, dtype=torch.bool), node, info.inputs.index(x))
 
         if node.op == "call_function":  # operator.getitem on a dense module's tuple
             return self.graph.call_function(node.target, fx.node.map_arg(node.args, whole))
@@ -262,7 +367,7 @@ class Builder:
     def _sliced(node: fx.Node, info: Info) -> nn.Module:
         """A channel-wise module cut to the channels it carries (its rule's slicer), or copied whole."""
         keep, module = info.carried, info.module
-        if info.rule is not None and info.rule.slicer is not None:
+        if info.rule is not None and info.rule.slicer is not None and not bool(keep.all()):
             return info.rule.slicer(module, keep)
         if not bool(keep.all()) and (next(module.parameters(), None) is not None or next(module.buffers(), None) is not None):
             raise UnsupportedLayerError(f"{label(node)}: {type(module).__name__} holds tensors and loses channels; "
@@ -270,38 +375,42 @@ class Builder:
         return copy_layer(module)
 
     def _emit_flatten(self, node: fx.Node, info: Info) -> fx.Node:
-        x = self._input(node, info)
+        x_shape = shape_of(info.inputs[0])
+        classic = info.axis == 1 and info.views[0] == 1 and len(info.shape) == 2 and info.block[0] == 1
         if node.op == "call_module":
-            return self._call(copy.deepcopy(info.module), str(node.target), (x,))
-        return self.graph.call_function(torch.flatten, (x, 1))
+            return self._call(copy.deepcopy(info.module), str(node.target), (self._input(node, info),))
+        if classic and len(x_shape) >= 2 and info.resize is not None:  # a reshape that is a flatten: as one
+            return self.graph.call_function(torch.flatten, (self._input(node, info), 1))
+        if node.target in ("flatten", torch.flatten):  # a method or a function: as the function
+            args, kwargs = self._mapped(node, info)
+            return self.graph.call_function(torch.flatten, args, kwargs)
+        return self._emit_channelwise(node, info)
 
     def _emit_cat(self, node: fx.Node, info: Info) -> fx.Node:
-        parts = [self._materialize(x, r, node, i) for i, (x, r) in enumerate(zip(info.inputs, info.reads, strict=True))]
+        if not info.slices:  # along the tokens (or an opaque result): the op as it is
+            return self._emit_channelwise(node, info)
+        parts = [self._materialize(x, v, r, node, i)
+                 for i, (x, v, r) in enumerate(zip(info.inputs, info.views, info.reads, strict=True))]
         parts = [p for p in parts if p is not None]
         if len(parts) == 1:
             return parts[0]
-        return self.graph.call_function(torch.cat, (parts,), {"dim": 1})
+        return self.graph.call_function(torch.cat, (parts,), {"dim": info.axis})
 
     def _emit_binary(self, node: fx.Node, info: Info) -> fx.Node:
-        args = list(node.args)
-        kwargs = dict(node.kwargs)
-        if "other" in kwargs:
-            args.append(kwargs.pop("other"))
         # an operand that is wholly constant may be a broadcast constant, if a carried operand has the full shape
-        full = [i for i, x in enumerate(info.inputs) if bool((info.reads[i] & self.an.info[x].carried).any())
-                and shape_of(x)[2:] == info.shape[2:] and shape_of(x)[0] == info.shape[0]]
-        values, k = [], 0
-        for a in args:
-            if isinstance(a, fx.Node):
-                values.append(self._input(node, info, k, broadcast=bool(full) and k not in full))
-                k += 1
-            else:
-                values.append(a)
-        if node.op == "call_method":
-            return self.graph.call_method(node.target, tuple(values))
-        return self.graph.call_function(node.target, tuple(values))
+        def full_shaped(x: fx.Node) -> bool:
+            s = shape_of(x)
+            return len(s) == len(info.shape) and all(a == b for d, (a, b) in enumerate(zip(s, info.shape, strict=True))
+                                                     if d != info.axis)
 
-
+        full = [i for i, x in enumerate(info.inputs) if info.axis is not None and info.views[i] == self.an.info[x].axis
+                and self.an.info[x].kind != "param" and bool((info.reads[i] & self.an.info[x].carried).any())
+                and full_shaped(x)]
+        broadcast = [bool(full) and i not in full and info.views[i] == self.an.info[x].axis
+                     for i, x in enumerate(info.inputs)]
+        args, kwargs = self._mapped(node, info, broadcast)
+        make = self.graph.call_method if node.op == "call_method" else self.graph.call_function
+        return make(node.target, args, kwargs)
 
 
 def block_diagonal(weight: Tensor, groups: int) -> Tensor:

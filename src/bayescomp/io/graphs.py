@@ -26,22 +26,27 @@ from .layers import ModelFileError, build_layer, layer_entry
 #: functions graph_compress can emit (it re-emits the model's own element-wise ops, reductions over
 #: spatial dimensions, barriers, cat and flatten); a test checks that the rule table of compress.rules stays inside it.
 FUNCTIONS: dict[str, Any] = {
-    **{f"operator.{n}": getattr(operator, n) for n in ("add", "sub", "mul", "truediv", "neg")},
+    **{f"operator.{n}": getattr(operator, n) for n in (
+        "add", "sub", "mul", "truediv", "neg", "getitem", "matmul", "gt", "ge", "lt", "le", "eq", "ne")},
     **{f"torch.{n}": getattr(torch, n) for n in (
         "add", "sub", "mul", "div", "true_divide", "cat", "concat", "concatenate", "flatten", "relu", "sigmoid",
-        "tanh", "mean", "sum", "amax", "amin", "softmax", "log_softmax")},
+        "tanh", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "where", "reshape", "unsqueeze", "squeeze", "transpose",
+        "permute", "matmul", "bmm", "chunk", "split", "unbind")},
     **{f"torch.nn.functional.{n}": getattr(F, n) for n in (
         "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish", "hardsigmoid",
         "hardtanh", "softplus", "logsigmoid", "sigmoid", "tanh", "dropout", "dropout1d", "dropout2d", "max_pool1d",
         "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d",
-        "adaptive_max_pool2d", "interpolate", "pad", "softmax", "log_softmax", "normalize")},
+        "adaptive_max_pool2d", "interpolate", "pad", "softmax", "log_softmax", "normalize",
+        "scaled_dot_product_attention")},
 }  # fmt: skip
 #: function -> its name in FUNCTIONS (the first, where one function has two names)
 FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in reversed(FUNCTIONS.items())}
 
 #: call_method targets (tensor methods) a stored graph may use
 METHODS = frozenset({"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "mean", "sum", "amax", "amin",
-                     "softmax", "log_softmax", "add", "sub", "mul", "div"})
+                     "softmax", "log_softmax", "add", "sub", "mul", "div", "unsqueeze", "squeeze", "transpose",
+                     "permute", "expand", "matmul", "bmm", "view", "reshape", "chunk", "split", "unbind", "float",
+                     "to"})
 
 #: names the forward that torch.fx generates uses besides its nodes' (its first parameter, the getattr builtin and
 #: torch.fx's own globals): an input (a parameter of that forward) must not shadow them
