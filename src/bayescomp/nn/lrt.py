@@ -87,101 +87,48 @@ def _finish_param_grads(gmu: Tensor | None, gvar: Tensor | None, mu: Tensor, var
 
 
 def _linear_forward(x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
-                    b_logvar: Tensor | None, eps: Tensor | None,
-                    with_kl: bool = False) -> tuple[Tensor, tuple[Tensor | None, ...], Tensor | None]:
-    """The gated linear sample, what its gradient needs — (x, z, u, u2, μ, σ², b_μ, σ²_b, r) — and, with `with_kl`,
-    the weights' and bias's KL from N(0, 1) (else None).
+                    b_logvar: Tensor | None, eps: Tensor | None) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """The gated linear sample and what its gradient needs: (x, z, u, u2, μ, σ², b_μ, σ²_b, r).
 
     r = ½ε/√v is kept instead of ε and √v, so that the backward's ∂L/∂v = g·ε/(2√v) is one product g·r (three
     operations from ε and √v).
-
-    With `with_kl`, u2 = u⊙u gets one more row, of ones (`_linear_backward` uses it too): the variance product
-    then also returns Σ_i σ²_oi + σ²_b,o in its last row, so Σσ² costs one row of the product instead of a pass
-    over the weights. Σ log σ² is taken right after exp(log σ²) has read log σ², and Σμ² right after the mean
-    product has read μ, while each is in cache (on fc1 of LeNet-300-100: ~175 µs → ~40 µs per step).
     """
     u = x * z
     var_w = logvar.exp()
-    lv_sum = logvar.sum() if with_kl else None
     b_var = None if b_logvar is None else b_logvar.exp()
-    n = u.shape[0]
-    if with_kl:
-        u2 = u.new_empty(n + 1, u.shape[1])
-        torch.mul(u, u, out=u2[:n])
-        u2[n].fill_(1.0)
-        var_rows = F.linear(u2, var_w, b_var)
-        var = var_rows[:n]
-    else:
-        u2 = u * u
-        var = var_rows = F.linear(u2, var_w, b_var)
-    var.clamp_min_(TINY)
+    u2 = u * u
+    var = F.linear(u2, var_w, b_var).clamp_min_(TINY)
     if eps is None:
         eps = torch.randn_like(var)
     inv_std = var.rsqrt_()  # (v is not needed again)
     r = torch.addcmul(const(0.0, inv_std), eps, inv_std, value=0.5)  # ½ε/√v
     out = F.linear(u, mu, b_mu).addcdiv_(eps, inv_std)  # m + √v·ε
-    kl = None
-    if with_kl:
-        flat = mu.reshape(-1)
-        parts = [var_rows[n].sum(), lv_sum, torch.dot(flat, flat)]  # Σσ² (+ Σσ²_b), Σ log σ², Σμ²
-        count = mu.numel()
-        if b_var is not None and b_mu is not None and b_logvar is not None:
-            parts += [b_logvar.sum(), torch.dot(b_mu, b_mu)]
-            count += b_mu.numel()
-        elif b_var is not None:  # a bias variance without a bias mean has no KL (as `_params_kl`)
-            parts[0] = parts[0] - b_var.sum()
-        weights = const_vector((0.5, -0.5, 0.5, -0.5, 0.5)[: len(parts)], mu)
-        kl = torch.dot(torch.stack(parts), weights).sub_(const(0.5 * count, mu))
-    return out, (x, z, u, u2, mu, var_w, b_mu, b_var, r), kl
+    return out, (x, z, u, u2, mu, var_w, b_mu, b_var, r)
 
 
 def _linear_backward(saved: tuple[Tensor | None, ...], g: Tensor | None, g_kl: Tensor | None,
                      needs: tuple[bool, ...], grad_u: bool = False) -> tuple[Tensor | None, ...]:
     """(∂/∂x, ∂/∂z, ∂/∂μ, ∂/∂log σ², ∂/∂b_μ, ∂/∂log σ²_b) of `_linear_forward`, each only where `needs` says;
-    with `g_kl`, the weights' and bias's KL gradient is added. `grad_u=True` gives ∂/∂u in place of ∂/∂z
-    (= x ⊙ ∂/∂u), for a caller that needs another product of it.
-
-    The KL gradient: ∂/∂μ += g_kl·μ, and ∂/∂log σ² = σ²·(∂L/∂σ² + ½g_kl) − ½g_kl, where the ½g_kl inside comes
-    with the product ∂L/∂σ² = (∂L/∂v)ᵀ u2 itself: ∂L/∂v gets a last row ½g_kl against u2's row of ones (and the
-    bias's Σ_k ∂L/∂v gets it from the same row). One pass over the weights per parameter, no more.
-    """
+    with `g_kl`, the weights' and bias's KL gradient is added (see `_finish_param_grads`). `grad_u=True` gives
+    ∂/∂u in place of ∂/∂z (= x ⊙ ∂/∂u), for a caller that needs another product of it."""
     x, z, u, u2, mu, var_w, b_mu, b_var, r = saved
     nx, nz, nmu, nlv, nbm, nbl = needs
-    n = r.shape[0]
     if g is None:  # only the KL output is used
         g = torch.zeros_like(r)
-    neg_half = None
-    if g_kl is not None:  # (a KL output: `_linear_forward` gave u2 its row of ones)
-        g_var_rows = r.new_empty(n + 1, r.shape[1])
-        g_var = torch.mul(g, r, out=g_var_rows[:n])  # ∂L/∂v
-        g_var_rows[n].fill_(g_kl * const(0.5, g_kl))
-        neg_half = g_kl * const(-0.5, g_kl)
-    else:
-        g_var = g_var_rows = g * r
-        u2 = u2[:n]
+    g_var = g * r  # ∂L/∂v
     gx = gz = None
     gmu = g.t().mm(u) if nmu else None
-    if gmu is not None and g_kl is not None:
-        gmu.addcmul_(mu, g_kl)
-    glv = None
-    if nlv:
-        glv = g_var_rows.t().mm(u2)  # ∂L/∂σ² (+ ½g_kl)
-        glv = glv.mul_(var_w) if neg_half is None else torch.addcmul(neg_half, glv, var_w, out=glv)
+    glv = g_var.t().mm(u2) if nlv else None
+    gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl)
     if nx or nz:
         # ∂L/∂u = g μ + 2u ⊙ (∂L/∂v σ²), the sum made by the second product (β = 2): one pass fewer
         gu = g_var.mm(var_w).mul_(u).addmm_(g, mu, beta=2.0)
         gx = gu * z if nx else None
         gz = gu if grad_u else gu.mul_(x) if nz else None
-    bias_kl = g_kl is not None and b_mu is not None and b_var is not None
     gbm = g.sum(0) if nbm else None
-    if gbm is not None and bias_kl:
-        gbm.addcmul_(b_mu, g_kl)
-    gbl = None
-    if nbl and b_var is not None:
-        if bias_kl:  # (then neg_half is set: a KL output means u2 has its row of ones, and g_var_rows its ½g_kl)
-            gbl = torch.addcmul(neg_half, g_var_rows.sum(0), b_var)
-        else:
-            gbl = g_var.sum(0).mul_(b_var)
+    gbl = g_var.sum(0) if nbl else None
+    if b_var is not None:
+        gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl)
     return gx, gz, gmu, glv, gbm, gbl
 
 
@@ -190,9 +137,11 @@ class _LinearLRT(torch.autograd.Function):
     def forward(ctx, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None,
                 b_logvar: Tensor | None, eps: Tensor | None, with_kl: bool = False):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        out, saved, kl = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, eps, with_kl)
+        out, saved = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, eps)
         ctx.save_for_backward(*saved)
-        return (out, kl) if with_kl else out
+        if with_kl:
+            return out, _params_kl(mu, logvar, saved[5], b_mu, b_logvar, saved[7])
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
@@ -214,7 +163,7 @@ class _GatedLinearLRT(torch.autograd.Function):
                 layer, with_kl: bool, *z_params: Tensor):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         z, z_saved = layer._z_draw(z_params, x.shape[0])
-        out, saved, kl = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, None, with_kl)
+        out, saved = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, None)
         ctx.layer = layer
         ctx.counts = (len(z_saved), 0)
         if not with_kl:
@@ -223,7 +172,7 @@ class _GatedLinearLRT(torch.autograd.Function):
         kl_z, kl_saved = layer._kl_z_forward(z_params)
         ctx.counts = (len(z_saved), len(kl_saved))
         ctx.save_for_backward(*saved, *z_saved, *kl_saved)
-        return out, kl.add_(kl_z)
+        return out, _params_kl(mu, logvar, saved[5], b_mu, b_logvar, saved[7]).add_(kl_z)
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_kl: Tensor | None = None):  # type: ignore[override]
