@@ -86,3 +86,25 @@ def test_variance_floor_applies_to_the_sample_not_to_the_kl():
     kl.backward()
     torch.testing.assert_close(lv.grad, 0.5 * (lv.detach().exp() - 1.0))
     torch.testing.assert_close(mu.grad, mu.detach())
+
+
+def test_conv_bias_variance_without_a_mean_gets_no_kl_gradient():
+    """As the Linear case: the KL leaves out a bias without a mean, so its gradient must too."""
+    from bayescomp.nn.lrt import conv2d_lrt, conv2d_lrt_reference
+
+    torch.manual_seed(4)
+    x, z = _leaf(2, 3, 6, 6), _leaf(2, 4, shift=1.0)
+    mu, lv, bl = _leaf(4, 3, 3, 3), _leaf(4, 3, 3, 3, scale=0.5, shift=-1.0), _leaf(4, shift=-2.0)
+    eps = torch.randn(2, 4, 4, 4, dtype=F64)
+    conf = (1, 0, 1, 1)
+    out, kl = conv2d_lrt(x, z, mu, lv, None, bl, eps, *conf, with_kl=True)
+    ref_out = conv2d_lrt_reference(x, z, mu, lv, None, bl, eps, *conf)
+    ref_kl = _kl_reference(mu, lv, None, bl)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    wrt = [x, z, mu, lv, bl]
+    got = torch.autograd.grad((out * w).sum() + 0.7 * kl, wrt)
+    want = torch.autograd.grad((ref_out * w).sum() + 0.7 * ref_kl, wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
