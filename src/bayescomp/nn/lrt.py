@@ -128,7 +128,7 @@ def _linear_backward(saved: tuple[Tensor | None, ...], g: Tensor | None, g_kl: T
     gbm = g.sum(0) if nbm else None
     gbl = g_var.sum(0) if nbl else None
     if b_var is not None:
-        gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl)
+        gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl if b_mu is not None else None)
     return gx, gz, gmu, glv, gbm, gbl
 
 
@@ -260,7 +260,8 @@ class _Conv2dLRT(torch.autograd.Function):
         gx = gx_m.addcmul_(x, gx_v) if nx else None  # + 2x·(½·gx_v)
         gmu, glv = _finish_param_grads(gmu, glv, mu, var_w, g_kl, pre_scale=2.0)
         if b_var is not None:
-            gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl, pre_scale=2.0)
+            gbm, gbl = _finish_param_grads(gbm, gbl, b_mu, b_var, g_kl if b_mu is not None else None,
+                                            pre_scale=2.0)
         return gx, gz, gmu, glv, gbm, gbl, None, None, None, None, None, None
 
 
