@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from selection import stamp  # beside this script
+from selection import add_selection_options, combine, explicit_settings, stamp, user_selection  # beside this script
 from torch import Tensor, nn
 
 import bayescomp
@@ -51,6 +51,8 @@ from bayescomp.train import TrainConfig, evaluate, fit
 RESULTS = Path(__file__).resolve().parent / "results"
 #: thresholds on log α tried on the validation split, lowest (most pruning) first
 GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
+#: the options that are choices of the method (argparse dests): given explicitly, they need --selection
+SETTINGS = ("epochs", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
 
 
 class MLP(nn.Module):
@@ -151,11 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few hundred examples, one epoch: seconds")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/transformer_mnist.json)")
+    add_selection_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = user_selection(parser, args, explicit_settings(parser, args, SETTINGS)) or (
+        "fixed", "epochs, training subset, learning rates: the script's defaults, fixed before any run")
     command = "python benchmarks/transformer.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     if args.smoke:
         args.epochs, args.train_subset, args.val_size = 1, 512, 256
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         "notes": "compressed by this script's module surgery (compress.heads.shrink_attention, plain_linear); weights "
                  "not rounded to a bit precision; the test set was read once, after the threshold was fixed",
     }
-    record = stamp(record, "validation", "epochs, training subset, learning rates fixed before any run; one "
+    record = stamp(record, combine(settings[0], "validation"), f"{settings[1].rstrip('.')}; one "
                    f"log-alpha threshold for all layers chosen on {len(val[0])} validation examples held out of "
                    f"training (lowest of {list(GRID)} within {args.val_slack} points of the unpruned validation error)")
     out = Path(args.out) if args.out else RESULTS / "transformer_mnist.json"
