@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: thresholds on log α tried on the validation split, lowest (most pruning) first
 GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
 #: the options that are choices of the method (argparse dests): given explicitly, they need --selection
-SETTINGS = ("epochs", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
+SETTINGS = ("epochs", "heads", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
 
 
 class MLP(nn.Module):
@@ -142,8 +142,9 @@ def shrink(bmodel: nn.Module) -> nn.Module:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--train-subset", type=int, default=20000, help="training examples (the first of a seeded shuffle)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each stage (plain, then plain or Bayesian)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads per block (head_dim = 64 / heads)")
+    p.add_argument("--train-subset", type=int, default=55000, help="training examples (after the validation split)")
     p.add_argument("--val-size", type=int, default=5000, help="validation examples held out of the training set")
     p.add_argument("--val-slack", type=float, default=0.2, help="points of validation error the threshold may add")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate, cosine to 0 over the run (both trainings)")
@@ -174,15 +175,18 @@ def main(argv: list[str] | None = None) -> None:
                          lr_scale={"scale": args.scale_lr_factor, "variance": args.scale_lr_factor})
 
     torch.manual_seed(args.seed)
-    plain = ViT()
-    start_model = copy.deepcopy(plain)
+    pretrained = ViT(heads=args.heads)
     t0 = time.perf_counter()
-    fit(plain, train, config, test=val, progress=False)
+    fit(pretrained, train, config, test=val, progress=False)  # stage 1, shared: E plain epochs
+    pre_seconds = time.perf_counter() - t0
+    plain = copy.deepcopy(pretrained)
+    t0 = time.perf_counter()
+    fit(plain, train, config, test=val, progress=False)  # stage 2, plain: E more epochs (the baseline)
     plain_seconds = time.perf_counter() - t0
 
-    bmodel = bayescomp.bayesianize(start_model, prior="gnj", keep_weights=True)
+    bmodel = bayescomp.bayesianize(pretrained, prior="gnj", keep_weights=True)
     t0 = time.perf_counter()
-    fit(bmodel, train, config, test=val, progress=False)
+    fit(bmodel, train, config, test=val, progress=False)  # stage 2, Bayesian: the same E epochs
     bayes_seconds = time.perf_counter() - t0
     bmodel.eval()
 
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     x_test, y_test = load_mnist("test")  # read once, here
     if args.smoke:
         x_test, y_test = x_test[:500], y_test[:500]
-    errors = {"plain": evaluate(plain, x_test, y_test), "bayesian_posterior_mean": None,
+    errors = {"plain": evaluate(plain, x_test, y_test), "plain_stage1": evaluate(pretrained, x_test, y_test),
+              "bayesian_posterior_mean": None,
               "compressed": evaluate(small, x_test, y_test)}
     set_masks(bmodel, math.inf)
     errors["bayesian_posterior_mean"] = evaluate(bmodel, x_test, y_test)
@@ -216,11 +221,12 @@ def main(argv: list[str] | None = None) -> None:
                        "head_log_alpha": [round(v, 3) for v in bb.attn.out_proj.log_alpha().tolist()],
                        "mlp_neurons_kept": sb.mlp.fc1.out_features, "mlp_neurons_total": bb.mlp.fc1.out_features})
     record = {
-        "benchmark": "ViT-style transformer on MNIST (7x7 patches, 16 tokens, d_model 64, 2 blocks of 4-head "
-                     "attention + MLP 128, LayerNorm, mean pooling), GNJ",
+        "benchmark": f"ViT-style transformer on MNIST (7x7 patches, 16 tokens, d_model 64, 2 blocks of {args.heads}-head "
+                     "attention + MLP 128, LayerNorm, mean pooling), GNJ; stage 1: plain E epochs (shared), stage 2: "
+                     "plain E more epochs (the baseline) or Bayesian E epochs from stage 1 (compressed)",
         "command": command,
         "smoke": args.smoke,
-        "settings": {"epochs": args.epochs, "train_examples": len(train[0]), "validation_examples": len(val[0]),
+        "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "train_examples": len(train[0]), "validation_examples": len(val[0]),
                      "batch_size": config.batch_size, "lr": args.lr,
                      "lr_schedule": "cosine", "lr_scale": dict(config.lr_scale), "seed": args.seed, "prior": "gnj",
                      "threads": torch.get_num_threads()},
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                                     "counted_by": "this script (Linear in*out per token; attention 2*L^2*head_dim "
                                                   "per head); bayescomp.multiply_adds is not on main"},
         "max_abs_diff_compressed_vs_masked": max_diff,
-        "seconds": {"plain_training": round(plain_seconds, 1), "bayesian_training": round(bayes_seconds, 1)},
+        "seconds": {"stage1_plain_training": round(pre_seconds, 1), "plain_training": round(plain_seconds, 1), "bayesian_training": round(bayes_seconds, 1)},
         "notes": "compressed by this script's module surgery (compress.heads.shrink_attention, plain_linear); weights "
                  "not rounded to a bit precision; the test set was read once, after the threshold was fixed",
     }

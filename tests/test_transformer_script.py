@@ -39,5 +39,5 @@ def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
     assert data["multiply_adds_per_image"]["after"] <= data["multiply_adds_per_image"]["before"]
     assert data["weights"]["after"] <= data["weights"]["before"]
     for block in data["blocks"]:
-        assert block["heads_total"] == 4 and block["mlp_neurons_total"] == 128
-        assert len(block["heads_kept_index"]) == block["heads_kept"] and len(block["head_log_alpha"]) == 4
+        assert block["heads_total"] == 8 and block["mlp_neurons_total"] == 128
+        assert len(block["heads_kept_index"]) == block["heads_kept"] and len(block["head_log_alpha"]) == 8
