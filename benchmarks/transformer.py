@@ -1,14 +1,16 @@
 """A small ViT-style transformer on MNIST: whole attention heads and MLP neurons removed by Bayesian compression.
 
-    OMP_NUM_THREADS=1 python benchmarks/transformer.py            # the recorded run (one core)
+    OMP_NUM_THREADS=1 python benchmarks/transformer.py            # the recorded run (one core, ~15 min)
     python benchmarks/transformer.py --smoke --out /tmp/t.json     # seconds: the pipeline end to end
 
 The network: 7×7 patches → 16 tokens, a linear patch embedding to d_model 64 plus a learned position embedding,
-2 pre-norm blocks of `nn.MultiheadAttention` (4 heads of 16, batch_first) and an MLP (64 → 128 → 64, GELU), a final
-LayerNorm, mean pooling over tokens and a linear classifier. It is trained twice for the same epochs on the same
-examples, both through bayescomp's own loop (`bayescomp.train.fit`): plain (cross-entropy) and Bayesian
-(`bayescomp.bayesianize(prior="gnj")`: each attention becomes `AttentionHeads`, its out_proj with one group per head;
-fc2 of each MLP has one group per hidden neuron; the ELBO, KL / N).
+2 pre-norm blocks of `nn.MultiheadAttention` (--heads, default 8 heads of 8 features, batch_first) and an MLP
+(64 → 128 → 64, GELU), a final LayerNorm, mean pooling over tokens and a linear classifier. Training, all through
+bayescomp's own loop (`bayescomp.train.fit`, Adam, cosine rate per stage), in two stages of E epochs each: stage 1
+trains it plain; stage 2 continues it either plain (the baseline: 2E plain epochs) or Bayesian
+(`bayescomp.bayesianize(prior="gnj")` of the stage-1 network, the paper's pretrained start: each attention becomes
+`AttentionHeads`, its out_proj with one group per head; fc2 of each MLP has one group per hidden neuron; the ELBO,
+KL / N), so both end after the same 2E epochs on the same examples.
 
 Compression: one threshold on log α for every layer, chosen on a validation split held out of the training set (the
 rule, fixed before any run: the lowest threshold of the grid whose masked model's validation error is within
@@ -17,8 +19,9 @@ rule, fixed before any run: the lowest threshold of the grid whose masked model'
 (fc1's row and fc2's column go); a pruned group of a layer reading the residual stream (q/k/v, fc1, the classifier)
 or a pixel of the patch embedding is a zero column. The compressed model is plain PyTorch; its outputs are checked
 against the masked Bayesian model's (max abs difference). Weights are not rounded to a bit precision here.
-`bayescomp.compress` (the graph engine) is not used: it does not yet take Linear layers on (batch, tokens, features)
-inputs; this script's module surgery stands in for it.
+`bayescomp.compress` (the graph engine) is not used: it has no rule for `AttentionHeads` yet (torch.fx cannot trace
+into its forward, which branches on the input's rank and the masks), and on main it does not take Linear layers on
+(batch, tokens, features) inputs; this script's module surgery stands in for it.
 
 Multiply-adds per image are counted by this script (Linear layers: in·out per token; attention: 2·L²·head_dim per
 head for the scores and the weighted values), as are weights (every weight and bias of the plain model, embeddings
