@@ -55,7 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: thresholds on log α tried on the validation split, lowest (most pruning) first
 GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
 #: the options that are choices of the method (argparse dests): given explicitly, they need --selection
-SETTINGS = ("epochs", "heads", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
+SETTINGS = ("epochs", "heads", "kl_weight", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
 
 
 class MLP(nn.Module):
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-lr-factor", type=float, default=10.0,
                    help="factor on the rate of the Bayesian model's group scales and log-variances (lr_scale): they "
                         "start at log σ² = −9 and must travel several units for a group to be pruned")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="β of the KL term (1: the ELBO; below 1: tempered)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few hundred examples, one epoch: seconds")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/transformer_mnist.json)")
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     val_idx, train_idx = order[: args.val_size], order[args.val_size : args.val_size + args.train_subset]
     train, val = (x_all[train_idx], y_all[train_idx]), (x_all[val_idx], y_all[val_idx])
     config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, eval_every=args.epochs, lr_schedule="cosine",
+                         kl_weight=args.kl_weight,
                          lr_scale={"scale": args.scale_lr_factor, "variance": args.scale_lr_factor})
 
     torch.manual_seed(args.seed)
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         "smoke": args.smoke,
         "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "train_examples": len(train[0]), "validation_examples": len(val[0]),
                      "batch_size": config.batch_size, "lr": args.lr,
-                     "lr_schedule": "cosine", "lr_scale": dict(config.lr_scale), "seed": args.seed, "prior": "gnj",
+                     "lr_schedule": "cosine", "lr_scale": dict(config.lr_scale),
+                     "kl_weight": args.kl_weight, "seed": args.seed, "prior": "gnj",
                      "threads": torch.get_num_threads()},
         "test_error": errors,
         "error_gap_points": round(errors["compressed"] - errors["plain"], 3),
