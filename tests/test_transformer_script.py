@@ -30,7 +30,7 @@ def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
     data = json.loads(out.read_text())
     assert data["command"] == f"python benchmarks/transformer.py --smoke --out {out}"
     assert data["smoke"] is True and data["selection"] == "validation" and data["selection_note"]
-    assert set(data["test_error"]) == {"plain", "bayesian_posterior_mean", "compressed"}
+    assert set(data["test_error"]) == {"plain", "plain_stage1", "bayesian_posterior_mean", "compressed"}
     assert data["max_abs_diff_compressed_vs_masked"] <= 1e-5
     # the uncompressed network counted by hand: embedding 16·49·64, per block q/k/v/out 4·16·64·64, attention
     # 2·16²·64, MLP 2·16·64·128; classifier 64·10
