@@ -27,7 +27,8 @@ class Tokens(nn.Module):  # Embedding in front of a Bayesian MLP
 class Attention(nn.Module):  # MultiheadAttention (a tuple output) in front of a Bayesian head
     def __init__(self):
         super().__init__()
-        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        # add_bias_kv: a kind bayesianize cannot replace by AttentionHeads (test_attention.py has the replaced one)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True, add_bias_kv=True)
         self.fc1 = nn.Linear(4 * 6, 8)
         self.fc2 = nn.Linear(8, 3)
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import (
+    AttentionHeads,
     Conv1dGroupHS,
     Conv1dGroupNJ,
     Conv2dGroupHS,
@@ -18,6 +19,7 @@ from .nn import (
     GroupSparseLayer,
     LinearGroupHS,
     LinearGroupNJ,
+    head_group_sizes,
 )
 
 #: prior name -> {plain layer type: its group-sparse twin}
@@ -144,11 +146,12 @@ def _check_prior(prior: str) -> dict[type[nn.Module], type[GroupSparseLayer]]:
 
 
 def _twin(name: str, module: nn.Module, prior: str, keep_weights: bool, max_var: float | None,
-          options: Mapping[str, object], origin: float = 0.0) -> GroupSparseLayer:
+          options: Mapping[str, object], origin: float = 0.0, group_size: int = 1) -> GroupSparseLayer:
     twin = _check_prior(prior)[type(module)]
     if type(module) is nn.Linear:
+        blocks = {"group_size": group_size} if group_size > 1 else {}
         layer = twin(module.in_features, module.out_features, bias=module.bias is not None, max_var=max_var,
-                     **options)
+                     **options, **blocks)
     else:  # nn.Conv2d, nn.Conv1d; grouped (groups > 1) included: groups run within each convolution group
         if module.padding_mode != "zeros":
             raise UnsupportedLayerError(f"{name}: {type(module).__name__} with padding_mode={module.padding_mode!r} "
@@ -181,6 +184,9 @@ def bayesianize(
 ) -> nn.Module:
     """A copy of `model` whose `nn.Linear`, `nn.Conv2d` and `nn.Conv1d` layers are group-sparse twins.
 
+    An `nn.MultiheadAttention` becomes an `AttentionHeads` (same outputs, `replace_attention`) whose projections
+    are converted, out_proj with one group per head (`group_size = head_dim`), so that whole heads can be pruned.
+
     - `prior`: ``"gnj"`` (group normal-Jeffreys) or ``"ghs"`` (group horseshoe; options ``tau0``,
       the global scale of the prior, default 1e-5, and ``global_kl``, "derived" or "paper").
     - `exclude`: module names (a name covers everything inside that module) or module types left plain
@@ -209,6 +215,8 @@ def bayesianize(
                          f"{valid}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"bayesianize expects an nn.Module, got {type(model).__name__}")
+    _check_exclude(model, exclude)
+    model = replace_attention(model, exclude)
     plans = plan_layers(model, exclude)
     unsupported = [p for p in plans if p.action == "dense" and p.reason != "excluded"]
     if unsupported:
@@ -231,12 +239,14 @@ def bayesianize(
     model = copy.deepcopy(model)
     from .compress.rules import DENSE_MARK
 
+    group_sizes = head_group_sizes(model)
     for p in plans:
         module = model.get_submodule(p.name)
         if p.action == "bayesianize":
             mv = per_layer.get(p.name) if isinstance(max_var, Mapping) else max_var
             origin = (input_origin or {}).get(p.name, 0.0)
-            _replace(model, p.name, _twin(p.name, module, prior, keep_weights, mv, prior_options, origin))
+            _replace(model, p.name, _twin(p.name, module, prior, keep_weights, mv, prior_options, origin,
+                                          group_sizes.get(p.name, 1)))
         elif p.action == "dense" and type(module) not in CONVERTIBLE:
             setattr(module, DENSE_MARK, True)  # compression keeps it whole (rules.module_rule)
     if example_input is not None:
@@ -246,6 +256,26 @@ def bayesianize(
         if found:
             raise UnsupportedLayerError(str(found[0]))
     return model
+
+
+def replace_attention(model: nn.Module, exclude: Exclude = ()) -> nn.Module:
+    """`model` with each `nn.MultiheadAttention` (not in `exclude`) replaced by an `AttentionHeads` computing the
+    same function with separate q/k/v/out Linear projections, which `bayesianize` then converts (out_proj with one
+    group per head). A copy when anything is replaced (else `model` itself); an attention module with options
+    `AttentionHeads` does not support is left as it is (dense)."""
+    names = [name for name, m in model.named_modules() if type(m) is nn.MultiheadAttention and name
+             and not _excluded(name, m, exclude) and not any(name.startswith(e + ".") for e in exclude
+                                                               if isinstance(e, str))]
+    replaced = None
+    for name in names:
+        try:
+            new = AttentionHeads.from_torch(model.get_submodule(name))
+        except ValueError:
+            continue  # left dense: plan_layers names it as unsupported
+        if replaced is None:
+            replaced = copy.deepcopy(model)
+        _replace(replaced, name, new)
+    return model if replaced is None else replaced
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

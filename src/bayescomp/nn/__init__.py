@@ -1,5 +1,6 @@
 """Group-sparse Bayesian layers (see `base.GroupSparseLayer` for the contract)."""
 
+from .attention import AttentionHeads, head_group_sizes
 from .base import PARAMETER_KINDS, GroupSparseLayer, parameter_kind, zero_padded
 from .fusion import fuse_weight_kl
 from .ghs import Conv1dGroupHS, Conv2dGroupHS, LinearGroupHS
@@ -7,6 +8,8 @@ from .gnj import Conv1dGroupNJ, Conv2dGroupNJ, LinearGroupNJ
 from .kl import kl_gaussian_std_normal, kl_log_uniform
 
 __all__ = [
+    "AttentionHeads",
+    "head_group_sizes",
     "GroupSparseLayer",
     "PARAMETER_KINDS",
     "parameter_kind",

@@ -180,7 +180,7 @@ class GroupSparseLayer(nn.Module):
             self.weight_mu.copy_(weight)
             if self.bias_mu is not None and bias is not None:
                 # the evaluation forward's weights: z gates a Linear's inputs (a conv's gate covers its bias too)
-                scaled = weight * self.z_mean().view(self._z_shape()) if self.group_dim == 1 else weight
+                scaled = weight * self._per_unit(self.z_mean()).view(self._z_shape()) if self.group_dim == 1 else weight
                 self.bias_mu.copy_(bias + self._origin * scaled.flatten(1).sum(1))
 
     # ---- the prior-specific part (subclasses) -----------------------------------------------
@@ -263,6 +263,9 @@ class GroupSparseLayer(nn.Module):
         self.__dict__["_kl_stash"] = (kl, self._versions(), whole)
         return out
 
+    def _per_unit(self, z: Tensor) -> Tensor:  # per-group values as per-unit ones (a Linear's group_size repeats)
+        return z
+
     def _z_shape(self) -> list[int]:
         shape = [1] * self.weight_mu.dim()
         shape[self.group_dim] = -1
@@ -270,13 +273,13 @@ class GroupSparseLayer(nn.Module):
 
     def posterior_mean(self) -> Tensor:
         """E[w] = E[z]·μ for every weight, in the weight's shape (mask not applied)."""
-        return self.weight_mu * self.z_mean().view(self._z_shape())
+        return self.weight_mu * self._per_unit(self.z_mean()).view(self._z_shape())
 
     def posterior_variance(self) -> Tensor:
         """Var[w] = Var[z]·(σ² + μ²) + E[z]²·σ² for every weight (z and w̃ independent under q)."""
         shape = self._z_shape()
-        ez = self.z_mean().view(shape)
-        vz = self.z_variance().view(shape)
+        ez = self._per_unit(self.z_mean()).view(shape)
+        vz = self._per_unit(self.z_variance()).view(shape)
         var_w = self.weight_logvar.exp()
         return vz * (var_w + self.weight_mu.pow(2)) + ez.pow(2) * var_w
 
@@ -331,32 +334,36 @@ class GroupSparseLayer(nn.Module):
         """Whether the training forward can draw z inside one fused node (`_fused_stochastic`)."""
         return False
 
-    def _fused_stochastic(self, x: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
-        raise NotImplementedError
-
-    def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
-        raise NotImplementedError
-
-    def _deterministic(self, x: Tensor, z: Tensor) -> Tensor:  # pragma: no cover - defined by the kind
-        raise NotImplementedError
+    # defined by the kind
+    def _fused_stochastic(self, x: Tensor) -> Tensor: raise NotImplementedError  # noqa: E704  # pragma: no cover
+    def _stochastic(self, x: Tensor, z: Tensor) -> Tensor: raise NotImplementedError  # noqa: E704  # pragma: no cover
+    def _deterministic(self, x: Tensor, z: Tensor) -> Tensor: raise NotImplementedError  # noqa: E704  # pragma: no cover
 
 
 class LinearKind(GroupSparseLayer):
-    """Fully connected: one group per input unit; the gate multiplies the inputs."""
+    """Fully connected: one group per block of `group_size` consecutive inputs (default 1); the gate multiplies them."""
 
     group_dim = 1
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None,
+                 group_size: int = 1) -> None:
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be ≥ 1, got {in_features}, {out_features}")
-        super().__init__((out_features, in_features), in_features, bias, max_var)
+        if not isinstance(group_size, int) or group_size < 1 or in_features % group_size:
+            raise ValueError(f"group_size must be a positive int dividing in_features ({in_features}), got {group_size!r}")
+        super().__init__((out_features, in_features), in_features // group_size, bias, max_var)
+        self.group_size = group_size
         self.in_features = in_features
         self.out_features = out_features
         with torch.no_grad():
             self.weight_mu.normal_(0.0, 1.0 / math.sqrt(in_features))
         self._init_variational()
 
+    def _per_unit(self, z: Tensor) -> Tensor:
+        return z if self.group_size == 1 else z.repeat_interleave(self.group_size, dim=-1)
+
     def _expand_z(self, x: Tensor, z: Tensor) -> Tensor:
+        z = self._per_unit(z)
         if z.dim() == 2 and x.dim() > 2:  # (n, groups) -> (n, 1, ..., 1, groups)
             z = z.view(z.shape[0], *([1] * (x.dim() - 2)), z.shape[1])
         return z
@@ -364,7 +371,7 @@ class LinearKind(GroupSparseLayer):
     def _stochastic(self, x: Tensor, z: Tensor) -> Tensor:
         params = (self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar)
         if x.dim() == 2:
-            return self._keep_kl(linear_lrt(x, z, *params, with_kl=self._fuse_kl))
+            return self._keep_kl(linear_lrt(x, self._per_unit(z), *params, with_kl=self._fuse_kl))
         # (n, ..., in): one z per example, shared along the middle axes; flatten them into the batch
         zx = self._expand_z(x, z).expand_as(x).reshape(-1, x.shape[-1])
         out = self._keep_kl(linear_lrt(x.reshape(-1, x.shape[-1]), zx, *params, with_kl=self._fuse_kl))
@@ -372,7 +379,7 @@ class LinearKind(GroupSparseLayer):
 
     def _fused_forward_applies(self, x: Tensor) -> bool:
         # a batch of vectors, every group on (a masked or a sequence input takes `_stochastic`)
-        return x.dim() == 2 and self._mask_is_full()
+        return x.dim() == 2 and self.group_size == 1 and self._mask_is_full()
 
     def _fused_stochastic(self, x: Tensor) -> Tensor:
         """z drawn, the sample taken and (under `fuse_weight_kl`) the whole layer's KL computed in one node."""
@@ -387,7 +394,8 @@ class LinearKind(GroupSparseLayer):
         return None if self.bias_mu is None else self.bias_mu.detach().clone()
 
     def extra_repr(self) -> str:
-        origin = f", input_origin={self._origin:g}" if self._origin else ""
+        origin = (f", group_size={self.group_size}" if self.group_size > 1 else "") + (
+            f", input_origin={self._origin:g}" if self._origin else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}{origin}"
 
 

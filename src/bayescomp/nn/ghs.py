@@ -289,7 +289,7 @@ class _GroupHS:
 
 
 class LinearGroupHS(_GroupHS, LinearKind):
-    """`nn.Linear` twin with a horseshoe scale per input unit.
+    """`nn.Linear` twin with a horseshoe scale per input unit (per block of `group_size` inputs).
 
     >>> layer = LinearGroupHS(784, 300)
     >>> layer(torch.randn(2, 784)).shape
@@ -305,9 +305,10 @@ class LinearGroupHS(_GroupHS, LinearKind):
         *,
         tau0: float = 1e-5,
         global_kl: str = "derived",
+        group_size: int = 1,
     ) -> None:
         tau0, global_kl = _check_hs_args(tau0, global_kl)
-        LinearKind.__init__(self, in_features, out_features, bias, max_var)
+        LinearKind.__init__(self, in_features, out_features, bias, max_var, group_size)
         self._init_z(tau0, global_kl)
 
 

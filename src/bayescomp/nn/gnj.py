@@ -80,15 +80,16 @@ class _GroupNJ:
 
 
 class LinearGroupNJ(_GroupNJ, LinearKind):
-    """`nn.Linear` twin with a normal-Jeffreys scale per input unit.
+    """`nn.Linear` twin with a normal-Jeffreys scale per input unit (per block of `group_size` inputs).
 
     >>> layer = LinearGroupNJ(784, 300)
     >>> layer(torch.randn(2, 784)).shape
     torch.Size([2, 300])
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None) -> None:
-        LinearKind.__init__(self, in_features, out_features, bias, max_var)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, max_var: float | None = None,
+                 group_size: int = 1) -> None:
+        LinearKind.__init__(self, in_features, out_features, bias, max_var, group_size)
         self._init_z()
 
 

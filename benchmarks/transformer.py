@@ -1,0 +1,269 @@
+"""A small ViT-style transformer on MNIST: whole attention heads and MLP neurons removed by Bayesian compression.
+
+    OMP_NUM_THREADS=1 python benchmarks/transformer.py            # the recorded run (one core, ~15 min)
+    python benchmarks/transformer.py --smoke --out /tmp/t.json     # seconds: the pipeline end to end
+
+The network: 7×7 patches → 16 tokens, a linear patch embedding to d_model 64 plus a learned position embedding,
+2 pre-norm blocks of `nn.MultiheadAttention` (--heads, default 8 heads of 8 features, batch_first) and an MLP
+(64 → 128 → 64, GELU), a final LayerNorm, mean pooling over tokens and a linear classifier. Training, all through
+bayescomp's own loop (`bayescomp.train.fit`, Adam, cosine rate per stage), in two stages of E epochs each: stage 1
+trains it plain; stage 2 continues it either plain (the baseline: 2E plain epochs) or Bayesian
+(`bayescomp.bayesianize(prior="gnj")` of the stage-1 network, the paper's pretrained start: each attention becomes
+`AttentionHeads`, its out_proj with one group per head; fc2 of each MLP has one group per hidden neuron; the ELBO,
+KL / N), so both end after the same 2E epochs on the same examples.
+
+Compression: one threshold on log α for every layer, chosen on a validation split held out of the training set (the
+rule, fixed before any run: the lowest threshold of the grid whose masked model's validation error is within
+--val-slack points of the unpruned posterior mean's). A head is removed when its out_proj group is pruned
+(`compress.heads.shrink_attention`: its q/k/v rows and out_proj columns go), a hidden neuron when its fc2 group is
+(fc1's row and fc2's column go); a pruned group of a layer reading the residual stream (q/k/v, fc1, the classifier)
+or a pixel of the patch embedding is a zero column. The compressed model is plain PyTorch; its outputs are checked
+against the masked Bayesian model's (max abs difference). Weights are not rounded to a bit precision here.
+`bayescomp.compress` (the graph engine) is not used: it has no rule for `AttentionHeads` yet (torch.fx cannot trace
+into its forward, which branches on the input's rank and the masks), and on main it does not take Linear layers on
+(batch, tokens, features) inputs; this script's module surgery stands in for it.
+
+Multiply-adds per image are counted by this script (Linear layers: in·out per token; attention: 2·L²·head_dim per
+head for the scores and the weighted values), as are weights (every weight and bias of the plain model, embeddings
+and LayerNorms included). The test set is read once, at the end. Results: benchmarks/results/transformer_mnist.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from selection import add_selection_options, combine, explicit_settings, stamp, user_selection  # beside this script
+from torch import Tensor, nn
+
+import bayescomp
+from bayescomp.compress.heads import plain_linear, shrink_attention
+from bayescomp.data import load_mnist
+from bayescomp.nn import AttentionHeads, GroupSparseLayer
+from bayescomp.train import TrainConfig, evaluate, fit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: thresholds on log α tried on the validation split, lowest (most pruning) first
+GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
+#: the options that are choices of the method (argparse dests): given explicitly, they need --selection
+SETTINGS = ("epochs", "heads", "kl_weight", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2, self.mlp = nn.LayerNorm(dim), MLP(dim, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Patches of `patch`×`patch` pixels → tokens → blocks → mean over tokens → classes."""
+
+    def __init__(self, patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4, hidden: int = 128,
+                 classes: int = 10, side: int = 28) -> None:
+        super().__init__()
+        self.patch, self.tokens = patch, (side // patch) ** 2
+        self.embed = nn.Linear(patch * patch, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, self.tokens, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads, hidden) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch
+        n, c, h, w = x.shape
+        patches = x.view(n, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(n, self.tokens, p * p)
+        z = self.blocks(self.embed(patches) + self.pos)
+        return self.head(self.norm(z).mean(1))
+
+
+def multiply_adds(model: ViT) -> int:
+    """Multiply-adds per image: every Linear's in·out per token, and each head's 2·L²·head_dim in attention."""
+    total, tokens = 0, model.tokens
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, GroupSparseLayer)):
+            rows = 1 if m is model.head else tokens
+            total += rows * m.in_features * m.out_features
+        if isinstance(m, nn.MultiheadAttention):  # its packed q/k/v projection (out_proj is a Linear, counted above)
+            total += tokens * m.in_proj_weight.numel()
+        if isinstance(m, (AttentionHeads, nn.MultiheadAttention)):
+            total += 2 * tokens * tokens * m.head_dim * m.num_heads
+    return total
+
+
+def weight_count(model: nn.Module) -> int:
+    """Every weight and bias of a plain model (the embeddings' and LayerNorms' included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def nonzero_weights(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def set_masks(bmodel: nn.Module, threshold: float) -> None:
+    """Every group-sparse layer keeps its groups with log α below `threshold`."""
+    with torch.no_grad():
+        for m in bmodel.modules():
+            if isinstance(m, GroupSparseLayer):
+                m.group_mask.copy_(m.log_alpha() < threshold)
+
+
+def shrink(bmodel: nn.Module) -> nn.Module:
+    """The plain model of the masked Bayesian ViT: heads and hidden neurons removed, other pruned groups zeroed."""
+    model = copy.deepcopy(bmodel)
+    for block in model.blocks:
+        block.attn = shrink_attention(block.attn)
+        keep = block.mlp.fc2.group_mask.detach().cpu()
+        block.mlp.fc1 = plain_linear(block.mlp.fc1, rows=keep)
+        block.mlp.fc2 = plain_linear(block.mlp.fc2, cols=keep)
+    model.embed, model.head = plain_linear(model.embed), plain_linear(model.head)
+    assert not any(isinstance(m, GroupSparseLayer) for m in model.modules())
+    return model.eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each stage (plain, then plain or Bayesian)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads per block (head_dim = 64 / heads)")
+    p.add_argument("--train-subset", type=int, default=55000, help="training examples (after the validation split)")
+    p.add_argument("--val-size", type=int, default=5000, help="validation examples held out of the training set")
+    p.add_argument("--val-slack", type=float, default=0.2, help="points of validation error the threshold may add")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's rate, cosine to 0 over the run (both trainings)")
+    p.add_argument("--scale-lr-factor", type=float, default=10.0,
+                   help="factor on the rate of the Bayesian model's group scales and log-variances (lr_scale): they "
+                        "start at log σ² = −9 and must travel several units for a group to be pruned")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="β of the KL term (1: the ELBO; below 1: tempered)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few hundred examples, one epoch: seconds")
+    p.add_argument("--out", default=None, help="results file (default benchmarks/results/transformer_mnist.json)")
+    add_selection_options(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = user_selection(parser, args, explicit_settings(parser, args, SETTINGS)) or (
+        "fixed", "epochs, training subset, learning rates: the script's defaults, fixed before any run")
+    command = "python benchmarks/transformer.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    if args.smoke:
+        args.epochs, args.train_subset, args.val_size = 1, 512, 256
+    torch.manual_seed(args.seed)
+    x_all, y_all = load_mnist("train")
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(args.seed))
+    val_idx, train_idx = order[: args.val_size], order[args.val_size : args.val_size + args.train_subset]
+    train, val = (x_all[train_idx], y_all[train_idx]), (x_all[val_idx], y_all[val_idx])
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, eval_every=args.epochs, lr_schedule="cosine",
+                         kl_weight=args.kl_weight,
+                         lr_scale={"scale": args.scale_lr_factor, "variance": args.scale_lr_factor})
+
+    torch.manual_seed(args.seed)
+    pretrained = ViT(heads=args.heads)
+    t0 = time.perf_counter()
+    fit(pretrained, train, config, test=val, progress=False)  # stage 1, shared: E plain epochs
+    pre_seconds = time.perf_counter() - t0
+    plain = copy.deepcopy(pretrained)
+    t0 = time.perf_counter()
+    fit(plain, train, config, test=val, progress=False)  # stage 2, plain: E more epochs (the baseline)
+    plain_seconds = time.perf_counter() - t0
+
+    bmodel = bayescomp.bayesianize(pretrained, prior="gnj", keep_weights=True)
+    t0 = time.perf_counter()
+    fit(bmodel, train, config, test=val, progress=False)  # stage 2, Bayesian: the same E epochs
+    bayes_seconds = time.perf_counter() - t0
+    bmodel.eval()
+
+    # threshold on the validation split (the rule fixed in --help), nothing from the test set
+    set_masks(bmodel, math.inf)
+    val_unpruned = evaluate(bmodel, *val)
+    sweep = []
+    for t in GRID:
+        set_masks(bmodel, t)
+        sweep.append({"threshold": t, "validation_error": evaluate(bmodel, *val)})
+    chosen = next((s["threshold"] for s in sweep if s["validation_error"] <= val_unpruned + args.val_slack), math.inf)
+    set_masks(bmodel, chosen)
+    small = shrink(bmodel)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    probe = torch.cat([val[0][:256], torch.rand(64, 1, 28, 28, generator=g) * 2 - 1])
+    with torch.no_grad():
+        max_diff = (small(probe) - bmodel(probe)).abs().max().item()
+
+    x_test, y_test = load_mnist("test")  # read once, here
+    if args.smoke:
+        x_test, y_test = x_test[:500], y_test[:500]
+    errors = {"plain": evaluate(plain, x_test, y_test), "plain_stage1": evaluate(pretrained, x_test, y_test),
+              "bayesian_posterior_mean": None,
+              "compressed": evaluate(small, x_test, y_test)}
+    set_masks(bmodel, math.inf)
+    errors["bayesian_posterior_mean"] = evaluate(bmodel, x_test, y_test)
+
+    blocks = []
+    for i, (bb, sb) in enumerate(zip(bmodel.blocks, small.blocks, strict=True)):
+        blocks.append({"block": i, "heads_kept": sb.attn.num_heads, "heads_total": bb.attn.num_heads,
+                       "heads_kept_index": sb.attn.heads.tolist(),
+                       "head_log_alpha": [round(v, 3) for v in bb.attn.out_proj.log_alpha().tolist()],
+                       "mlp_neurons_kept": sb.mlp.fc1.out_features, "mlp_neurons_total": bb.mlp.fc1.out_features})
+    record = {
+        "benchmark": f"ViT-style transformer on MNIST (7x7 patches, 16 tokens, d_model 64, 2 blocks of {args.heads}-head "
+                     "attention + MLP 128, LayerNorm, mean pooling), GNJ; stage 1: plain E epochs (shared), stage 2: "
+                     "plain E more epochs (the baseline) or Bayesian E epochs from stage 1 (compressed)",
+        "command": command,
+        "smoke": args.smoke,
+        "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "train_examples": len(train[0]), "validation_examples": len(val[0]),
+                     "batch_size": config.batch_size, "lr": args.lr,
+                     "lr_schedule": "cosine", "lr_scale": dict(config.lr_scale),
+                     "kl_weight": args.kl_weight, "seed": args.seed, "prior": "gnj",
+                     "threads": torch.get_num_threads()},
+        "test_error": errors,
+        "error_gap_points": round(errors["compressed"] - errors["plain"], 3),
+        "threshold": chosen,
+        "validation": {"unpruned_error": val_unpruned, "slack_points": args.val_slack, "sweep": sweep},
+        "blocks": blocks,
+        "weights": {"before": weight_count(plain), "after": weight_count(small),
+                    "after_nonzero": nonzero_weights(small)},
+        "multiply_adds_per_image": {"before": multiply_adds(plain), "after": multiply_adds(small),
+                                    "counted_by": "this script (Linear in*out per token; attention 2*L^2*head_dim "
+                                                  "per head); bayescomp.multiply_adds is not on main"},
+        "max_abs_diff_compressed_vs_masked": max_diff,
+        "seconds": {"stage1_plain_training": round(pre_seconds, 1), "plain_training": round(plain_seconds, 1), "bayesian_training": round(bayes_seconds, 1)},
+        "notes": "compressed by this script's module surgery (compress.heads.shrink_attention, plain_linear); weights "
+                 "not rounded to a bit precision; the test set was read once, after the threshold was fixed",
+    }
+    record = stamp(record, combine(settings[0], "validation"), f"{settings[1].rstrip('.')}; one "
+                   f"log-alpha threshold for all layers chosen on {len(val[0])} validation examples held out of "
+                   f"training (lowest of {list(GRID)} within {args.val_slack} points of the unpruned validation error)")
+    out = Path(args.out) if args.out else RESULTS / "transformer_mnist.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(f.name, out)
+    print(json.dumps({k: record[k] for k in ("test_error", "threshold", "blocks", "weights",
+                                              "multiply_adds_per_image", "max_abs_diff_compressed_vs_masked",
+                                              "seconds")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

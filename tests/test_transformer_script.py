@@ -1,0 +1,43 @@
+"""benchmarks/transformer.py: a smoke run end to end (the real command in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bayescomp.data import load_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "transformer.py"
+
+
+def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
+    try:
+        load_mnist("test")
+    except Exception as exc:  # pragma: no cover - only without the data set
+        pytest.skip(f"MNIST not available: {exc}")
+    out = tmp_path / "t.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["command"] == f"python benchmarks/transformer.py --smoke --out {out}"
+    assert data["smoke"] is True and data["selection"] == "validation" and data["selection_note"]
+    assert set(data["test_error"]) == {"plain", "plain_stage1", "bayesian_posterior_mean", "compressed"}
+    assert data["max_abs_diff_compressed_vs_masked"] <= 1e-5
+    # the uncompressed network counted by hand: embedding 16·49·64, per block q/k/v/out 4·16·64·64, attention
+    # 2·16²·64, MLP 2·16·64·128; classifier 64·10
+    per_block = 4 * 16 * 64 * 64 + 2 * 16 * 16 * 64 + 2 * 16 * 64 * 128
+    assert data["multiply_adds_per_image"]["before"] == 16 * 49 * 64 + 2 * per_block + 64 * 10
+    assert data["multiply_adds_per_image"]["after"] <= data["multiply_adds_per_image"]["before"]
+    assert data["weights"]["after"] <= data["weights"]["before"]
+    for block in data["blocks"]:
+        assert block["heads_total"] == 8 and block["mlp_neurons_total"] == 128
+        assert len(block["heads_kept_index"]) == block["heads_kept"] and len(block["head_log_alpha"]) == 8
