@@ -54,8 +54,10 @@ from bayescomp.train import TrainConfig, evaluate, fit
 RESULTS = Path(__file__).resolve().parent / "results"
 #: thresholds on log α tried on the validation split, lowest (most pruning) first
 GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
+#: --head-search: thresholds tried for the heads (out_proj layers) alone after the shared one is fixed, lowest first
+HEAD_GRID = (-10.0, -9.5, -9.0, -8.5, -8.0, -7.5, -7.0, -6.0, -5.0)
 #: the options that are choices of the method (argparse dests): given explicitly, they need --selection
-SETTINGS = ("epochs", "heads", "kl_weight", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
+SETTINGS = ("epochs", "heads", "kl_weight", "head_search", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
 
 
 class MLP(nn.Module):
@@ -122,12 +124,15 @@ def nonzero_weights(model: nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
-def set_masks(bmodel: nn.Module, threshold: float) -> None:
-    """Every group-sparse layer keeps its groups with log α below `threshold`."""
+def set_masks(bmodel: nn.Module, threshold: float, head_threshold: float | None = None) -> None:
+    """Every group-sparse layer keeps its groups with log α below `threshold` (the attentions' out_proj layers,
+    whose groups are heads, below `head_threshold` when one is given)."""
+    heads = {id(m.out_proj) for m in bmodel.modules() if isinstance(m, AttentionHeads)}
     with torch.no_grad():
         for m in bmodel.modules():
             if isinstance(m, GroupSparseLayer):
-                m.group_mask.copy_(m.log_alpha() < threshold)
+                t = head_threshold if head_threshold is not None and id(m) in heads else threshold
+                m.group_mask.copy_(m.log_alpha() < t)
 
 
 def shrink(bmodel: nn.Module) -> nn.Module:
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "start at log σ² = −9 and must travel several units for a group to be pruned")
     p.add_argument("--kl-weight", type=float, default=1.0, help="β of the KL term (1: the ELBO; below 1: tempered)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head-search", action="store_true",
+                   help="after the shared threshold, a lower one for the heads alone (out_proj), lowest of "
+                        f"{list(HEAD_GRID)} within --val-slack on the validation split")
     p.add_argument("--smoke", action="store_true", help="a few hundred examples, one epoch: seconds")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/transformer_mnist.json)")
     add_selection_options(p)
@@ -203,7 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         set_masks(bmodel, t)
         sweep.append({"threshold": t, "validation_error": evaluate(bmodel, *val)})
     chosen = next((s["threshold"] for s in sweep if s["validation_error"] <= val_unpruned + args.val_slack), math.inf)
-    set_masks(bmodel, chosen)
+    head_sweep, head_chosen = [], None
+    if args.head_search:  # the heads' own threshold: lowest of HEAD_GRID within the same slack, others at `chosen`
+        for t in (t for t in HEAD_GRID if t < chosen):
+            set_masks(bmodel, chosen, t)
+            head_sweep.append({"head_threshold": t, "validation_error": evaluate(bmodel, *val)})
+        head_chosen = next((s["head_threshold"] for s in head_sweep
+                            if s["validation_error"] <= val_unpruned + args.val_slack), None)
+    set_masks(bmodel, chosen, head_chosen)
     small = shrink(bmodel)
     g = torch.Generator().manual_seed(args.seed + 1)
     probe = torch.cat([val[0][:256], torch.rand(64, 1, 28, 28, generator=g) * 2 - 1])
@@ -239,7 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         "test_error": errors,
         "error_gap_points": round(errors["compressed"] - errors["plain"], 3),
         "threshold": chosen,
-        "validation": {"unpruned_error": val_unpruned, "slack_points": args.val_slack, "sweep": sweep},
+        "head_threshold": head_chosen,
+        "validation": {"unpruned_error": val_unpruned, "slack_points": args.val_slack, "sweep": sweep,
+                       "head_sweep": head_sweep},
         "blocks": blocks,
         "weights": {"before": weight_count(plain), "after": weight_count(small),
                     "after_nonzero": nonzero_weights(small)},
@@ -253,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     record = stamp(record, combine(settings[0], "validation"), f"{settings[1].rstrip('.')}; one "
                    f"log-alpha threshold for all layers chosen on {len(val[0])} validation examples held out of "
-                   f"training (lowest of {list(GRID)} within {args.val_slack} points of the unpruned validation error)")
+                   f"training (lowest of {list(GRID)} within {args.val_slack} points of the unpruned validation error)"
+                   + (f"; the heads' own threshold the lowest of {[t for t in HEAD_GRID if t < chosen]} within the "
+                      "same slack, on the same validation examples" if args.head_search else ""))
     out = Path(args.out) if args.out else RESULTS / "transformer_mnist.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
