@@ -126,10 +126,11 @@ def test_report_counts_the_kept_heads_weights_by_hand():
     q = result.model.get_submodule("blocks.0.attn.q_proj").weight
     step = 2.0 ** -result.bits["blocks.0.attn.q_proj"]
     assert torch.allclose(q / step, torch.round(q / step), atol=1e-3)
-    # multiply-adds: the shrunk projections count; the 2 kept heads of 4 halve each projection's count
-    tokens = 4
-    per_attn_total = tokens * 4 * DIM * DIM
-    assert multiply_adds(bmodel, x[:1]) - multiply_adds(result.model, x[:1]) >= 2 * per_attn_total // 2
+    # multiply-adds: the four projections count (tokens · outputs · inputs each), the attention scores do not
+    tokens = 4  # (8 / 4)² patches
+    h = torch.randn(1, tokens, DIM)
+    assert multiply_adds(bmodel.get_submodule("blocks.0.attn"), (h, h, h)) == 4 * tokens * DIM * DIM
+    assert multiply_adds(result.model.get_submodule("blocks.0.attn"), (h, h, h)) == 4 * tokens * DIM * 2 * d
 
 
 def test_threshold_decision_reads_out_proj_log_alpha_per_head():
@@ -151,15 +152,28 @@ def test_threshold_decision_reads_out_proj_log_alpha_per_head():
 class Tokens(nn.Module):
     """Linear embedding, one attention, a mean over tokens, a head: every layer but the attention storable."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool = True) -> None:
         super().__init__()
         self.embed = nn.Linear(6, DIM)
-        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=batch_first)
         self.head = nn.Linear(DIM, CLASSES)
+        self.tokens_dim = 1 if batch_first else 0
 
     def forward(self, x):
         h = self.embed(x)
-        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(dim=1))
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(dim=self.tokens_dim))
+
+
+@pytest.mark.parametrize("prior", ["gnj", "ghs"])
+def test_sequence_first_attention_compresses_to_the_masked_model(prior):
+    torch.manual_seed(2)
+    bmodel = bayescomp.bayesianize(Tokens(batch_first=False), prior).eval()
+    keeps = random_keeps(bmodel, torch.Generator().manual_seed(3))
+    keeps["attn.out_proj"] = torch.tensor([True, True, False, True])
+    result = compress(bmodel, keeps=keeps, example_input=torch.randn(5, 2, 6), round_weights=False)
+    xr = torch.randn(7, 3, 6)  # (tokens, batch, features)
+    assert (result.model(xr) - _masked(bmodel, keeps)(xr)).abs().max().item() <= 1e-5
+    assert result.model.get_submodule("attn").num_heads == 3
 
 
 def test_check_is_clean_and_save_refuses_attention_by_name(tmp_path):
