@@ -14,18 +14,17 @@ KL / N), so both end after the same 2E epochs on the same examples.
 
 Compression: one threshold on log α for every layer, chosen on a validation split held out of the training set (the
 rule, fixed before any run: the lowest threshold of the grid whose masked model's validation error is within
---val-slack points of the unpruned posterior mean's). A head is removed when its out_proj group is pruned
-(`compress.heads.shrink_attention`: its q/k/v rows and out_proj columns go), a hidden neuron when its fc2 group is
-(fc1's row and fc2's column go); a pruned group of a layer reading the residual stream (q/k/v, fc1, the classifier)
-or a pixel of the patch embedding is a zero column. The compressed model is plain PyTorch; its outputs are checked
-against the masked Bayesian model's (max abs difference). Weights are not rounded to a bit precision here.
-`bayescomp.compress` (the graph engine) is not used: it has no rule for `AttentionHeads` yet (torch.fx cannot trace
-into its forward, which branches on the input's rank and the masks), and on main it does not take Linear layers on
-(batch, tokens, features) inputs; this script's module surgery stands in for it.
+--val-slack points of the unpruned posterior mean's), then `bayescomp.compress(bmodel, thresholds=t,
+example_input=...)`, the graph engine: a head is removed when its out_proj group is pruned (the `AttentionHeads` leaf
+is rebuilt by `compress.heads.shrink_attention`: its q/k/v rows and out_proj columns go), a hidden neuron when its fc2
+group is (fc1's row and fc2's column go), a pixel of the patch embedding when its group is; a pruned input group of
+q/k/v stays a zero column (they read the whole residual stream). The compressed model is plain PyTorch; its outputs
+are checked against the masked Bayesian model's (max abs difference). Weights are not rounded to a bit precision here.
 
-Multiply-adds per image are counted by this script (Linear layers: in·out per token; attention: 2·L²·head_dim per
-head for the scores and the weighted values), as are weights (every weight and bias of the plain model, embeddings
-and LayerNorms included). The test set is read once, at the end. Results: benchmarks/results/transformer_mnist.json.
+Multiply-adds per image: `bayescomp.multiply_adds` (compress's report, on the Bayesian model and the compressed one:
+every Linear call, in·out per token; attention scores and the weighted values are not counted). Weights: every weight
+and bias of the plain model, embeddings and LayerNorms included. The test set is read once, at the end. Results:
+benchmarks/results/transformer_mnist.json.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from selection import add_selection_options, combine, explicit_settings, stamp, 
 from torch import Tensor, nn
 
 import bayescomp
-from bayescomp.compress.heads import plain_linear, shrink_attention
 from bayescomp.data import load_mnist
 from bayescomp.nn import AttentionHeads, GroupSparseLayer
 from bayescomp.train import TrainConfig, evaluate, fit
@@ -101,27 +99,15 @@ class ViT(nn.Module):
         return self.head(self.norm(z).mean(1))
 
 
-def multiply_adds(model: ViT) -> int:
-    """Multiply-adds per image: every Linear's in·out per token, and each head's 2·L²·head_dim in attention."""
-    total, tokens = 0, model.tokens
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, GroupSparseLayer)):
-            rows = 1 if m is model.head else tokens
-            total += rows * m.in_features * m.out_features
-        if isinstance(m, nn.MultiheadAttention):  # its packed q/k/v projection (out_proj is a Linear, counted above)
-            total += tokens * m.in_proj_weight.numel()
-        if isinstance(m, (AttentionHeads, nn.MultiheadAttention)):
-            total += 2 * tokens * tokens * m.head_dim * m.num_heads
-    return total
-
-
 def weight_count(model: nn.Module) -> int:
-    """Every weight and bias of a plain model (the embeddings' and LayerNorms' included)."""
-    return sum(p.numel() for p in model.parameters())
+    """Every weight and bias of a plain model (the embeddings' and LayerNorms' included), and its floating-point
+    buffers (the compressed graph holds the position embedding as a buffer)."""
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.is_floating_point())
 
 
 def nonzero_weights(model: nn.Module) -> int:
-    return sum(int((p != 0).sum()) for p in model.parameters())
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    return sum(int((t != 0).sum()) for t in tensors)
 
 
 def set_masks(bmodel: nn.Module, threshold: float, head_threshold: float | None = None) -> None:
@@ -133,19 +119,6 @@ def set_masks(bmodel: nn.Module, threshold: float, head_threshold: float | None 
             if isinstance(m, GroupSparseLayer):
                 t = head_threshold if head_threshold is not None and id(m) in heads else threshold
                 m.group_mask.copy_(m.log_alpha() < t)
-
-
-def shrink(bmodel: nn.Module) -> nn.Module:
-    """The plain model of the masked Bayesian ViT: heads and hidden neurons removed, other pruned groups zeroed."""
-    model = copy.deepcopy(bmodel)
-    for block in model.blocks:
-        block.attn = shrink_attention(block.attn)
-        keep = block.mlp.fc2.group_mask.detach().cpu()
-        block.mlp.fc1 = plain_linear(block.mlp.fc1, rows=keep)
-        block.mlp.fc2 = plain_linear(block.mlp.fc2, cols=keep)
-    model.embed, model.head = plain_linear(model.embed), plain_linear(model.head)
-    assert not any(isinstance(m, GroupSparseLayer) for m in model.modules())
-    return model.eval()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         head_chosen = next((s["head_threshold"] for s in head_sweep
                             if s["validation_error"] <= val_unpruned + args.val_slack), None)
     set_masks(bmodel, chosen, head_chosen)
-    small = shrink(bmodel)
+    heads = {id(m.out_proj) for m in bmodel.modules() if isinstance(m, AttentionHeads)}
+    per_layer = {name: (head_chosen if head_chosen is not None and id(m) in heads else chosen)
+                 for name, m in bmodel.named_modules() if isinstance(m, GroupSparseLayer)}
+    result = bayescomp.compress(bmodel, thresholds=per_layer, example_input=val[0][:2], round_weights=False)
+    small = result.model
     g = torch.Generator().manual_seed(args.seed + 1)
     probe = torch.cat([val[0][:256], torch.rand(64, 1, 28, 28, generator=g) * 2 - 1])
     with torch.no_grad():
@@ -235,11 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     errors["bayesian_posterior_mean"] = evaluate(bmodel, x_test, y_test)
 
     blocks = []
-    for i, (bb, sb) in enumerate(zip(bmodel.blocks, small.blocks, strict=True)):
-        blocks.append({"block": i, "heads_kept": sb.attn.num_heads, "heads_total": bb.attn.num_heads,
-                       "heads_kept_index": sb.attn.heads.tolist(),
+    layers = {row["name"]: row for row in result.report["layers"]}
+    for i, bb in enumerate(bmodel.blocks):
+        heads = result.masks[f"blocks.{i}.attn.out_proj"].group_keep
+        blocks.append({"block": i, "heads_kept": int(heads.sum()), "heads_total": bb.attn.num_heads,
+                       "heads_kept_index": heads.nonzero().flatten().tolist(),
                        "head_log_alpha": [round(v, 3) for v in bb.attn.out_proj.log_alpha().tolist()],
-                       "mlp_neurons_kept": sb.mlp.fc1.out_features, "mlp_neurons_total": bb.mlp.fc1.out_features})
+                       "mlp_neurons_kept": layers[f"blocks.{i}.mlp.fc1"]["outputs_kept"],
+                       "mlp_neurons_total": bb.mlp.fc1.out_features})
     record = {
         "benchmark": f"ViT-style transformer on MNIST (7x7 patches, 16 tokens, d_model 64, 2 blocks of {args.heads}-head "
                      "attention + MLP 128, LayerNorm, mean pooling), GNJ; stage 1: plain E epochs (shared), stage 2: "
@@ -260,12 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         "blocks": blocks,
         "weights": {"before": weight_count(plain), "after": weight_count(small),
                     "after_nonzero": nonzero_weights(small)},
-        "multiply_adds_per_image": {"before": multiply_adds(plain), "after": multiply_adds(small),
-                                    "counted_by": "this script (Linear in*out per token; attention 2*L^2*head_dim "
-                                                  "per head); bayescomp.multiply_adds is not on main"},
+        "multiply_adds_per_image": {"before": result.report["multiply_adds_total"],
+                                    "after": result.report["multiply_adds_kept"],
+                                    "counted_by": "bayescomp.multiply_adds (compress's report: every Linear call, "
+                                                  "in*out per token; attention scores not counted)"},
         "max_abs_diff_compressed_vs_masked": max_diff,
         "seconds": {"stage1_plain_training": round(pre_seconds, 1), "plain_training": round(plain_seconds, 1), "bayesian_training": round(bayes_seconds, 1)},
-        "notes": "compressed by this script's module surgery (compress.heads.shrink_attention, plain_linear); weights "
+        "notes": "compressed by bayescomp.compress (the graph engine; AttentionHeads shrunk per head); weights "
                  "not rounded to a bit precision; the test set was read once, after the threshold was fixed",
     }
     record = stamp(record, combine(settings[0], "validation"), f"{settings[1].rstrip('.')}; one "

@@ -54,7 +54,8 @@ from .rules import OpRule, function_rule, is_linear, method_rule, module_rule
 from .shape_ops import ShapeOps, block_reads, block_spread
 from .weights import effective_params
 
-__all__ = ["Analysis", "Info", "analyse", "conv_group_inputs", "decision_masks", "label", "module_path",
+__all__ = ["Analysis", "Info", "analyse", "attention_masks", "conv_group_inputs", "decision_masks", "is_attention",
+           "label", "module_path",
            "output_layers", "shape_of", "unsupported"]
 
 #: softmax-like ops: (the argument position, its name, its default) of the dimension they normalise over
@@ -132,7 +133,7 @@ class Analysis(ShapeOps):
                 continue
             if info.axis is not None and (info.shape is None or not 1 <= info.axis < len(info.shape)):
                 info.axis = None  # pragma: no cover - every rule gives an axis ≥ 1 of a tensor
-            if info.kind in ("weighted", "depthwise"):
+            if info.kind in ("weighted", "depthwise") or is_attention(info):
                 if node.target in used_weighted:
                     raise unsupported(node, "the layer is called more than once (shared weights cannot be shrunk per call)")
                 used_weighted[str(node.target)] = node
@@ -152,7 +153,8 @@ class Analysis(ShapeOps):
             if not isinstance(value, Tensor):
                 raise unsupported(node, f"the forward uses the attribute {node.target!r}, which is not a tensor")
             return Info("param", shape=tuple(value.shape), value=value.detach().cpu())
-        if node.op == "call_module" and getattr(module_rule(self.modules[str(node.target)]), "kind", None) == "dense":
+        if node.op == "call_module" and getattr(module_rule(self.modules[str(node.target)]), "kind", None) in (
+                "dense", "attention"):
             return self._dense(node, shape)
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
                 and self.info[node.args[0]].kind in ("dense", "whole") and self.info[node.args[0]].shape is None:
@@ -212,7 +214,8 @@ class Analysis(ShapeOps):
         for x in inputs:
             if self.info[x].kind == "meta":
                 raise unsupported(node, "a dense module called with a size computed in the graph")
-        return Info("dense", inputs, shape, None, [None] * len(inputs), module=self.modules[str(node.target)])
+        module = self.modules[str(node.target)]
+        return Info("dense", inputs, shape, None, [None] * len(inputs), module=module, rule=module_rule(module))
 
     def _classify_module(self, node: fx.Node, shape: tuple[int, ...]) -> Info:
         mod = self.modules[str(node.target)]
@@ -412,6 +415,9 @@ def decision_masks(an: Analysis, thresholds: Mapping[str, float] | None = None) 
     """
     out: dict[str, LayerMask] = {}
     for node, info in an.info.items():
+        if is_attention(info):
+            out.update(attention_masks(an, node, thresholds))
+            continue
         if info.kind not in ("weighted", "depthwise"):
             continue
         name = str(node.target)
@@ -424,6 +430,50 @@ def decision_masks(an: Analysis, thresholds: Mapping[str, float] | None = None) 
         threshold = None if thresholds is None or info.own is None else thresholds.get(name)
         out[name] = LayerMask(name, reads, info.carried.clone(), fold, info.own, threshold)
     return out
+
+
+def is_attention(info: Info) -> bool:
+    """Whether a node is an `AttentionHeads` leaf (rule kind `attention`, analysed as `dense`)."""
+    return info.kind == "dense" and info.rule is not None and info.rule.kind == "attention"
+
+
+def attention_masks(an: Analysis, node: fx.Node, thresholds: Mapping[str, float] | None = None) -> dict[str, LayerMask]:
+    """The `LayerMask` of each projection of an `AttentionHeads` node, named `<path>.q_proj` … `<path>.out_proj`.
+
+    Its heads are out_proj's groups (`keeps`): q/k/v keep the rows of the kept heads, out_proj their columns and
+    every output. q/k/v read every input feature (the shrunk module stores a pruned input group as a zero column,
+    `heads.shrink_attention`); their `in_mask` is their own kept input groups, the weights that carry a value
+    (the bits loop reads those). A module whose output nobody needs keeps nothing.
+    """
+    info = an.info[node]
+    path, attn = str(node.target), info.module
+    alive = bool(info.carried.any())
+    heads = head_keep_of(attn, an.keeps.get(f"{path}.out_proj"))
+    features = heads.repeat_interleave(attn.head_dim) & alive
+    out: dict[str, LayerMask] = {}
+    for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        name, layer = f"{path}.{part}", getattr(attn, part)
+        own = an.keeps[name].detach().cpu() if isinstance(layer, GroupSparseLayer) else None
+        if part == "out_proj":
+            in_mask, out_mask = features.clone(), torch.full((attn.embed_dim,), alive)
+        else:
+            in_mask = (own.clone() if own is not None else torch.ones(attn.embed_dim, dtype=torch.bool)) & alive
+            out_mask = features.clone()
+        threshold = None if thresholds is None or own is None else thresholds.get(name)
+        nan = torch.full((in_mask.numel(),), math.nan, dtype=torch.float64)
+        out[name] = LayerMask(name, in_mask, out_mask, nan, own, threshold)
+    return out
+
+
+def head_keep_of(attn: nn.Module, keep: Tensor | None) -> Tensor:
+    """Bool per head of an `AttentionHeads`: its out_proj's group keep (None, a plain out_proj: every head)."""
+    if keep is None:
+        return torch.ones(attn.num_heads, dtype=torch.bool)
+    keep = keep.detach().cpu()
+    if keep.shape != (attn.num_heads,):
+        raise PruneError(f"out_proj has {keep.numel()} groups for {attn.num_heads} heads: bayesianize the model with "
+                         "bayescomp.bayesianize (it gives out_proj group_size = head_dim)")
+    return keep
 
 
 def analyse(model: nn.Module, gm: fx.GraphModule, keeps: Mapping[str, Tensor],

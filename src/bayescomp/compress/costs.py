@@ -51,7 +51,9 @@ def multiply_adds(model: nn.Module, example_input: Example) -> int:
     per output value) and a group-sparse layer, as its plain twin's forward at the posterior mean. A layer
     called twice counts twice. Not counted: biases, activations, normalisation, pooling, element-wise
     ops, the gates of a group-sparse layer, and any matrix product not made by one of those modules
-    (`F.linear` or `torch.matmul` in a forward, attention scores).
+    (`F.linear` or `torch.matmul` in a forward, attention scores). An `AttentionHeads` counts its four
+    projections (q/k/v/out, Linear modules: a shrunk one with fewer heads counts fewer), not its scores Q·Kᵀ
+    or their product with V.
     """
     n = _batch_size(example_input)
     total = 0

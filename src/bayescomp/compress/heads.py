@@ -13,10 +13,18 @@ folded into the bias), not rounded to a bit precision.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from ..nn import AttentionHeads, GroupSparseLayer
+from .masks import LayerMask
+from .precision import round_to_bits
+
+#: the projections of an `AttentionHeads`, each a weighted layer of the decision named `<attention path>.<part>`
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def head_keep(attn: AttentionHeads, threshold: float | None = None) -> Tensor:
@@ -89,3 +97,25 @@ def shrink_attention(attn: AttentionHeads, keep: Tensor | None = None) -> Attent
     new.v_proj = plain_linear(attn.v_proj, rows=features)
     new.out_proj = plain_linear(attn.out_proj, cols=features)
     return new.to(attn.heads.device).train(attn.training)
+
+
+@torch.no_grad()
+def decided_attention(attn: AttentionHeads, path: str, masks: Mapping[str, LayerMask],
+                      bits: Mapping[str, int] | None = None) -> AttentionHeads:
+    """The compressed engine's surgery of the `AttentionHeads` at `path` under a decision (`analysis.attention_masks`):
+    each projection computes with its own group keep (not its `group_mask` buffer: `compress(keeps=...)` does not
+    modify the model), the heads kept are out_proj's kept groups (`shrink_attention`), and each projection named
+    in `bits` has its weights rounded to that many mantissa bits. `attn` is not modified."""
+    work = copy.deepcopy(attn)
+    for part in PROJECTIONS:
+        layer, lm = getattr(work, part), masks[f"{path}.{part}"]
+        if isinstance(layer, GroupSparseLayer) and lm.group_keep is not None:
+            layer.group_mask.copy_(lm.group_keep.to(layer.group_mask.device))
+    keep = masks[f"{path}.out_proj"].group_keep
+    new = shrink_attention(work, None if keep is None else keep.detach().cpu().clone())
+    for part in PROJECTIONS:
+        name = f"{path}.{part}"
+        if bits is not None and name in bits:
+            proj = getattr(new, part)
+            proj.weight.copy_(round_to_bits(proj.weight, bits[name]))
+    return new

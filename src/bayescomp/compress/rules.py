@@ -30,6 +30,9 @@ shape           moves the channel axis without touching channels: unsqueeze, squ
 whole           reads every operand whole and gives an opaque tensor (matmul: an attention product), or
                 a tuple of them (chunk, split, unbind: a fused q/k/v projection split in three)
 embedding       nn.Embedding: reads token ids, gives features on the last axis; its columns are sliced
+attention       an `AttentionHeads` leaf (`bayescomp.nn.attention`): reads every channel of its query/key/value
+                inputs and produces every one of its outputs (carried like `dense`), but has its own keep over
+                heads (out_proj's groups) and is rebuilt with fewer heads (`heads.shrink_attention`)
 dense           a module carried through whole and unchanged (a layer kind bayescomp does not shrink, or
                 one `bayesianize(exclude=...)` left dense): reads every channel of every tensor operand,
                 produces every channel; it may take several inputs and return a tuple
@@ -54,11 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import GroupSparseLayer
+from ..nn import AttentionHeads, GroupSparseLayer
 from .runtime import FastMaxPool2d
 
 KINDS = ("weighted", "channelwise", "barrier", "reduction", "binary", "cat", "flatten", "shape", "whole", "embedding",
-         "dense")
+         "attention", "dense")
 
 #: the attribute `bayesianize` sets on a module it leaves dense (`exclude=`); its rule is then DENSE
 DENSE_MARK = "_bayescomp_dense"
@@ -145,11 +148,12 @@ ELEMENTWISE = OpRule("channelwise", dim=None)
 SHAPE = OpRule("shape")
 WHOLE = OpRule("whole")
 EMBEDDING = OpRule("embedding", slicer=lambda m, keep: slice_embedding(m, keep))
+ATTENTION = OpRule("attention")
 
 #: module type -> rule (subclasses inherit their base's rule)
 MODULE_RULES: dict[type[nn.Module], OpRule] = {
     GroupSparseLayer: WEIGHTED, nn.Linear: WEIGHTED, nn.Conv2d: WEIGHTED, nn.Conv1d: WEIGHTED,
-    nn.Embedding: EMBEDDING,
+    nn.Embedding: EMBEDDING, AttentionHeads: ATTENTION,
     nn.BatchNorm1d: BATCH_NORM, nn.BatchNorm2d: BATCH_NORM,
     nn.Flatten: FLATTEN,
     **dict.fromkeys((nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm), BARRIER),

@@ -28,8 +28,9 @@ from torch import Tensor, fx, nn
 
 from ..convert import UnsupportedLayerError
 from ..nn import zero_padded
-from .analysis import Analysis, Info, label, shape_of, unsupported
+from .analysis import Analysis, Info, is_attention, label, shape_of, unsupported
 from .channel_axes import along, full_shape, norm_dim
+from .heads import PROJECTIONS, decided_attention
 from .masks import LayerMask, PruneError, on_device
 from .precision import round_to_bits
 from .rules import copy_layer, is_linear
@@ -197,6 +198,8 @@ class Builder:
             if not bool(info.carried.any()):
                 if info.kind in ("weighted", "depthwise"):
                     self._record_dead(node, info)
+                elif is_attention(info):
+                    self.new_layers.update(dict.fromkeys(f"{node.target}.{p}" for p in PROJECTIONS))
                 continue
             emit = getattr(self, f"_emit_{info.kind}")
             self.env[node] = emit(node, info)
@@ -361,6 +364,11 @@ class Builder:
         if node.op == "call_function":  # operator.getitem on a dense module's tuple
             return self.graph.call_function(node.target, fx.node.map_arg(node.args, whole))
         args, kwargs = fx.node.map_arg(node.args, whole), fx.node.map_arg(node.kwargs, whole)
+        if is_attention(info):  # its own keep over heads: rebuilt with fewer heads, projections recorded
+            path = str(node.target)
+            new = decided_attention(info.module, path, self.masks, self.bits)
+            self.new_layers.update({f"{path}.{p}": getattr(new, p) for p in PROJECTIONS})
+            return self._call(new, path, args, kwargs)
         return self._call(copy_layer(info.module), str(node.target), args, kwargs)
 
     @staticmethod

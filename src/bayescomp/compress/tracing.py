@@ -2,7 +2,8 @@
 
 torch.fx is part of PyTorch and gives the graph, the module paths and (with `ShapeProp`) the shapes,
 which is all the channel analysis needs. Group-sparse layers and every module with a rule in
-`rules.MODULE_RULES` (a user's registered channel-wise module too) are kept as leaves.
+`rules.MODULE_RULES` (a user's registered channel-wise module too) are kept as leaves — an `AttentionHeads`
+among them (its forward's control flow on masks and ranks cannot be traced; the analysis treats it whole).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def effective_params(module: nn.Module, lm: LayerMask) -> tuple[Tensor, Tensor]:
         if lm.group_keep is not None:
             shape = [1] * weight.dim()
             shape[module.group_dim] = -1
-            keep = lm.group_keep.to(device=weight.device, dtype=weight.dtype)
+            keep = module._per_unit(lm.group_keep.to(device=weight.device, dtype=weight.dtype))  # group_size > 1
             weight = weight * keep.view(shape)
             if bias is not None and module.group_dim == 0:
                 bias = bias * keep
