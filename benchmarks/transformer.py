@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -55,7 +56,7 @@ GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
 #: --head-search: thresholds tried for the heads (out_proj layers) alone after the shared one is fixed, lowest first
 HEAD_GRID = (-10.0, -9.5, -9.0, -8.5, -8.0, -7.5, -7.0, -6.0, -5.0)
 #: the options that are choices of the method (argparse dests): given explicitly, they need --selection
-SETTINGS = ("epochs", "heads", "kl_weight", "head_search", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
+SETTINGS = ("epochs", "heads", "kl_weight", "head_search", "finetune_epochs", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
 
 
 class MLP(nn.Module):
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "start at log σ² = −9 and must travel several units for a group to be pruned")
     p.add_argument("--kl-weight", type=float, default=1.0, help="β of the KL term (1: the ELBO; below 1: tempered)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="F: epochs of plain training of the compressed model after the cut (cosine from --lr); the "
+                        "plain baseline gets the same F epochs more, so both end after 2E + F epochs")
     p.add_argument("--head-search", action="store_true",
                    help="after the shared threshold, a lower one for the heads alone (out_proj), lowest of "
                         f"{list(HEAD_GRID)} within --val-slack on the validation split")
@@ -168,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     plain = copy.deepcopy(pretrained)
     t0 = time.perf_counter()
     fit(plain, train, config, test=val, progress=False)  # stage 2, plain: E more epochs (the baseline)
+    if args.finetune_epochs:  # stage 3 of the baseline: the same F epochs the compressed model gets
+        fit(plain, train, dataclasses.replace(config, epochs=args.finetune_epochs, eval_every=args.finetune_epochs),
+            test=val, progress=False)
     plain_seconds = time.perf_counter() - t0
 
     bmodel = bayescomp.bayesianize(pretrained, prior="gnj", keep_weights=True)
@@ -201,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     probe = torch.cat([val[0][:256], torch.rand(64, 1, 28, 28, generator=g) * 2 - 1])
     with torch.no_grad():
         max_diff = (small(probe) - bmodel(probe)).abs().max().item()
+    tuned = None
+    if args.finetune_epochs:  # stage 3: plain training of the compressed model (its kept weights only)
+        tuned = copy.deepcopy(small).train()
+        fit(tuned, train, dataclasses.replace(config, epochs=args.finetune_epochs, eval_every=args.finetune_epochs,
+                                              kl_weight=1.0), test=val, progress=False)
+        tuned.eval()
 
     x_test, y_test = load_mnist("test")  # read once, here
     if args.smoke:
@@ -208,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     errors = {"plain": evaluate(plain, x_test, y_test), "plain_stage1": evaluate(pretrained, x_test, y_test),
               "bayesian_posterior_mean": None,
               "compressed": evaluate(small, x_test, y_test)}
+    if tuned is not None:
+        errors["compressed_before_finetune"] = errors["compressed"]
+        errors["compressed"] = evaluate(tuned, x_test, y_test)
     set_masks(bmodel, math.inf)
     errors["bayesian_posterior_mean"] = evaluate(bmodel, x_test, y_test)
 
@@ -226,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                      "plain E more epochs (the baseline) or Bayesian E epochs from stage 1 (compressed)",
         "command": command,
         "smoke": args.smoke,
-        "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "train_examples": len(train[0]), "validation_examples": len(val[0]),
+        "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "finetune_epochs": args.finetune_epochs, "head_search": args.head_search, "train_examples": len(train[0]), "validation_examples": len(val[0]),
                      "batch_size": config.batch_size, "lr": args.lr,
                      "lr_schedule": "cosine", "lr_scale": dict(config.lr_scale),
                      "kl_weight": args.kl_weight, "seed": args.seed, "prior": "gnj",
