@@ -41,3 +41,26 @@ def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
     for block in data["blocks"]:
         assert block["heads_total"] == 8 and block["mlp_neurons_total"] == 128
         assert len(block["heads_kept_index"]) == block["heads_kept"] and len(block["head_log_alpha"]) == 8
+
+
+def test_smoke_head_search_and_finetune_record_their_choices(tmp_path):
+    try:
+        load_mnist("test")
+    except Exception as exc:  # pragma: no cover - only without the data set
+        pytest.skip(f"MNIST not available: {exc}")
+    out = tmp_path / "t.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--head-search", "--finetune-epochs", "1",
+                           "--out", str(out), "--selection", "test", "--selection-note", "smoke"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["settings"]["finetune_epochs"] == 1 and data["settings"]["head_search"] is True
+    assert "compressed_before_finetune" in data["test_error"]
+    sweep = data["validation"]["head_sweep"]
+    # every head threshold tried lies below the shared one, and the chosen one is the lowest within the slack
+    assert sweep and all(s["head_threshold"] < data["threshold"] for s in sweep)
+    within = [s["head_threshold"] for s in sweep
+              if s["validation_error"] <= data["validation"]["unpruned_error"] + data["validation"]["slack_points"]]
+    assert data["head_threshold"] == (within[0] if within else None)
