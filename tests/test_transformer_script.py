@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "transformer.py"
 
 
-def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
+def run_smoke(tmp_path: Path, *extra: str) -> dict:
+    """The script's --smoke run in a subprocess (skipped without MNIST); its results file."""
     try:
         load_mnist("test")
     except Exception as exc:  # pragma: no cover - only without the data set
@@ -24,10 +25,15 @@ def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
     out = tmp_path / "t.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
+    data = run_smoke(tmp_path)
+    out = tmp_path / "t.json"
     assert data["command"] == f"python benchmarks/transformer.py --smoke --out {out}"
     assert data["smoke"] is True and data["selection"] == "validation" and data["selection_note"]
     assert set(data["test_error"]) == {"plain", "plain_stage1", "bayesian_posterior_mean", "compressed"}
@@ -44,18 +50,8 @@ def test_smoke_run_records_errors_sizes_heads_and_selection(tmp_path):
 
 
 def test_smoke_head_search_and_finetune_record_their_choices(tmp_path):
-    try:
-        load_mnist("test")
-    except Exception as exc:  # pragma: no cover - only without the data set
-        pytest.skip(f"MNIST not available: {exc}")
-    out = tmp_path / "t.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--head-search", "--finetune-epochs", "1",
-                           "--out", str(out), "--selection", "test", "--selection-note", "smoke"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())
+    data = run_smoke(tmp_path, "--head-search", "--finetune-epochs", "1", "--selection", "test",
+                     "--selection-note", "smoke")
     assert data["settings"]["finetune_epochs"] == 1 and data["settings"]["head_search"] is True
     assert "compressed_before_finetune" in data["test_error"]
     sweep = data["validation"]["head_sweep"]
