@@ -56,7 +56,7 @@ GRID = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
 #: --head-search: thresholds tried for the heads (out_proj layers) alone after the shared one is fixed, lowest first
 HEAD_GRID = (-10.0, -9.5, -9.0, -8.5, -8.0, -7.5, -7.0, -6.0, -5.0)
 #: the options that are choices of the method (argparse dests): given explicitly, they need --selection
-SETTINGS = ("epochs", "heads", "kl_weight", "head_search", "finetune_epochs", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
+SETTINGS = ("epochs", "heads", "kl_weight", "head_search", "finetune_epochs", "finetune_select", "train_subset", "val_size", "val_slack", "lr", "scale_lr_factor", "seed")
 
 
 class MLP(nn.Module):
@@ -122,6 +122,38 @@ def set_masks(bmodel: nn.Module, threshold: float, head_threshold: float | None 
                 m.group_mask.copy_(m.log_alpha() < t)
 
 
+def finetune(model: nn.Module, train: tuple[Tensor, Tensor], config: TrainConfig, epochs: int,
+             val: tuple[Tensor, Tensor] | None) -> dict | None:
+    """Plain training of `model` in place for `epochs` epochs (cosine from the config's rate).
+
+    With `val` (--finetune-select validation), the length is chosen on the validation split: after each epoch
+    (and before the first) the validation error is measured, and the model ends as it was after the fewest epochs
+    that reach the lowest error (its state from then is restored). Returns the validation curve and the chosen
+    length, or None without `val`."""
+    cfg = dataclasses.replace(config, epochs=epochs, eval_every=epochs, kl_weight=1.0)
+    if val is None:
+        fit(model, train, cfg, test=val, progress=False)
+        return None
+    model.eval()
+    curve = [evaluate(model, *val)]
+    best = (curve[0], 0, copy.deepcopy(model.state_dict()))
+
+    def keep_best(row: dict) -> None:
+        nonlocal best
+        model.eval()
+        err = evaluate(model, *val)
+        model.train()
+        curve.append(err)
+        if err < best[0]:
+            best = (err, len(curve) - 1, copy.deepcopy(model.state_dict()))
+
+    model.train()
+    fit(model, train, cfg, on_epoch=keep_best, progress=False)
+    model.load_state_dict(best[2])
+    model.eval()
+    return {"validation_error_by_epoch": curve, "chosen_epochs": best[1], "max_epochs": epochs}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=6, help="epochs of each stage (plain, then plain or Bayesian)")
@@ -138,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="F: epochs of plain training of the compressed model after the cut (cosine from --lr); the "
                         "plain baseline gets the same F epochs more, so both end after 2E + F epochs")
+    p.add_argument("--finetune-select", choices=("fixed", "validation"), default="fixed",
+                   help="fixed: exactly F fine-tuning epochs; validation: F is a maximum and each model (the "
+                        "compressed one and the baseline alike) keeps the epoch count from 0 to F with the lowest "
+                        "validation error (the fewest on a tie), so the length is chosen without the test set")
     p.add_argument("--head-search", action="store_true",
                    help="after the shared threshold, a lower one for the heads alone (out_proj), lowest of "
                         f"{list(HEAD_GRID)} within --val-slack on the validation split")
@@ -172,9 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     plain = copy.deepcopy(pretrained)
     t0 = time.perf_counter()
     fit(plain, train, config, test=val, progress=False)  # stage 2, plain: E more epochs (the baseline)
-    if args.finetune_epochs:  # stage 3 of the baseline: the same F epochs the compressed model gets
-        fit(plain, train, dataclasses.replace(config, epochs=args.finetune_epochs, eval_every=args.finetune_epochs),
-            test=val, progress=False)
+    select_val = val if args.finetune_select == "validation" else None
+    plain_ft = None
+    if args.finetune_epochs:  # stage 3 of the baseline: the same F epochs (or the same rule) as the compressed model
+        plain_ft = finetune(plain, train, config, args.finetune_epochs, select_val)
     plain_seconds = time.perf_counter() - t0
 
     bmodel = bayescomp.bayesianize(pretrained, prior="gnj", keep_weights=True)
@@ -208,11 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     probe = torch.cat([val[0][:256], torch.rand(64, 1, 28, 28, generator=g) * 2 - 1])
     with torch.no_grad():
         max_diff = (small(probe) - bmodel(probe)).abs().max().item()
-    tuned = None
+    tuned, tuned_ft = None, None
     if args.finetune_epochs:  # stage 3: plain training of the compressed model (its kept weights only)
         tuned = copy.deepcopy(small).train()
-        fit(tuned, train, dataclasses.replace(config, epochs=args.finetune_epochs, eval_every=args.finetune_epochs,
-                                              kl_weight=1.0), test=val, progress=False)
+        tuned_ft = finetune(tuned, train, config, args.finetune_epochs, select_val)
         tuned.eval()
 
     x_test, y_test = load_mnist("test")  # read once, here
@@ -242,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                      "plain E more epochs (the baseline) or Bayesian E epochs from stage 1 (compressed)",
         "command": command,
         "smoke": args.smoke,
-        "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "finetune_epochs": args.finetune_epochs, "head_search": args.head_search, "train_examples": len(train[0]), "validation_examples": len(val[0]),
+        "settings": {"epochs_per_stage": args.epochs, "heads": args.heads, "finetune_epochs": args.finetune_epochs,
+                     "finetune_select": args.finetune_select, "head_search": args.head_search, "train_examples": len(train[0]), "validation_examples": len(val[0]),
                      "batch_size": config.batch_size, "lr": args.lr,
                      "lr_schedule": "cosine", "lr_scale": dict(config.lr_scale),
                      "kl_weight": args.kl_weight, "seed": args.seed, "prior": "gnj",
@@ -252,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         "threshold": chosen,
         "head_threshold": head_chosen,
         "validation": {"unpruned_error": val_unpruned, "slack_points": args.val_slack, "sweep": sweep,
-                       "head_sweep": head_sweep},
+                       "head_sweep": head_sweep, "finetune_plain": plain_ft, "finetune_compressed": tuned_ft},
         "blocks": blocks,
         "weights": {"before": weight_count(plain), "after": weight_count(small),
                     "after_nonzero": nonzero_weights(small)},
@@ -269,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                    f"log-alpha threshold for all layers chosen on {len(val[0])} validation examples held out of "
                    f"training (lowest of {list(GRID)} within {args.val_slack} points of the unpruned validation error)"
                    + (f"; the heads' own threshold the lowest of {[t for t in HEAD_GRID if t < chosen]} within the "
-                      "same slack, on the same validation examples" if args.head_search else ""))
+                      "same slack, on the same validation examples" if args.head_search else "")
+                   + (f"; the fine-tuning length of each model (0 to {args.finetune_epochs} epochs) the fewest with "
+                      "the lowest validation error" if args.finetune_epochs and select_val is not None else ""))
     out = Path(args.out) if args.out else RESULTS / "transformer_mnist.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:

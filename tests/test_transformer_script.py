@@ -60,3 +60,16 @@ def test_smoke_head_search_and_finetune_record_their_choices(tmp_path):
     within = [s["head_threshold"] for s in sweep
               if s["validation_error"] <= data["validation"]["unpruned_error"] + data["validation"]["slack_points"]]
     assert data["head_threshold"] == (within[0] if within else None)
+
+
+def test_smoke_finetune_length_chosen_on_validation(tmp_path):
+    data = run_smoke(tmp_path, "--finetune-epochs", "2", "--finetune-select", "validation", "--selection", "fixed",
+                     "--selection-note", "smoke")
+    assert data["settings"]["finetune_select"] == "validation" and data["selection"] == "validation"
+    assert "fine-tuning length" in data["selection_note"]
+    for key in ("finetune_plain", "finetune_compressed"):
+        ft = data["validation"][key]
+        curve = ft["validation_error_by_epoch"]
+        assert ft["max_epochs"] == 2 and len(curve) == 3  # before fine-tuning, then after each epoch
+        # the fewest epochs reaching the lowest validation error
+        assert ft["chosen_epochs"] == curve.index(min(curve))
