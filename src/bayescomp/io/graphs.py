@@ -120,13 +120,17 @@ def _slice_part(value: Any, where: str) -> Any:
     raise ModelFileError(f"{where}: a slice bound of type {type(value).__name__} cannot be stored in a model file")
 
 
+def _is_bound(value: Any) -> bool:
+    """A stored slice bound: null, an integer or a reference to a node."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, dict) and list(value) == ["node"])
+
+
 def _decode_slice(inner: Any, env: dict[str, fx.Node], where: str) -> slice:
-    if not isinstance(inner, list) or len(inner) != 3:
-        raise ModelFileError(f"{where}: a slice needs [start, stop, step], got {str(inner)[:80]}")
-    parts = [_decode_arg(v, env, where, _MAX_DEPTH) for v in inner]  # scalars or nodes: nothing nested
-    if not all(p is None or isinstance(p, fx.Node) or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
-        raise ModelFileError(f"{where}: a slice bound must be null, an integer or a node, got {str(inner)[:80]}")
-    return slice(*parts)
+    if not isinstance(inner, list) or len(inner) != 3 or not all(_is_bound(v) for v in inner):
+        raise ModelFileError(f"{where}: a slice is [start, stop, step], each null, an integer or a node; "
+                             f"got {str(inner)[:80]}")
+    return slice(*(_decode_arg(v, env, where) for v in inner))
 
 
 def _check_getattr(args: tuple, kwargs: dict, where: str) -> None:
