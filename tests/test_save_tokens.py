@@ -284,3 +284,13 @@ def test_writer_refuses_getattr_of_anything_but_a_shape(tmp_path):
     with pytest.raises(ModelFileError, match=r"getattr may only read ndim, shape of a value, not 'T'"):
         save_plain(tmp_path / "m.pt", gm)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_vit_safetensors_export_round_trip(vit, tmp_path):
+    """The safetensors export stores the architecture as the model file does (version 3 here) and reads it back."""
+    pytest.importorskip("safetensors")
+    from bayescomp.io.export import export_safetensors, load_safetensors
+
+    path = export_safetensors(vit.model, tmp_path / "vit.safetensors")
+    loaded, _ = load_safetensors(path)
+    _assert_same(vit.model, loaded, _vit_input())
