@@ -166,6 +166,23 @@ def test_a_graph_without_token_entries_is_written_as_before(tmp_path):
         unpack(bcz_assemble(doc, records, FLAG_GRAPH | FLAG_TOKENS))
 
 
+def test_a_chain_with_layer_norm_is_flagged_and_round_trips(tmp_path):
+    """A chain (nn.Sequential) that holds a token-model layer: token flag without the graph flag, version 3 with a
+    layer list."""
+    torch.manual_seed(2)
+    bmodel = bayescomp.bayesianize(nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4)))
+    result = bayescomp.compress(bmodel.eval(), thresholds=_median_cut(bmodel, ("3",)), example_input=torch.randn(2, 8))
+    assert isinstance(result.model, nn.Sequential) and result.model[-1].in_features < 16
+    data, _ = pack(result)
+    assert int.from_bytes(data[10:12], "little") == FLAG_TOKENS
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(5))
+    _assert_same(result.model, unpack(data)[0], x)
+    save_plain(tmp_path / "chain.pt", result.model)
+    state = torch.load(tmp_path / "chain.pt", weights_only=True)
+    assert state["version"] == 3 and "spec" in state and "graph" not in state
+    _assert_same(result.model, load_plain(tmp_path / "chain.pt")[0], x)
+
+
 # ---- tampered descriptions ------------------------------------------------------------------------------------
 
 
