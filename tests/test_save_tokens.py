@@ -49,7 +49,7 @@ def vit():
 
 
 class TokenClassifier(nn.Module):
-    """Token ids → Embedding → Linear/GELU/Linear on (batch, tokens, features) → a few token reductions → classes.
+    """Token ids → Embedding → Linear/GELU/Linear on (batch, tokens, features) → token reductions → classes.
 
     The shape reads (``h.shape[1]``, ``t.size(1) // n``, ``t.dim()``) and slices (``y[:, :k]``, ``y[..., 0:1]``)
     become size arithmetic, `full_shape` (h loses features) and slice arguments in the compressed graph."""
@@ -228,7 +228,7 @@ TAMPERED = [
     (_edit_unknown_function, r"function 'builtins.eval' is not in the whitelist"),
     (_edit_getattr_other_attribute, r"getattr may only read ndim, shape of a value, not '__class__'"),
     (_edit_attention_argument, r"unexpected arguments \['device'\]"),
-    (_edit_attention_bias, r"bias must be a bool or 4 bools"),
+    (_edit_attention_bias, r"layer 'blocks.0.attn' \(AttentionHeads\): bias must be a bool or 4 bools"),
     (_edit_slice_bound, r"a slice is \[start, stop, step\], each null, an integer or a node"),
     (_edit_unknown_tag, r"invalid argument"),
     (_edit_method, r"tensor method '__setattr__' is not in the whitelist"),

@@ -130,13 +130,14 @@ def _projection_biases(attn: AttentionHeads) -> bool | list[bool]:
     return flags[0] if len(set(flags)) == 1 else flags
 
 
-def _attention(args: dict[str, Any]) -> AttentionHeads:
-    """An `AttentionHeads` from its stored arguments; `bias` a bool or one bool per projection."""
+def _attention(name: str, args: dict[str, Any]) -> AttentionHeads:
+    """The `AttentionHeads` named `name` from its stored arguments; `bias` a bool or one bool per projection."""
     bias = args.pop("bias", True)
     if isinstance(bias, bool):
         return AttentionHeads(**args, bias=bias)
-    if not (isinstance(bias, list) and len(bias) == len(ATTENTION_PROJECTIONS) and all(isinstance(b, bool) for b in bias)):
-        raise ModelFileError(f"AttentionHeads: bias must be a bool or {len(ATTENTION_PROJECTIONS)} bools, got {str(bias)[:80]}")
+    n = len(ATTENTION_PROJECTIONS)
+    if not (isinstance(bias, list) and len(bias) == n and all(isinstance(b, bool) for b in bias)):
+        raise ModelFileError(f"layer {name!r} (AttentionHeads): bias must be a bool or {n} bools, got {str(bias)[:80]}")
     attn = AttentionHeads(**args, bias=True)
     for part, has_bias in zip(ATTENTION_PROJECTIONS, bias, strict=True):
         if not has_bias:
@@ -162,7 +163,7 @@ def build_layer(entry: Any) -> tuple[str, nn.Module]:
         index = torch.zeros(n, dtype=torch.long)
         return str(entry["name"]), Realign(index, index, torch.zeros(c))
     if kind == "AttentionHeads":
-        return str(entry["name"]), _attention(args)
+        return str(entry["name"]), _attention(str(entry["name"]), args)
     return str(entry["name"]), cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 

@@ -118,5 +118,5 @@ def load_plain(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
 __all__ = ["EXTRA_ARGS", "FORMAT", "FUNCTIONS", "GRAPH_VERSION", "LAYERS", "METHODS", "STORED_ARGS", "TOKEN_VERSION",
            "VERSION", "VERSIONS",
-           "ModelFileError", "any_spec", "architecture_version", "build_architecture", "build_from_spec", "build_graph", "graph_spec", "load_plain", "model_spec",
-           "save_plain", "token_entries"]
+           "ModelFileError", "any_spec", "architecture_version", "build_architecture", "build_from_spec", "build_graph",
+           "graph_spec", "load_plain", "model_spec", "save_plain", "token_entries"]
