@@ -97,17 +97,10 @@ def bcz_assemble(doc: dict, records: bytes, flags: int = FLAG_GRAPH) -> bytes:
 
 def mutate_json(value: Any, rng: random.Random) -> Any:
     """One random edit somewhere inside a JSON value: a changed, removed or retyped entry."""
-    if isinstance(value, list) and value and rng.random() < 0.8:
-        i = rng.randrange(len(value))
-        out = list(value)
-        if rng.random() < 0.15:
-            del out[i]
-        else:
-            out[i] = mutate_json(out[i], rng)
-        return out
-    if isinstance(value, dict) and value and rng.random() < 0.8:
-        key = rng.choice(sorted(value))
-        out = dict(value)
+    if isinstance(value, (list, dict)) and value and rng.random() < 0.8:
+        is_list = isinstance(value, list)
+        key = rng.randrange(len(value)) if is_list else rng.choice(sorted(value))
+        out = list(value) if is_list else dict(value)
         if rng.random() < 0.15:
             del out[key]
         else:
