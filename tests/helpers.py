@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import random
+import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from bayescomp.data.paths import md5_hex
+from bayescomp.io.packed import FLAG_GRAPH, MAGIC
 from bayescomp.nn import GroupSparseLayer
 
 
@@ -73,3 +79,33 @@ def interrupted_run(opts, out: Path, monkeypatch) -> None:
         except Interrupted:
             return
     raise AssertionError("the run was expected to stop before compressing")
+
+
+def bcz_parts(data: bytes) -> tuple[dict, bytes]:
+    """A packed file's architecture document (decompressed JSON) and its tensor records (count included)."""
+    (spec_len,) = struct.unpack_from("<I", data, 20)
+    return json.loads(zlib.decompress(data[24 : 24 + spec_len])), data[24 + spec_len : -4]
+
+
+def bcz_assemble(doc: dict, records: bytes, flags: int = FLAG_GRAPH) -> bytes:
+    """A packed file (version 1, the given flags, a valid checksum) of an architecture document and records."""
+    spec = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
+    total = 20 + 4 + len(spec) + len(records) + 4
+    out = struct.pack("<8sHHQ", MAGIC, 1, flags, total) + struct.pack("<I", len(spec)) + spec + records
+    return out + struct.pack("<I", zlib.crc32(out))
+
+
+def mutate_json(value: Any, rng: random.Random) -> Any:
+    """One random edit somewhere inside a JSON value: a changed, removed or retyped entry."""
+    if isinstance(value, (list, dict)) and value and rng.random() < 0.8:
+        is_list = isinstance(value, list)
+        key = rng.randrange(len(value)) if is_list else rng.choice(sorted(value))
+        out = list(value) if is_list else dict(value)
+        if rng.random() < 0.15:
+            del out[key]
+        else:
+            out[key] = mutate_json(out[key], rng)
+        return out
+    return rng.choice([None, 0, -1, 2**40, 3.5, "", "x", "stem.0", "operator.add", [], {}, {"node": "x"},
+                       {"tuple": [1]}, True, "torch.cat", "call_module", "ReLU", {"slice": [0, None, 1]},
+                       {"ellipsis": True}, "getattr", "shape", "LayerNorm", "AttentionHeads"])

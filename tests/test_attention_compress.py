@@ -176,7 +176,7 @@ def test_sequence_first_attention_compresses_to_the_masked_model(prior):
     assert result.model.get_submodule("attn").num_heads == 3
 
 
-def test_check_is_clean_and_save_refuses_attention_by_name(tmp_path):
+def test_check_is_clean_and_the_shrunk_attention_saves(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     report = bayescomp.check(MHAViT(), x)
@@ -192,6 +192,8 @@ def test_check_is_clean_and_save_refuses_attention_by_name(tmp_path):
     assert (result.model(xr) - masked(xr)).abs().max().item() <= 1e-5
     assert result.model.get_submodule("attn").num_heads == 2
     path = tmp_path / "model.bcz"
-    with pytest.raises(ValueError, match="attn: AttentionHeads cannot be stored"):
-        bayescomp.save(compress(bmodel, keeps=keeps, example_input=xt), path)  # rounded, as a file stores it
-    assert not path.exists()
+    rounded = compress(bmodel, keeps=keeps, example_input=xt)  # rounded, as a file stores it
+    bayescomp.save(rounded, path)
+    loaded = bayescomp.load(path)
+    assert loaded.get_submodule("attn").heads.tolist() == [1, 2]  # the original indices of the heads kept
+    assert (loaded(xr) - rounded.model(xr)).abs().max().item() <= 1e-6

@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import random
 import struct
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import bcz_assemble as _assemble
+from helpers import bcz_parts as _parts
+from helpers import mutate_json, randomise
 from helpers import random_keeps as _random_keeps
-from helpers import randomise
 from torch import fx, nn
 
 import bayescomp
@@ -28,7 +29,7 @@ from bayescomp.compress import AppendOnes, Realign, graph_compress
 from bayescomp.compress.rules import FUNCTION_RULES, METHOD_RULES
 from bayescomp.io import packed_reader
 from bayescomp.io.graphs import FUNCTION_NAMES
-from bayescomp.io.packed import FLAG_GRAPH, MAGIC, PackedFileError, pack, packed_report, read_packed, unpack
+from bayescomp.io.packed import FLAG_GRAPH, PackedFileError, pack, packed_report, read_packed, unpack
 from bayescomp.io.plain import (
     GRAPH_VERSION,
     LAYERS,
@@ -461,18 +462,6 @@ def test_corrupt_graph_in_model_pt_is_refused(small, edit, match, tmp_path, monk
     assert not (tmp_path / "MARKER").exists()
 
 
-def _parts(data: bytes) -> tuple[dict, bytes]:
-    (spec_len,) = struct.unpack_from("<I", data, 20)
-    return json.loads(zlib.decompress(data[24 : 24 + spec_len])), data[24 + spec_len : -4]
-
-
-def _assemble(doc: dict, records: bytes, flags: int = FLAG_GRAPH) -> bytes:
-    spec = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
-    total = 20 + 4 + len(spec) + len(records) + 4
-    out = struct.pack("<8sHHQ", MAGIC, 1, flags, total) + struct.pack("<I", len(spec)) + spec + records
-    return out + struct.pack("<I", zlib.crc32(out))
-
-
 @pytest.fixture(scope="module")
 def small_bcz(small) -> bytes:
     return pack(small[0])[0]
@@ -519,35 +508,13 @@ def test_bcz_absurd_graph_sizes_refused_before_building(small_bcz):
         unpack(_assemble(doc, records))
 
 
-def _mutate_json(value, rng: random.Random):
-    """One random edit somewhere inside a JSON value: a changed, removed or retyped entry."""
-    if isinstance(value, list) and value and rng.random() < 0.8:
-        i = rng.randrange(len(value))
-        out = list(value)
-        if rng.random() < 0.15:
-            del out[i]
-        else:
-            out[i] = _mutate_json(out[i], rng)
-        return out
-    if isinstance(value, dict) and value and rng.random() < 0.8:
-        key = rng.choice(sorted(value))
-        out = dict(value)
-        if rng.random() < 0.15:
-            del out[key]
-        else:
-            out[key] = _mutate_json(out[key], rng)
-        return out
-    return rng.choice([None, 0, -1, 2**40, 3.5, "", "x", "stem.0", "operator.add", [], {}, {"node": "x"},
-                       {"tuple": [1]}, True, "torch.cat", "call_module", "ReLU"])
-
-
 def test_fuzzed_graph_descriptions_load_or_raise_packed_file_error(small_bcz):
     """Random edits of the graph description (checksum repaired): each file loads or raises PackedFileError."""
     doc, records = _parts(small_bcz)
     rng = random.Random(7)
     refused = 0
     for i in range(300):
-        bad = dict(doc, graph=_mutate_json(doc["graph"], rng))
+        bad = dict(doc, graph=mutate_json(doc["graph"], rng))
         try:
             unpack(_assemble(bad, records))
         except PackedFileError:
@@ -566,9 +533,9 @@ def test_corrupt_model_pt_tensors_are_refused(small, tmp_path):
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(ModelFileError, match="inconsistent"):
         load_plain(tmp_path / "bad.pt")
-    state["version"] = 3
+    state["version"] = 4
     torch.save(state, tmp_path / "newer.pt")
-    with pytest.raises(ModelFileError, match="format version 3"):
+    with pytest.raises(ModelFileError, match="format version 4"):
         load_plain(tmp_path / "newer.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a file")
     with pytest.raises(ModelFileError, match="cannot read"):

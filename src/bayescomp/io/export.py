@@ -27,7 +27,7 @@ from torch import nn
 
 from ..base import BayescompError, atomic_write
 from ..compress.runtime import with_pooling
-from .plain import FORMAT, GRAPH_VERSION, VERSION, ModelFileError, any_spec, build_from_spec, build_graph
+from .plain import FORMAT, VERSIONS, ModelFileError, any_spec, architecture_version, build_architecture
 
 
 class ExportError(BayescompError, RuntimeError):
@@ -153,16 +153,16 @@ def load_safetensors(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
         raise ModelFileError(f"cannot read safetensors file {path}: {exc}") from exc
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a bayescomp safetensors export")
-    key = "graph" if "graph" in metadata else "spec"
-    version = metadata.get("version", str(GRAPH_VERSION if key == "graph" else VERSION))  # early exports: none
-    if version != str(GRAPH_VERSION if key == "graph" else VERSION):
-        raise ModelFileError(f"{path}: model version {version[:20]!r} with a {key!r} architecture is not one this "
-                             "bayescomp reads")
+    version = metadata.get("version")
+    if version is not None and version not in {str(v) for v in VERSIONS}:
+        raise ModelFileError(f"{path}: model version {version[:20]!r} is not one this bayescomp reads")
     try:
-        if key not in metadata:
+        if "spec" not in metadata and "graph" not in metadata:
             raise ModelFileError("no architecture (spec or graph) in its metadata")
-        spec = json.loads(metadata[key])
-        model: nn.Module = build_graph(spec) if key == "graph" else build_from_spec(spec)
+        key = "graph" if "graph" in metadata else "spec"
+        # early exports have no version: the one their architecture calls for
+        expected = architecture_version(key, json.loads(metadata[key]))
+        model = build_architecture(expected if version is None else int(version), metadata)
         model.load_state_dict(tensors)
         meta = json.loads(metadata.get("meta", "{}"))
     except ModelFileError as exc:

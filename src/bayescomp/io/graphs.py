@@ -5,7 +5,12 @@ tensor methods come from an explicit whitelist (`FUNCTIONS`, `METHODS`). torch.f
 Python source and runs it, and it writes module paths, placeholder names and keyword names into that
 source verbatim; so every such string is checked to be a plain identifier (or, inside a module path, a
 decimal index) before anything is built. Whatever a file says, the generated `forward` can only call
-whitelisted modules, functions and tensor methods.
+whitelisted modules, functions and tensor methods, and `getattr` reads a tensor's shape only.
+
+Token models added to the vocabulary (`TOKEN_FUNCTIONS`, `TOKEN_METHODS`, `TOKEN_TAGS`, with
+`io.layers.TOKEN_LAYERS`): the size arithmetic of a reshape to computed shapes (``x.shape``, ``x.size(0)``,
+``h // 7``, and `compress.channel_axes.full_shape` where a pruned tensor's original width is read) and
+indexing with slices (``x[:, 0]``). `token_entries` lists what a description uses of it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import ModelFileError, build_layer, layer_entry
+from ..compress.channel_axes import full_shape
+from .layers import TOKEN_LAYERS, ModelFileError, build_layer, layer_entry
 
 #: call_function targets a stored graph may use: pure tensor functions, by a stable name. These are the
 #: functions graph_compress can emit (it re-emits the model's own element-wise ops, reductions over
@@ -38,6 +44,8 @@ FUNCTIONS: dict[str, Any] = {
         "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d",
         "adaptive_max_pool2d", "interpolate", "pad", "softmax", "log_softmax", "normalize",
         "scaled_dot_product_attention")},
+    # size arithmetic of token models (TOKEN_FUNCTIONS); getattr only reads SHAPE_ATTRIBUTES
+    "operator.floordiv": operator.floordiv, "getattr": getattr, "bayescomp.full_shape": full_shape,
 }  # fmt: skip
 #: function -> its name in FUNCTIONS (the first, where one function has two names)
 FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in reversed(FUNCTIONS.items())}
@@ -46,7 +54,16 @@ FUNCTION_NAMES: dict[Any, str] = {fn: name for name, fn in reversed(FUNCTIONS.it
 METHODS = frozenset({"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "mean", "sum", "amax", "amin",
                      "softmax", "log_softmax", "add", "sub", "mul", "div", "unsqueeze", "squeeze", "transpose",
                      "permute", "expand", "matmul", "bmm", "view", "reshape", "chunk", "split", "unbind", "float",
-                     "to"})
+                     "to", "size", "dim"})
+
+#: what a token model added to the vocabulary: a description that uses any of it is flagged (packed file) or
+#: versioned (model file) as such, so that a reader from before refuses it by that mark
+TOKEN_FUNCTIONS = frozenset({"operator.floordiv", "getattr", "bayescomp.full_shape"})
+TOKEN_METHODS = frozenset({"size", "dim"})
+#: argument tags beyond "node" and "tuple": a slice {"slice": [start, stop, step]}, and {"ellipsis": true}
+TOKEN_TAGS = frozenset({"slice", "ellipsis"})
+#: the attributes a stored `getattr` node may read (of a tensor): nothing that reaches code or other objects
+SHAPE_ATTRIBUTES = frozenset({"shape", "ndim"})
 
 #: names the forward that torch.fx generates uses besides its nodes' (its first parameter, the getattr builtin and
 #: torch.fx's own globals): an input (a parameter of that forward) must not shadow them
@@ -89,7 +106,39 @@ def _encode_arg(value: Any, where: str) -> Any:
         return {"tuple": [_encode_arg(v, where) for v in value]}
     if isinstance(value, list):
         return [_encode_arg(v, where) for v in value]
+    if isinstance(value, slice):
+        return {"slice": [_slice_part(v, where) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": True}
     raise ModelFileError(f"{where}: an argument of type {type(value).__name__} cannot be stored in a model file")
+
+
+def _slice_part(value: Any, where: str) -> Any:
+    """A bound of a slice as JSON: None, an integer, or a node (a size computed in the graph)."""
+    if value is None or isinstance(value, fx.Node) or (isinstance(value, int) and not isinstance(value, bool)):
+        return _encode_arg(value, where)
+    raise ModelFileError(f"{where}: a slice bound of type {type(value).__name__} cannot be stored in a model file")
+
+
+def _is_bound(value: Any) -> bool:
+    """A stored slice bound: null, an integer or a reference to a node."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, dict) and list(value) == ["node"])
+
+
+def _decode_slice(inner: Any, env: dict[str, fx.Node], where: str) -> slice:
+    if not isinstance(inner, list) or len(inner) != 3 or not all(_is_bound(v) for v in inner):
+        raise ModelFileError(f"{where}: a slice is [start, stop, step], each null, an integer or a node; "
+                             f"got {str(inner)[:80]}")
+    return slice(*(_decode_arg(v, env, where) for v in inner))
+
+
+def _check_getattr(args: tuple, kwargs: dict, where: str) -> None:
+    """A stored `getattr` reads a shape attribute of a node's value: ``x.shape`` (torch.fx writes it so)."""
+    if len(args) != 2 or kwargs or not isinstance(args[0], fx.Node) or args[1] not in SHAPE_ATTRIBUTES:
+        shown = args[1] if len(args) == 2 else args
+        raise ModelFileError(f"{where}: getattr may only read {', '.join(sorted(SHAPE_ATTRIBUTES))} of a value, "
+                             f"not {str(shown)[:80]!r}")
 
 
 def _decode_arg(value: Any, env: dict[str, fx.Node], where: str, depth: int = 0) -> Any:
@@ -111,6 +160,10 @@ def _decode_arg(value: Any, env: dict[str, fx.Node], where: str, depth: int = 0)
             return env[inner]
         if tag == "tuple" and isinstance(inner, list):
             return tuple(_decode_arg(v, env, where, depth + 1) for v in inner)
+        if tag == "slice":
+            return _decode_slice(inner, env, where)
+        if tag == "ellipsis" and inner is True:
+            return Ellipsis
     raise ModelFileError(f"{where}: invalid argument {str(value)[:80]}")
 
 
@@ -122,6 +175,38 @@ def _tensor_attr(root: nn.Module, target: str) -> torch.Tensor | None:
         return None
     value = module._parameters.get(attr, module._buffers.get(attr))
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _tags(value: Any, depth: int = 0) -> set[str]:
+    """The TOKEN_TAGS that a (JSON) node argument uses, looked for as deep as an argument may be nested."""
+    if depth > _MAX_DEPTH + 1:
+        return set()
+    items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else []
+    found = set(value) & TOKEN_TAGS if isinstance(value, dict) else set()
+    for item in items:
+        found |= _tags(item, depth + 1)
+    return found
+
+
+def token_entries(arch: Any) -> list[str]:
+    """The names of the token-model vocabulary an architecture uses (a chain's layer list or a graph description):
+    layer types of `TOKEN_LAYERS`, functions of `TOKEN_FUNCTIONS`, methods of `TOKEN_METHODS`, argument tags of
+    `TOKEN_TAGS`. Empty for what a file could hold before; safe on any JSON (a reader calls it before checking)."""
+    layers, nodes = (arch.get("modules"), arch.get("nodes")) if isinstance(arch, dict) else (arch, [])
+    used: set[str] = set()
+    for entry in layers if isinstance(layers, list) else []:
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if isinstance(kind, str) and kind in TOKEN_LAYERS:
+            used.add(kind)
+    for node in nodes if isinstance(nodes, list) else []:
+        if not isinstance(node, dict):
+            continue
+        op, target = node.get("op"), node.get("target")
+        if isinstance(target, str) and (op == "call_function" and target in TOKEN_FUNCTIONS
+                                        or op == "call_method" and target in TOKEN_METHODS):
+            used.add(target)
+        used |= _tags([node.get("args"), node.get("kwargs")])
+    return sorted(used)
 
 
 def graph_spec(gm: fx.GraphModule) -> dict[str, Any]:
@@ -166,6 +251,8 @@ def graph_spec(gm: fx.GraphModule) -> dict[str, Any]:
             if name is None:
                 raise ModelFileError(f"{where}: function {getattr(node.target, '__name__', node.target)!r} is not in "
                                      "the whitelist of functions a model file may call")
+            if name == "getattr":
+                _check_getattr(node.args, node.kwargs, where)
             entry["target"] = name
         elif node.op == "call_method":
             if node.target not in METHODS:
@@ -285,6 +372,8 @@ def build_graph(spec: dict[str, Any]) -> fx.GraphModule:
             if target not in FUNCTIONS:
                 raise ModelFileError(f"{where}: function {str(target)[:80]!r} is not in the whitelist of functions a "
                                      "model file may call")
+            if target == "getattr":
+                _check_getattr(args, kwargs, where)
             call = FUNCTIONS[target]
         elif op == "call_method":
             if target not in METHODS:

@@ -1,6 +1,10 @@
 """The layers a plain model file may hold: a whitelist of module types and the constructor arguments read
 off an instance, and the JSON layer list of a flat `nn.Sequential` chain (`model_spec`).
 
+The token-model layers (`TOKEN_LAYERS`: LayerNorm, Embedding and the `AttentionHeads` that compression makes
+of an attention) came after the first files: an architecture that holds one is marked as such in the file
+(the packed file's token flag, the model file's version 3), so that a reader from before refuses it clearly.
+
 A stored ``MaxPool2d`` is rebuilt as `FastMaxPool2d` (the same values, faster on the CPU), and a
 `FastMaxPool2d` is written as ``MaxPool2d``: the files do not tell them apart.
 """
@@ -12,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compress.heads import PROJECTIONS as ATTENTION_PROJECTIONS  # a per-projection `bias` list's order
 from ..compress.runtime import AppendOnes, FastMaxPool2d, Realign, Select
+from ..nn import AttentionHeads
 
 
 class ModelFileError(ValueError):
@@ -65,7 +71,15 @@ LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
     "GroupNorm": (nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine")),
     "Realign": (Realign, ()),
+    # token models (TOKEN_LAYERS): the compressed attention is an AttentionHeads with the heads it kept
+    "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
+    "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                                 "scale_grad_by_freq", "sparse")),
+    "AttentionHeads": (AttentionHeads, ("embed_dim", "num_heads", "head_dim", "dropout", "batch_first",
+                                        "total_heads")),
 }
+#: the layer types of token models: a file holding one is flagged (packed) or versioned (model file) as such
+TOKEN_LAYERS = frozenset({"LayerNorm", "Embedding", "AttentionHeads"})
 
 #: class -> the type name it is stored under: each class of LAYERS, and nn.MaxPool2d written like FastMaxPool2d
 _STORED_AS: dict[type[nn.Module], str] = {cls: kind for kind, (cls, _) in LAYERS.items()} | {nn.MaxPool2d: "MaxPool2d"}
@@ -77,6 +91,8 @@ EXTRA_ARGS: dict[str, set[str]] = {
     "Conv1d": {"bias", "padding_mode"},
     "Select": {"index_size"},
     "Realign": {"n_carried", "n_channels"},
+    "LayerNorm": {"bias"},
+    "AttentionHeads": {"bias"},
 }
 #: type name -> every argument a stored layer entry may have (readers refuse any other)
 STORED_ARGS: dict[str, frozenset[str]] = {k: frozenset(a) | EXTRA_ARGS.get(k, set()) for k, (_, a) in LAYERS.items()}
@@ -92,8 +108,10 @@ def layer_entry(name: str, m: nn.Module) -> dict[str, Any]:
     if kind is None:
         raise ModelFileError(f"{name}: {type(m).__name__} cannot be stored in a plain model file")
     args = {a: _jsonable(getattr(m, a)) for a in LAYERS[kind][1]}
-    if kind in ("Linear", "Conv2d", "Conv1d"):
+    if kind in ("Linear", "Conv2d", "Conv1d", "LayerNorm"):
         args["bias"] = m.bias is not None
+    if kind == "AttentionHeads":
+        args["bias"] = _projection_biases(m)
     if kind in ("Conv2d", "Conv1d") and m.padding_mode != "zeros":
         args["padding_mode"] = m.padding_mode
     if kind == "Select":
@@ -103,6 +121,28 @@ def layer_entry(name: str, m: nn.Module) -> dict[str, Any]:
             raise ModelFileError(f"{name}: Realign with {m.src.numel()} sources but {m.dst.numel()} destinations")
         args.update(n_carried=int(m.src.numel()), n_channels=int(m.fill.numel()))
     return {"name": name, "type": kind, "args": args}
+
+
+def _projection_biases(attn: AttentionHeads) -> bool | list[bool]:
+    """Whether q/k/v/out_proj have a bias: one bool when they agree (the usual case), else one per projection (a
+    shrunk projection may gain a bias where an input origin was folded into it)."""
+    flags = [getattr(attn, p).bias is not None for p in ATTENTION_PROJECTIONS]
+    return flags[0] if len(set(flags)) == 1 else flags
+
+
+def _attention(name: str, args: dict[str, Any]) -> AttentionHeads:
+    """The `AttentionHeads` named `name` from its stored arguments; `bias` a bool or one bool per projection."""
+    bias = args.pop("bias", True)
+    if isinstance(bias, bool):
+        return AttentionHeads(**args, bias=bias)
+    n = len(ATTENTION_PROJECTIONS)
+    if not (isinstance(bias, list) and len(bias) == n and all(isinstance(b, bool) for b in bias)):
+        raise ModelFileError(f"layer {name!r} (AttentionHeads): bias must be a bool or {n} bools, got {str(bias)[:80]}")
+    attn = AttentionHeads(**args, bias=True)
+    for part, has_bias in zip(ATTENTION_PROJECTIONS, bias, strict=True):
+        if not has_bias:
+            getattr(attn, part).register_parameter("bias", None)
+    return attn
 
 
 def build_layer(entry: Any) -> tuple[str, nn.Module]:
@@ -122,6 +162,8 @@ def build_layer(entry: Any) -> tuple[str, nn.Module]:
         n, c = int(args["n_carried"]), int(args["n_channels"])
         index = torch.zeros(n, dtype=torch.long)
         return str(entry["name"]), Realign(index, index, torch.zeros(c))
+    if kind == "AttentionHeads":
+        return str(entry["name"]), _attention(str(entry["name"]), args)
     return str(entry["name"]), cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 

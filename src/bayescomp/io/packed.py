@@ -8,7 +8,8 @@ What goes in (byte layout in docs/format.md):
 
 * the architecture as the JSON layer list of `io.plain.model_spec` (zlib-compressed), or for a
   residual/concatenating network compressed by `graph_compress` the JSON graph of `io.plain.graph_spec`
-  (flag bit 0 set), plus a little metadata (per-layer bits, the original weight count);
+  (flag bit 0 set; flag bit 1 where it uses the token-model layers and ops: LayerNorm, Embedding,
+  AttentionHeads, size arithmetic, slices), plus a little metadata (per-layer bits, the original weight count);
 * each weight of a quantised layer (one with a bit count T in `CompressedModel.bits`) as integers
   q = w·2^T in Deep Compression's sparse format: the non-zero q's and their relative-index gaps
   (with filler entries), two streams each coded with ANS, Huffman or fixed width (`io.streams`);
@@ -47,6 +48,7 @@ from .packed_layout import (
     ENCODING_NAMES,
     EXTENSION,
     FLAG_GRAPH,
+    FLAG_TOKENS,
     HEADER,
     MAGIC,
     MAX_ELEMENTS,
@@ -57,7 +59,7 @@ from .packed_layout import (
     PackedFileError,
 )
 from .packed_reader import load, read_packed, unpack
-from .plain import ModelFileError, graph_spec, model_spec
+from .plain import ModelFileError, graph_spec, model_spec, token_entries
 from .sparse_index import default_index_bits, quantize, sparse_encode
 from .streams import Stream, encode_stream
 
@@ -271,7 +273,8 @@ def pack(compressed: Any, coder: str = "auto", index_bits: Mapping[str, int] | N
         records.append(rec)
     head_len = HEADER.size + 4 + len(spec_blob) + 4
     total = head_len + len(body) + TRAILER_BYTES
-    out = bytearray(HEADER.pack(MAGIC, VERSION, FLAG_GRAPH if graph else 0, total))
+    flags = (FLAG_GRAPH if graph else 0) | (FLAG_TOKENS if token_entries(spec) else 0)
+    out = bytearray(HEADER.pack(MAGIC, VERSION, flags, total))
     out += struct.pack("<I", len(spec_blob)) + spec_blob + struct.pack("<I", len(records)) + body
     out += struct.pack("<I", zlib.crc32(out))
     assert len(out) == total
@@ -338,6 +341,7 @@ def packed_report(compressed: Any, path: str | os.PathLike) -> dict[str, Any]:
 __all__ = [
     "EXTENSION",
     "FLAG_GRAPH",
+    "FLAG_TOKENS",
     "MAGIC",
     "MAX_ELEMENTS",
     "VERSION",

@@ -21,8 +21,12 @@ EXTENSION = ".bcz"
 #: flag bit 0: the architecture is a graph (`io.plain.graph_spec`), not a layer list. Readers from before
 #: graphs could be stored know no flag, so they refuse such a file ("features this bayescomp does not know").
 FLAG_GRAPH = 0x0001
+#: flag bit 1: the architecture uses the token-model vocabulary (LayerNorm, Embedding, AttentionHeads, size
+#: arithmetic, slices: `io.graphs.token_entries`); set exactly then. Readers from before know no such flag, so they
+#: refuse the file by it instead of failing on the first entry they do not know.
+FLAG_TOKENS = 0x0002
 #: flag bits defined by this version: a reader refuses a file with any other flag set
-KNOWN_FLAGS = FLAG_GRAPH
+KNOWN_FLAGS = FLAG_GRAPH | FLAG_TOKENS
 #: default cap on the numbers (parameters and buffers) a loaded model may hold: 2^28 ≈ 268 M (1 GiB of float32)
 MAX_ELEMENTS = 1 << 28
 MAX_SPEC_BYTES = 1 << 20

@@ -29,6 +29,7 @@ from .packed_layout import (
     ENC_SPARSE,
     ENCODING_NAMES,
     FLAG_GRAPH,
+    FLAG_TOKENS,
     HEADER,
     KNOWN_FLAGS,
     MAGIC,
@@ -42,7 +43,7 @@ from .packed_layout import (
     VERSION,
     PackedFileError,
 )
-from .plain import STORED_ARGS, build_from_spec, build_graph
+from .plain import STORED_ARGS, build_from_spec, build_graph, token_entries
 from .sparse_index import MAX_INDEX_BITS, dequantize, sparse_decode
 from .streams import CODER_NAMES, decode_stream
 
@@ -117,6 +118,19 @@ def _spec_elements(entry: Any) -> int:
         return n_in * n_out * math.prod(_int_arg(k, f"{name}.kernel_size") for k in ks) + n_out
     if kind in ("BatchNorm1d", "BatchNorm2d"):
         return 4 * _int_arg(args.get("num_features"), f"{name}.num_features") + 1
+    if kind == "LayerNorm":
+        shape = args.get("normalized_shape")
+        dims = shape if isinstance(shape, list) else [shape]
+        if len(dims) > MAX_NDIM:
+            raise PackedFileError(f"architecture: {name}.normalized_shape has more than {MAX_NDIM} dimensions")
+        return 2 * math.prod(_int_arg(d, f"{name}.normalized_shape") for d in dims)
+    if kind == "Embedding":
+        return _int_arg(args.get("num_embeddings"), f"{name}.num_embeddings") * _int_arg(
+            args.get("embedding_dim"), f"{name}.embedding_dim")
+    if kind == "AttentionHeads":  # q/k/v: embed → heads·head_dim, out_proj back, biases, the head index
+        embed, heads = (_int_arg(args.get(a), f"{name}.{a}") for a in ("embed_dim", "num_heads"))
+        inner = heads * _int_arg(args.get("head_dim"), f"{name}.head_dim")
+        return 4 * embed * inner + 3 * inner + embed + heads
     if kind == "GroupNorm":
         return 2 * _int_arg(args.get("num_channels"), f"{name}.num_channels")
     if kind == "Realign":
@@ -196,6 +210,17 @@ def _check_graph(spec: Any, max_elements: int) -> dict[str, Any]:
                 "refusing to allocate it (raise max_elements to load a model this large)"
             )
     return spec
+
+
+def _check_token_flag(spec: Any, flagged: bool) -> None:
+    """The token flag (bit 1) is set exactly when the architecture uses the token-model vocabulary."""
+    used = token_entries(spec)
+    if used and not flagged:
+        raise PackedFileError(f"architecture uses {', '.join(used)} but the file's token flag (0x{FLAG_TOKENS:04x}) "
+                              "is not set")
+    if flagged and not used:
+        raise PackedFileError(f"the file's token flag (0x{FLAG_TOKENS:04x}) is set but its architecture uses no "
+                              "token-model layer or op")
 
 
 def _build(spec: Any, graph: bool = False) -> nn.Module:
@@ -323,6 +348,7 @@ def unpack(
     (spec_len,) = r.unpack("I", "architecture length")
     graph = bool(flags & FLAG_GRAPH)
     spec, meta = _read_spec(r.take(spec_len, "architecture"), max_elements, graph)
+    _check_token_flag(spec, bool(flags & FLAG_TOKENS))
     model = _build(spec, graph)
     state = model.state_dict()
     (n_records,) = r.unpack("I", "tensor count")

@@ -8,6 +8,10 @@ of architecture are stored:
   (`model_spec`), file version 1;
 * a `torch.fx.GraphModule` (what `compress()` makes of residual and concatenating networks): a JSON
   graph (`io.graphs.graph_spec`) of whitelisted modules, buffers and nodes, file version 2.
+
+Either one that uses the token-model vocabulary (LayerNorm, Embedding, `AttentionHeads`, size arithmetic,
+slices: `io.graphs.token_entries`) is file version 3, so a reader from before refuses it by its version; a
+reader checks that a file's version is the one its architecture calls for (`architecture_version`).
 """
 
 from __future__ import annotations
@@ -21,24 +25,52 @@ import torch
 from torch import fx, nn
 
 from ..base import atomic_write, load_error
-from .graphs import FUNCTIONS, METHODS, build_graph, graph_spec
+from .graphs import FUNCTIONS, METHODS, build_graph, graph_spec, token_entries
 from .layers import EXTRA_ARGS, LAYERS, STORED_ARGS, ModelFileError, build_from_spec, model_spec
 
 FORMAT = "bayescomp-plain"
-#: file version of a chain model (the layer list); graph models are written as GRAPH_VERSION
+#: file version of a chain model (the layer list); graph models are written as GRAPH_VERSION, and either one
+#: that uses the token-model vocabulary as TOKEN_VERSION
 VERSION = 1
 GRAPH_VERSION = 2
-VERSIONS = (VERSION, GRAPH_VERSION)
+TOKEN_VERSION = 3
+VERSIONS = (VERSION, GRAPH_VERSION, TOKEN_VERSION)
+
+
+def architecture_version(key: str, arch: Any) -> int:
+    """The file version an architecture is written as: "spec" (a chain) 1, "graph" 2, either with token entries 3."""
+    if token_entries(arch):
+        return TOKEN_VERSION
+    return GRAPH_VERSION if key == "graph" else VERSION
 
 
 def any_spec(model: nn.Module) -> tuple[int, str, Any]:
     """(file version, key, JSON-able architecture) of a chain or a GraphModule."""
     if isinstance(model, fx.GraphModule):
-        return GRAPH_VERSION, "graph", graph_spec(model)
-    if isinstance(model, nn.Sequential):
-        return VERSION, "spec", model_spec(model)
-    raise ModelFileError(f"{type(model).__name__} cannot be stored: a model file holds an nn.Sequential chain or "
+        key, arch = "graph", graph_spec(model)
+    elif isinstance(model, nn.Sequential):
+        key, arch = "spec", model_spec(model)
+    else:
+        raise ModelFileError(f"{type(model).__name__} cannot be stored: a model file holds an nn.Sequential chain or "
                          "the torch.fx.GraphModule that graph_compress makes")
+    return architecture_version(key, arch), key, arch
+
+
+def build_architecture(version: Any, holder: Any) -> nn.Module:
+    """The model (arbitrary weights) a file's architecture describes: `holder` maps "spec" or "graph" (exactly one)
+    to its JSON text. The file's `version` must be the one that architecture is written as (`ModelFileError`)."""
+    keys = [k for k in ("spec", "graph") if k in holder]
+    if len(keys) != 1:
+        raise ModelFileError("the file must hold one architecture, a layer list (spec) or a graph")
+    key = keys[0]
+    arch = json.loads(holder[key])
+    expected = architecture_version(key, arch)
+    if version != expected:
+        uses = token_entries(arch)
+        what = f"uses {', '.join(uses)}" if uses else f"is a {'graph' if key == 'graph' else 'layer list'}"
+        raise ModelFileError(f"format version {version} does not match its architecture, which {what} "
+                             f"(version {expected})")
+    return build_graph(arch) if key == "graph" else build_from_spec(arch)
 
 
 def save_plain(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
@@ -72,10 +104,7 @@ def load_plain(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if version not in VERSIONS:
         raise ModelFileError(f"{path} has format version {version}; this bayescomp reads {', '.join(map(str, VERSIONS))}")
     try:
-        if version == GRAPH_VERSION:
-            model: nn.Module = build_graph(json.loads(state["graph"]))
-        else:
-            model = build_from_spec(json.loads(state["spec"]))
+        model = build_architecture(version, state)
         if not isinstance(state["state_dict"], dict):
             raise ModelFileError("the tensors are not a state_dict")
         model.load_state_dict(state["state_dict"])
@@ -87,7 +116,7 @@ def load_plain(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-__all__ = ["EXTRA_ARGS", "FORMAT", "FUNCTIONS", "GRAPH_VERSION", "LAYERS", "METHODS", "STORED_ARGS", "VERSION",
-           "VERSIONS",
-           "ModelFileError", "any_spec", "build_from_spec", "build_graph", "graph_spec", "load_plain", "model_spec",
-           "save_plain"]
+__all__ = ["EXTRA_ARGS", "FORMAT", "FUNCTIONS", "GRAPH_VERSION", "LAYERS", "METHODS", "STORED_ARGS", "TOKEN_VERSION",
+           "VERSION", "VERSIONS",
+           "ModelFileError", "any_spec", "architecture_version", "build_architecture", "build_from_spec", "build_graph",
+           "graph_spec", "load_plain", "model_spec", "save_plain", "token_entries"]
