@@ -398,12 +398,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kept", action="append", default=[], help="MODEL=PCT: weights kept to prune to (% of the original)")
     p.add_argument("--budget", action="append", default=[], help="MODEL=SECONDS: the equal-time wall-clock budget")
     p.add_argument("--fast", default=str(FAST), help="bayescomp's fast-recipe results, for targets and the comparison")
-    p.add_argument("--pretrain-epochs", type=int, default=FAST_RECIPE.pretrain_epochs,
-                   help="default: the fast recipe's, so every method starts from bayescomp's own start")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="default: the fast recipe's for the model, so every method starts from bayescomp's own start")
     p.add_argument("--pretrain-lr", type=float, default=FAST_RECIPE.pretrain_lr)
     p.add_argument("--pretrain-batch-size", type=int, default=128)
     p.add_argument("--init-from", action="append", default=[], help="MODEL=FILE: a plain state_dict to start from")
-    p.add_argument("--finetune-epochs", type=float, default=5.0)
+    p.add_argument("--finetune-epochs", type=float, default=None,
+                   help="equal_kept's fine-tuning epochs; default: the fast recipe's for the model, at least 5")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--prune-steps", type=int, default=5)
@@ -432,7 +433,8 @@ def check(args: argparse.Namespace) -> dict[str, dict]:
         [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise OptionError(f"--seeds takes integers separated by commas, got {args.seeds!r}") from None
-    if args.prune_steps < 1 or args.pretrain_epochs < 0 or args.finetune_epochs < 0 or args.threads < 1:
+    if (args.prune_steps < 1 or (args.pretrain_epochs or 0) < 0 or (args.finetune_epochs or 0) < 0
+            or args.threads < 1):
         raise OptionError("--prune-steps and --threads must be at least 1, the epoch counts not negative")
     kept, budget = _pairs(args.kept, "--kept", float), _pairs(args.budget, "--budget", float)
     inits = _pairs(args.init_from, "--init-from", str)
@@ -488,6 +490,19 @@ SELECTION_HOW = ("fixed beforehand: the peer's documented usage; S = --prune-ste
                  "bisection on weight counts of the pruned copy (no data); no validation or test data chosen on")
 
 
+def pretrain_epochs(args: argparse.Namespace, model: str) -> int:
+    """--pretrain-epochs, else the fast recipe's plain epochs for `model` (bayescomp's own start)."""
+    return FAST_RECIPE.for_model(model).pretrain_epochs if args.pretrain_epochs is None else args.pretrain_epochs
+
+
+def finetune_epochs(args: argparse.Namespace, model: str) -> float:
+    """--finetune-epochs, else the fast recipe's fine-tuning epochs for `model`, at least 5 (the peers' epochs are
+    plain ones, cheaper than bayescomp's; 5 is what the LeNet-5-Caffe rows ran with)."""
+    if args.finetune_epochs is not None:
+        return args.finetune_epochs
+    return float(max(5, FAST_RECIPE.for_model(model).finetune_epochs))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.smoke:
@@ -500,9 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     result: dict = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
                     "machine": machine(args), "smoke": args.smoke,
-                    "settings": {"pretrain_epochs": args.pretrain_epochs, "pretrain_lr": args.pretrain_lr,
+                    "settings": {"pretrain_epochs": {m: pretrain_epochs(args, m) for m in args.models.split(",")}, "pretrain_lr": args.pretrain_lr,
                                  "pretrain_batch_size": args.pretrain_batch_size,
-                                 "finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr,
+                                 "finetune_epochs": {m: finetune_epochs(args, m) for m in args.models.split(",")},
+                                 "finetune_lr": args.finetune_lr,
                                  "batch_size": args.batch_size, "prune_steps": args.prune_steps,
                                  "file_bytes": {"torch_pruning": "torch.save(state_dict) of the smaller dense model",
                                                 "magnitude": "torch.save of CSR per weight (int32 row pointers, "
@@ -515,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         target = targets[name]
         for seed in (int(s) for s in args.seeds.split(",")):
-            plain, pre_s = pretrain(name, train, args.pretrain_epochs, args.pretrain_lr, args.pretrain_batch_size,
-                                    seed, target["init_from"])
+            plain, pre_s = pretrain(name, train, pretrain_epochs(args, name), args.pretrain_lr,
+                                    args.pretrain_batch_size, seed, target["init_from"])
             total = weights_dense(plain)
             print(f"[peers] {name} seed {seed}: pretrained in {pre_s:.1f} s", file=sys.stderr, flush=True)
             for method in args.methods.split(","):
@@ -532,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                     time_left = target["budget"] - pre_s - (search_s or 0.0) if equal_time else None
                     out = run_method(method, plain, train, target_pct=target["kept"], steps=args.prune_steps,
                                      lr=args.finetune_lr, batch_size=args.batch_size, seed=seed,
-                                     finetune_epochs=None if equal_time else args.finetune_epochs,
+                                     finetune_epochs=None if equal_time else finetune_epochs(args, name),
                                      time_left=max(time_left, 0.0) if equal_time else None, tp_ratio=ratio)
                     model = out["model"]
                     wall = pre_s + (search_s or 0.0) + out["seconds"]

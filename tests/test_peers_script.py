@@ -165,3 +165,24 @@ def test_init_from_another_models_weights_is_refused(tmp_path):
     assert proc.returncode == 2 and not out.exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a state_dict of lenet300" in lines[0]
+
+
+def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model():
+    import argparse
+    import importlib
+
+    from bayescomp.recipes import training_recipe
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        peers = importlib.import_module("peers")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    fast = training_recipe("fast")
+    unset = argparse.Namespace(pretrain_epochs=None, finetune_epochs=None)
+    for model in ("lenet300", "lenet5"):
+        assert peers.pretrain_epochs(unset, model) == fast.for_model(model).pretrain_epochs
+        assert peers.finetune_epochs(unset, model) == max(5, fast.for_model(model).finetune_epochs)
+    assert peers.pretrain_epochs(unset, "lenet300") != peers.pretrain_epochs(unset, "lenet5")  # per model, not one
+    given = argparse.Namespace(pretrain_epochs=3, finetune_epochs=2.5)
+    assert (peers.pretrain_epochs(given, "lenet5"), peers.finetune_epochs(given, "lenet5")) == (3, 2.5)
