@@ -183,6 +183,5 @@ def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model(
     for model in ("lenet300", "lenet5"):
         assert peers.pretrain_epochs(unset, model) == fast.for_model(model).pretrain_epochs
         assert peers.finetune_epochs(unset, model) == max(5, fast.for_model(model).finetune_epochs)
-    assert peers.pretrain_epochs(unset, "lenet300") != peers.pretrain_epochs(unset, "lenet5")  # per model, not one
     given = argparse.Namespace(pretrain_epochs=3, finetune_epochs=2.5)
     assert (peers.pretrain_epochs(given, "lenet5"), peers.finetune_epochs(given, "lenet5")) == (3, 2.5)
