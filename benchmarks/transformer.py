@@ -132,7 +132,7 @@ def finetune(model: nn.Module, train: tuple[Tensor, Tensor], config: TrainConfig
     length, or None without `val`."""
     cfg = dataclasses.replace(config, epochs=epochs, eval_every=epochs, kl_weight=1.0)
     if val is None:
-        fit(model, train, cfg, test=val, progress=False)
+        fit(model, train, cfg, progress=False)
         return None
     model.eval()
     curve = [evaluate(model, *val)]
