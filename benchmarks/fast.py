@@ -3,6 +3,7 @@
     python benchmarks/fast.py                                  # lenet300, both priors, seeds 0,1,2
     python benchmarks/fast.py --models lenet5 --priors gnj --seeds 0
     python benchmarks/fast.py --smoke --out /tmp/fast.json      # 1 epoch on 500 images: the mechanics only
+    python benchmarks/fast.py --models lenet5 --priors gnj --target-kept 0.9   # the recipe cut to a size
 
 writes benchmarks/results/fast.json (or --out), one row per model and prior: the command, per seed the
 figures of the run's report.json (`test_error`, `weights_kept_pct`, `architecture`, `file_bytes` of its
@@ -14,6 +15,10 @@ for other models or priors are kept, so models can be run one at a time.
 training set (`benchmarks/recipe_search.py`, figures in benchmarks/results/recipe_search.jsonl), the
 thresholds by the recipe's rule, computed from the posterior alone. The test set is read once per run, at
 its end, by the command itself.
+
+`--target-kept PCT` gives the command `--target-kept PCT/100` (a fraction there): the recipe's training, cut to at most PCT% of the
+weights (the size-target rule in place of the recipe's thresholds). Its rows are separate rows (`target_kept`
+set; thresholds by rule: the size fixed before the run).
 """
 
 from __future__ import annotations
@@ -39,9 +44,12 @@ PRIORS = ("gnj", "ghs")
 FIGURES = ("test_error", "test_error_uncompressed", "weights_kept_pct", "architecture", "bits", "cr_file")
 
 
-def _command(model: str, prior: str, seed: int, out: Path, data_dir: str | None, smoke: bool) -> list[str]:
+def _command(model: str, prior: str, seed: int, out: Path, data_dir: str | None, smoke: bool,
+             target_kept: float | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "bayescomp", "compress", "--recipe", "fast", "--model", model, "--prior", prior,
            "--seed", str(seed), "--out", str(out), "--quiet"]
+    if target_kept is not None:
+        cmd += ["--target-kept", f"{target_kept / 100:g}"]  # the command takes a fraction
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if smoke:
@@ -50,10 +58,10 @@ def _command(model: str, prior: str, seed: int, out: Path, data_dir: str | None,
 
 
 def run_one(model: str, prior: str, seed: int, workdir: Path, data_dir: str | None, smoke: bool,
-            threads: int) -> dict:
+            threads: int, target_kept: float | None = None) -> dict:
     """One seed: the whole command in a subprocess, timed; its report's figures."""
     out = workdir / f"{model}_{prior}_s{seed}"
-    cmd = _command(model, prior, seed, out, data_dir, smoke)
+    cmd = _command(model, prior, seed, out, data_dir, smoke, target_kept)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -98,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of each run (default 1)")
     p.add_argument("--out", default=str(RESULTS / "fast.json"))
     p.add_argument("--smoke", action="store_true", help="1 epoch of each stage on 500 images (mechanics only)")
+    p.add_argument("--target-kept", type=float, default=None,
+                   help="cut to at most this percentage of the weights (the command's --target-kept; separate rows)")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     priors = [q for q in args.priors.split(",") if q]
@@ -113,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown prior {q!r}; choose from {', '.join(PRIORS)}")
     if not seeds:
         p.error("--seeds names no seed")
+    if args.target_kept is not None and not 0 < args.target_kept <= 100:  # (percent)
+        p.error(f"--target-kept must be a percentage in (0, 100], got {args.target_kept:g}")
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    rows = {(r["model"], r["prior"]): r for r in previous.get("rows", [])}
+    rows = {(r["model"], r["prior"], r.get("target_kept")): r for r in previous.get("rows", [])}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bayescomp-fast-") as tmp:
         for model in models:
@@ -123,19 +135,23 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for seed in seeds:
                     print(f"{model} {prior} seed {seed} ...", file=sys.stderr, flush=True)
-                    runs.append(run_one(model, prior, seed, Path(tmp), args.data_dir, args.smoke, args.threads))
+                    runs.append(run_one(model, prior, seed, Path(tmp), args.data_dir, args.smoke, args.threads,
+                                        args.target_kept))
                     r = runs[-1]
                     print(f"  {r['test_error']:.2f}% error at {r['weights_kept_pct']:.2f}% kept ({r['architecture']}) "
                           f"in {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
-                rows[(model, prior)] = {
-                    "model": model, "prior": prior, "recipe": "fast", "seeds": runs, "mean": summarize(runs),
+                thresholds = ("the size-target rule at the --target-kept given, fixed before the run" if args.target_kept
+                              is not None else "the recipe's rule on the posterior")
+                rows[(model, prior, args.target_kept)] = {
+                    "model": model, "prior": prior, "recipe": "fast", "target_kept": args.target_kept,
+                    "seeds": runs, "mean": summarize(runs),
                     "test_error": summarize(runs)["test_error"],
                     "weights_kept_pct": summarize(runs)["weights_kept_pct"],
                     "wall_seconds": summarize(runs)["wall_seconds"],
                     "selection": {"settings": "validation", "thresholds": "rule",
                                   "how": "the recipe's settings were chosen on a validation split (10% of the "
-                                         "training set, seed 0) by benchmarks/recipe_search.py; thresholds by "
-                                         "the recipe's rule on the posterior; the test set read once per run"},
+                                         f"training set, seed 0) by benchmarks/recipe_search.py; thresholds by "
+                                         f"{thresholds}; the test set read once per run"},
                     "smoke": args.smoke,
                 }
     result = {
@@ -144,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "python": platform.python_version(),
                     "load_average_at_start": list(load_start), "load_average_at_end": list(os.getloadavg())},
         "recipe": _recipe_record(),
-        "rows": sorted(rows.values(), key=lambda r: (MODELS.index(r["model"]), PRIORS.index(r["prior"]))),
+        "rows": sorted(rows.values(), key=lambda r: (MODELS.index(r["model"]), PRIORS.index(r["prior"]),
+                                                    r.get("target_kept") or 0.0)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
