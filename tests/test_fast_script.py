@@ -52,12 +52,23 @@ def test_smoke_run_records_the_command_figures_and_their_mean(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [(r["model"], r["prior"]) for r in json.loads(out.read_text())["rows"]] == [("lenet300", "gnj"),
                                                                                         ("lenet300", "ghs")]
+    # a size target: its own row beside the recipe's (same model and prior), the cut at or under it
+    proc = _run("--smoke", "--models", "lenet300", "--priors", "gnj", "--seeds", "0", "--target-kept", "5",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["prior"], r["target_kept"]) for r in rows] == [("gnj", None), ("gnj", 5.0), ("ghs", None)]
+    (run,) = rows[1]["seeds"]
+    assert "--target-kept 0.05" in run["command"] and run["weights_kept_pct"] <= 5.0
+    assert "size-target rule" in rows[1]["selection"]["how"] and rows[0]["seeds"] == seeds
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--models", "vgg16"], "unknown model"),
                                                (["--priors", "laplace"], "unknown prior"),
                                                (["--seeds", "a"], "--seeds must be integers"),
-                                               (["--seeds", ","], "names no seed")])
+                                               (["--seeds", ","], "names no seed"),
+                                               (["--target-kept", "0"], "--target-kept must be a percentage"),
+                                               (["--target-kept", "150"], "--target-kept must be a percentage")])
 def test_bad_options_are_refused_before_any_run(tmp_path, args, message):
     out = tmp_path / "fast.json"
     proc = _run(*args, "--out", str(out), timeout=60)
