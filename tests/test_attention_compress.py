@@ -197,3 +197,28 @@ def test_check_is_clean_and_the_shrunk_attention_saves(tmp_path):
     loaded = bayescomp.load(path)
     assert loaded.get_submodule("attn").heads.tolist() == [1, 2]  # the original indices of the heads kept
     assert (loaded(xr) - rounded.model(xr)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_plain_multihead_attention_counts_its_projections_like_its_converted_twin(batch_first):
+    """A plain `nn.MultiheadAttention` (projections not module calls) counts 2·n_q·E² + n_k·kdim·E + n_v·vdim·E,
+    by hand, the same as the `AttentionHeads` it converts to; kdim/vdim and keyword arguments too."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(DIM, HEADS, batch_first=batch_first).eval()
+    q = torch.randn(2, 3, DIM) if batch_first else torch.randn(3, 2, DIM)  # 6 query tokens
+    kv = torch.randn(2, 5, DIM) if batch_first else torch.randn(5, 2, DIM)  # 10 key / value tokens
+    by_hand = 2 * 6 * DIM * DIM + 10 * DIM * DIM + 10 * DIM * DIM
+    n = q.shape[0]  # multiply_adds divides by dimension 0 of the first input
+    assert multiply_adds(mha, (q, kv, kv)) == by_hand // n
+    assert multiply_adds(AttentionHeads.from_torch(mha), (q, kv, kv)) == by_hand // n
+
+    class Keywords(nn.Module):  # keys and values passed by name
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(DIM, HEADS, kdim=3, vdim=5, batch_first=True)
+
+        def forward(self, x, k, v):
+            return self.attn(x, key=k, value=v, need_weights=False)[0]
+
+    x, k, v = torch.randn(2, 3, DIM), torch.randn(2, 4, 3), torch.randn(2, 4, 5)
+    assert multiply_adds(Keywords(), (x, k, v)) == (2 * 6 * DIM * DIM + 8 * 3 * DIM + 8 * 5 * DIM) // 2

@@ -31,6 +31,20 @@ def layer_fan_in(module: nn.Module) -> int | None:
     return int(module.in_channels // module.groups) * math.prod(module.kernel_size)
 
 
+def attention_projections(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> int:
+    """Multiply-adds of the q/k/v/out projections of one `nn.MultiheadAttention` call on (query, key, value).
+
+    Every query token is projected by E×E weights in and E×E out, every key token by kdim×E, every value
+    token by vdim×E (E = embed_dim): 2·n_q·E² + n_k·kdim·E + n_v·vdim·E, for any batch layout (the token
+    count of a tensor is its size over its last dimension).
+    """
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs[names[i]] for i in range(3))
+    e = module.embed_dim
+    return (2 * (q.numel() // e) * e * e + (k.numel() // module.kdim) * module.kdim * e
+            + (v.numel() // module.vdim) * module.vdim * e)
+
+
 def _batch_size(example_input: Example) -> int:
     first = example_input[0] if isinstance(example_input, tuple) else example_input
     if not isinstance(first, Tensor) or first.dim() == 0 or first.shape[0] < 1:
@@ -53,7 +67,8 @@ def multiply_adds(model: nn.Module, example_input: Example) -> int:
     ops, the gates of a group-sparse layer, and any matrix product not made by one of those modules
     (`F.linear` or `torch.matmul` in a forward, attention scores). An `AttentionHeads` counts its four
     projections (q/k/v/out, Linear modules: a shrunk one with fewer heads counts fewer), not its scores Q·Kᵀ
-    or their product with V.
+    or their product with V; a plain `nn.MultiheadAttention`, whose projections are not module calls, counts
+    the same four (`attention_projections`), so a transformer and its converted twin are counted alike.
     """
     n = _batch_size(example_input)
     total = 0
@@ -62,7 +77,13 @@ def multiply_adds(model: nn.Module, example_input: Example) -> int:
         nonlocal total
         total += output.numel() * layer_fan_in(module)
 
+    def count_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> None:
+        nonlocal total
+        total += attention_projections(module, args, kwargs)
+
     handles = [m.register_forward_hook(count) for m in model.modules() if layer_fan_in(m) is not None]
+    handles += [m.register_forward_hook(count_attention, with_kwargs=True) for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention)]
     was_training = model.training
     model.eval()
     try:
@@ -74,4 +95,4 @@ def multiply_adds(model: nn.Module, example_input: Example) -> int:
     return total // n
 
 
-__all__ = ["COUNTED", "layer_fan_in", "multiply_adds"]
+__all__ = ["COUNTED", "attention_projections", "layer_fan_in", "multiply_adds"]
