@@ -377,3 +377,47 @@ def test_compress_pretrained_refuses_a_rule_it_cannot_apply_before_training(monk
     x, y = _data()
     with pytest.raises(ValueError, match="'validation' rule"):
         bayescomp.compress_pretrained(_mlp(), (x, y), recipe=rec, progress=False)
+
+
+def test_compress_pretrained_meets_a_size_target():
+    from bayescomp.compress import multiply_adds
+
+    x, y = _data(n=128)
+    net = _mlp().eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    total = 20 * 16 + 16 * 4
+    small = bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=1, target_kept=0.3, progress=False)
+    assert small.report["weights_kept"] <= int(0.3 * total) and small.report["weights_kept_pct"] <= 30.0
+    assert small.report["thresholds_rule"] == "size target (target_kept=0.3)"
+    cheap = bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=0, max_multiply_adds=150,
+                                          progress=False)
+    assert multiply_adds(cheap.model.eval(), x[:8]) <= 150 < multiply_adds(net, x[:8])
+    assert cheap.report["thresholds_rule"] == "size target (max_multiply_adds=150)"
+
+
+class _Residual(nn.Module):  # not a chain: its multiply-adds need an example input
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(20, 20), nn.Linear(20, 4)
+
+    def forward(self, x):
+        return self.b(x + self.a(x))
+
+
+@pytest.mark.parametrize(("model", "kwargs", "message"), [
+    (_mlp, {"target_kept": 0.5, "max_multiply_adds": 100}, "give one size target"),
+    (_mlp, {"target_kept": 1.5}, "target_kept is the share"),
+    (_mlp, {"max_multiply_adds": 0}, "max_multiply_adds must be a positive integer"),
+    (_mlp, {"target_kept": 0.5, "thresholds": -3.0}, "not both"),
+    (_Residual, {"max_multiply_adds": 100}, "needs example_input="),
+])
+def test_compress_pretrained_refuses_a_bad_size_target_before_training(monkeypatch, model, kwargs, message):
+    from bayescomp import pretrained
+
+    def no_training(*a, **k):  # pragma: no cover - reached only if the check came too late
+        raise AssertionError("trained before the size target was checked")
+
+    monkeypatch.setattr(pretrained, "fit", no_training)
+    x, y = _data()
+    with pytest.raises(ValueError, match=message):
+        bayescomp.compress_pretrained(model(), (x, y), progress=False, **kwargs)

@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .compress import CompressedModel, PruneError, apply_masks, compress, group_masks
+from .compress.budget import check_target, known_example
 from .compress.thresholds import (
     EveryLayer,
     HistogramSplit,
     PerLayer,
     PriorDefault,
+    SizeTarget,
     ThresholdRule,
     choose_thresholds,
 )
@@ -39,10 +41,14 @@ def _config(recipe: TrainingRecipe, epochs: int, seed: int) -> TrainConfig:
                        lr_scale=dict(recipe.lr_scale))
 
 
-def _rule(recipe: TrainingRecipe, given: Any) -> tuple[ThresholdRule, str]:
-    """(threshold rule, how it chooses): the caller's threshold for every layer (a number); else the recipe's
-    rule — the histogram split, or (a recipe without a rule) each prior's default threshold — for the layers
-    the caller does not name."""
+def _rule(recipe: TrainingRecipe, given: Any, size: SizeTarget | None = None) -> tuple[ThresholdRule, str]:
+    """(threshold rule, how it chooses): the caller's size target; the caller's threshold for every layer (a
+    number); else the recipe's rule — the histogram split, or (a recipe without a rule) each prior's default
+    threshold — for the layers the caller does not name."""
+    if size is not None:
+        target = (f"target_kept={size.target_kept:g}" if size.target_kept is not None
+                  else f"max_multiply_adds={size.max_multiply_adds}")
+        return size, f"size target ({target})"
     if given is not None and not isinstance(given, Mapping):
         return EveryLayer(float(given)), "given"
     if recipe.auto_thresholds == "histogram":
@@ -63,6 +69,8 @@ def compress_pretrained(
     epochs: int | None = None,
     finetune_epochs: int | None = None,
     thresholds: float | Mapping[str, float] | None = None,
+    target_kept: float | None = None,
+    max_multiply_adds: int | None = None,
     n_train: int | None = None,
     example_input: Tensor | tuple[Tensor, ...] | None = None,
     max_var: float | Mapping[str, float] | None = None,
@@ -81,6 +89,9 @@ def compress_pretrained(
     - `thresholds`: None: the recipe's rule (the fast recipe: each prior's default threshold, log α −3 for
       GNJ, 2.5 for GHS; a recipe with the histogram rule: the split of each layer's log α histogram); a float
       for every layer; a mapping: those layers at the given values, the rule for the others.
+    - `target_kept` (a share of the weights, in (0, 1]) or `max_multiply_adds` (per example): a size target in
+      place of the thresholds: each layer's threshold is chosen so that the compressed model fits, groups ranked
+      by log α across layers (`compress.budget`), before the fine-tuning. Checked before any training.
     - `example_input`: a batch the model accepts, needed for a model that is not an `nn.Sequential` chain
       (residual sums, concatenations: it is traced with torch.fx).
     - `max_var`: the variance clamp σ² ≤ max_var (all layers, or per layer name); default none.
@@ -97,6 +108,15 @@ def compress_pretrained(
     if rec.auto_thresholds not in (None, "histogram"):  # refused before any training
         raise ValueError(f"compress_pretrained applies the histogram rule or the priors' defaults, not the recipe's "
                          f"{rec.auto_thresholds!r} rule")
+    size = None
+    if target_kept is not None or max_multiply_adds is not None:  # refused before any training, as the rest
+        check_target(target_kept, max_multiply_adds)
+        if thresholds is not None:
+            raise ValueError("give thresholds= or a size target (target_kept=, max_multiply_adds=), not both")
+        if max_multiply_adds is not None and known_example(model, example_input) is None:
+            raise ValueError("max_multiply_adds needs example_input=, a batch the model accepts (the multiply-adds "
+                             "of a convolution depend on the input's size)")
+        size = SizeTarget(target_kept, max_multiply_adds, example_input)
     config = _config(rec, epochs, seed)
     config.validate()
     t0 = time.perf_counter()
@@ -116,7 +136,7 @@ def compress_pretrained(
         tqdm.write(f"compress_pretrained: recipe {rec.name!r}, prior {prior}, {epochs} epochs"
                    + (f" + {finetune_epochs} fine-tuning" if finetune_epochs else ""))
     trained = fit(bmodel, train, config, progress=progress, on_epoch=announce, n_train=n_train)
-    rule, how = _rule(rec, thresholds)
+    rule, how = _rule(rec, thresholds, size)
     chosen = choose_thresholds(bmodel, rule)  # resolved once: the cut, the fine-tuning and the compression use it
     keeps = group_masks(bmodel, chosen)
     empty = [name for name, keep in keeps.items() if not bool(keep.any())]
