@@ -94,8 +94,9 @@ def _signature(path: Path):
 
 
 def test_sigkilled_training_resumes_bit_for_bit(tmp_path):
-    # enough epochs that five kills fit even when an epoch is shorter than the random kill delay (≤ 0.25 s)
-    epochs, kills_wanted = 20, 5
+    # enough epochs that five kills fit even when an epoch is much shorter than the random kill delay (≤ 0.25 s):
+    # with 20, a CI run whose epochs took ~50 ms reached the end after four kills (epochs 5, 10, 14, 20)
+    epochs, kills_wanted = 40, 5
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     ck, final = tmp_path / "ck.pt", tmp_path / "final.pt"
