@@ -16,9 +16,9 @@ training set (`benchmarks/recipe_search.py`, figures in benchmarks/results/recip
 thresholds by the recipe's rule, computed from the posterior alone. The test set is read once per run, at
 its end, by the command itself.
 
-`--target-kept PCT` gives the command `--target-kept PCT/100` (a fraction there): the recipe's training, cut to at most PCT% of the
-weights (the size-target rule in place of the recipe's thresholds). Its rows are separate rows (`target_kept`
-set; thresholds by rule: the size fixed before the run).
+`--target-kept PCT` gives the command `--target-kept PCT/100` (a fraction there): the recipe's training, cut
+to at most PCT% of the weights (the size-target rule in place of the recipe's thresholds). Its rows are
+separate rows (`target_kept` set; thresholds by rule: the size fixed before the run).
 """
 
 from __future__ import annotations
@@ -142,12 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"in {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
                 thresholds = ("the size-target rule at the --target-kept given, fixed before the run" if args.target_kept
                               is not None else "the recipe's rule on the posterior")
+                mean = summarize(runs)
                 rows[(model, prior, args.target_kept)] = {
                     "model": model, "prior": prior, "recipe": "fast", "target_kept": args.target_kept,
-                    "seeds": runs, "mean": summarize(runs),
-                    "test_error": summarize(runs)["test_error"],
-                    "weights_kept_pct": summarize(runs)["weights_kept_pct"],
-                    "wall_seconds": summarize(runs)["wall_seconds"],
+                    "seeds": runs, "mean": mean, "test_error": mean["test_error"],
+                    "weights_kept_pct": mean["weights_kept_pct"], "wall_seconds": mean["wall_seconds"],
                     "selection": {"settings": "validation", "thresholds": "rule",
                                   "how": "the recipe's settings were chosen on a validation split (10% of the "
                                          f"training set, seed 0) by benchmarks/recipe_search.py; thresholds by "

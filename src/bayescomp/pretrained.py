@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .compress import CompressedModel, PruneError, apply_masks, compress, group_masks
-from .compress.budget import check_target, known_example
+from .compress.budget import target_example
 from .compress.thresholds import (
     EveryLayer,
     HistogramSplit,
@@ -110,12 +110,9 @@ def compress_pretrained(
                          f"{rec.auto_thresholds!r} rule")
     size = None
     if target_kept is not None or max_multiply_adds is not None:  # refused before any training, as the rest
-        check_target(target_kept, max_multiply_adds)
+        target_example(model, target_kept, max_multiply_adds, example_input)
         if thresholds is not None:
             raise ValueError("give thresholds= or a size target (target_kept=, max_multiply_adds=), not both")
-        if max_multiply_adds is not None and known_example(model, example_input) is None:
-            raise ValueError("max_multiply_adds needs example_input=, a batch the model accepts (the multiply-adds "
-                             "of a convolution depend on the input's size)")
         size = SizeTarget(target_kept, max_multiply_adds, example_input)
     config = _config(rec, epochs, seed)
     config.validate()

@@ -71,6 +71,18 @@ def check_target(target_kept: float | None, max_multiply_adds: int | None) -> No
         raise ValueError(f"max_multiply_adds must be a positive integer, got {max_multiply_adds!r}")
 
 
+def target_example(model: nn.Module, target_kept: float | None, max_multiply_adds: int | None,
+                   example_input: Example | None) -> Example | None:
+    """The example a size target on `model` measures with (`known_example`), after checking the target
+    (`check_target`) and that a multiply-add target has one: a `ValueError` naming the problem otherwise."""
+    check_target(target_kept, max_multiply_adds)
+    example = known_example(model, example_input)
+    if max_multiply_adds is not None and example is None:
+        raise ValueError("max_multiply_adds needs example_input=, a batch the model accepts (the multiply-adds of "
+                         "a convolution depend on the input's size)")
+    return example
+
+
 @dataclass
 class _Layer:
     """One group-sparse layer in the search: its scores, its distinct score levels, how many it keeps."""
@@ -122,11 +134,7 @@ def size_target_thresholds(model: nn.Module, *, target_kept: float | None = None
     layer's `ThresholdChoice.details["size_target"]` holds the budget, the size reached, the floor and the
     full size. Raises `PruneError` when the budget is below the floor.
     """
-    check_target(target_kept, max_multiply_adds)
-    example = known_example(model, example_input)
-    if max_multiply_adds is not None and example is None:
-        raise ValueError("max_multiply_adds needs example_input=, a batch the model accepts (the multiply-adds of "
-                         "a convolution depend on the input's size)")
+    example = target_example(model, target_kept, max_multiply_adds, example_input)
     was_training = model.training
     model.eval()
     try:
@@ -257,4 +265,4 @@ def _largest(n: int, fits: Callable[[int], bool]) -> int:
     return lo
 
 
-__all__ = ["RULE", "check_target", "known_example", "size_target_thresholds"]
+__all__ = ["RULE", "check_target", "known_example", "size_target_thresholds", "target_example"]
