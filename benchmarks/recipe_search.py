@@ -9,6 +9,7 @@ Bayesian keeping its weights, trained `--epochs` epochs (`--lr`, per-kind factor
 `--sched`, `--decay`, `--kl`, `--warmup`, `--bs`, the variance clamp `--clip` on the first layer), then cut by
 three threshold rules, each measured: `histogram` (the Otsu split per layer), `default` (the prior's default
 threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for LeNet-300-100 with GNJ);
+with `--target-kept PCT` also `target` (the size-target rule at PCT% of the weights);
 `--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0). One JSON line per run is appended to
 benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
 kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
@@ -24,6 +25,7 @@ from selection import stamp  # beside this script
 
 from bayescomp import bayesianize, compress
 from bayescomp.compress import apply_masks, group_masks
+from bayescomp.compress.budget import size_target_thresholds
 from bayescomp.compress.thresholds import histogram_thresholds, validation_split
 from bayescomp.data import load_mnist
 from bayescomp.models import build_model
@@ -52,7 +54,9 @@ ap.add_argument("--no-split", default="keep")
 ap.add_argument("--origin", type=float, default=None)
 ap.add_argument("--clip", type=float, default=None)
 ap.add_argument("--tag", default="")
-ap.add_argument("--rule", default="histogram")
+ap.add_argument("--rule", default="histogram", help="the rule fine-tuned: histogram, default, recipe or target")
+ap.add_argument("--target-kept", type=float, default=None,
+                help="also measure the size-target rule (`target`) at this share of the weights kept, in %%")
 ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's starting rate (default: --lr)")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
@@ -85,6 +89,8 @@ if a.save_posterior:
     torch.save(b.state_dict(), Path(a.save_posterior) / f"{a.tag}.pt")
 rules = {"histogram": {k: c.value for k, c in histogram_thresholds(b, no_split=a.no_split).items()},
          "default": None, "recipe": model_recipe(a.model).thresholds.get(a.prior)}
+if a.target_kept is not None:
+    rules["target"] = {k: c.value for k, c in size_target_thresholds(b, target_kept=a.target_kept / 100).items()}
 others = {}
 for name, t in rules.items():
     r = compress(b, t)
