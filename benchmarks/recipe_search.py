@@ -24,7 +24,7 @@ import torch
 from selection import stamp  # beside this script
 
 from bayescomp import bayesianize, compress
-from bayescomp.compress import apply_masks, group_masks
+from bayescomp.compress import PruneError, apply_masks, group_masks
 from bayescomp.compress.budget import size_target_thresholds
 from bayescomp.compress.thresholds import histogram_thresholds, validation_split
 from bayescomp.data import load_mnist
@@ -93,7 +93,11 @@ if a.target_kept is not None:
     rules["target"] = {k: c.value for k, c in size_target_thresholds(b, target_kept=a.target_kept / 100).items()}
 others = {}
 for name, t in rules.items():
-    r = compress(b, t)
+    try:
+        r = compress(b, t)
+    except PruneError as e:  # a rule that empties a layer (the horseshoe's default threshold, say) is a result too
+        others[name] = str(e)
+        continue
     others[name] = (round(evaluate(r.model, *val), 2), round(r.report["weights_kept_pct"], 2), r.report["architecture"])
 th = rules[a.rule]
 res = compress(b, th)

@@ -421,3 +421,20 @@ def test_compress_pretrained_refuses_a_bad_size_target_before_training(monkeypat
     x, y = _data()
     with pytest.raises(ValueError, match=message):
         bayescomp.compress_pretrained(model(), (x, y), progress=False, **kwargs)
+
+
+def test_a_model_prior_pair_has_its_own_settings_over_both(monkeypatch):
+    import dataclasses
+
+    from bayescomp import recipes
+
+    rec = dataclasses.replace(training_recipe("fast"), prior_settings={"ghs": {"kl_weight": 0.25, "lr_scale": {}}},
+                              model_settings={"lenet5": {"epochs": 7, "lr_scale": {"mean": 0.5}},
+                                              "lenet5/ghs": {"kl_weight": 0.75}})
+    assert rec.for_run("lenet5", "ghs").kl_weight == 0.75  # the pair's over the prior's
+    assert rec.for_run("lenet5", "ghs").lr_scale == {} and rec.for_run("lenet5", "gnj").lr_scale == {"mean": 0.5}
+    assert rec.for_run("lenet300", "ghs").kl_weight == 0.25 and rec.for_run("lenet5", "gnj").kl_weight == rec.kl_weight
+    assert rec.for_run(None, "ghs") == rec.for_prior("ghs") and rec.for_run("lenet5", None) == rec.for_model("lenet5")
+    monkeypatch.setitem(recipes.TRAINING_RECIPES, "fast", rec)
+    assert recipe_options("fast", {}, prior="ghs", model="lenet5")["kl_weight"] == 0.75
+    assert recipe_options("fast", {"kl_weight": 0.5}, prior="ghs", model="lenet5")["kl_weight"] == 0.5  # the user's wins
