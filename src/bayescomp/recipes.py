@@ -209,7 +209,7 @@ FAST = TrainingRecipe(
             "after fine-tuning, against L4's 1.37% at 30 epochs; rule fixed before the run (adopt if no higher), so 30 stay",
         "lenet5: finetune_epochs": "3 for LeNet-5-Caffe: its fine-tuning epochs are Bayesian ones (50-80 s); L4's 3 "
                                    "took the cut model from 1.40% to 1.37% val",
-        "lenet5 with ghs (measured, no setting)": "the horseshoe's settings, chosen on LeNet-300-100, do not carry to "
+        "lenet5 with ghs at KL weight 0.3 (replaced)": "the horseshoe's settings, chosen on LeNet-300-100, do not carry to "
             "LeNet-5-Caffe (benchmarks/results/fast.json, seed 0, another run on the second core). The histogram rule "
             "kept 97.6% of the weights (12-50-800-500, 0.75% error: a 72x smaller file, from the bits alone). Cut to "
             "0.9% by the size target, conv1's scores, which rise above every other layer's in training, leave it one "
