@@ -218,7 +218,7 @@ FAST = TrainingRecipe(
             "30 epochs (the histogram rule kept 97.6% of the weights, benchmarks/results/fast.json). At 1 (G1, seed 0, "
             "validation split) the histogram rule keeps 1.73% (11-12-92-38) at 1.47% val before fine-tuning; no rule "
             "reaches 0.9% usefully: the size target leaves conv1 one filter (77% val), and ranked relative to each layer's "
-            "histogram split it keeps 10-10-30-28 at 5.07% val. On the test set (fast.json, seed 0): 1.18% at 1.49% kept",
+            "histogram split it keeps 10-10-30-28 at 5.07% val. On the test set (fast.json, seeds 0-2): 1.16% at 1.44% kept",
         "ghs: auto_thresholds": "the histogram split for the horseshoe: on I5 it kept 6.49% at 2.72% against the "
                                 "default threshold's 5.15% at 2.90%",
         "auto_thresholds": "none: the model's own thresholds (LeNet-300-100 with GNJ: the official tutorial's "
