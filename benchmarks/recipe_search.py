@@ -58,6 +58,7 @@ ap.add_argument("--rule", default="histogram", help="the rule fine-tuned: histog
 ap.add_argument("--target-kept", type=float, default=None,
                 help="also measure the size-target rule (`target`) at this share of the weights kept, in %%")
 ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's starting rate (default: --lr)")
+ap.add_argument("--z-draw", default="example", choices=("example", "batch"), help="z per example or per batch")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
 ap.add_argument("--save-posterior", default=None, help="a folder to keep each posterior in (state_dict)")
@@ -81,7 +82,7 @@ mv = {"lenet300": {"fc1": a.clip}, "lenet5": {"conv1": a.clip}}[a.model] if a.cl
 b = bayesianize(plain, a.prior, keep_weights=a.pre > 0, input_origin=origin, max_var=mv)
 scale = {k: v for k, v in (("variance", a.var), ("scale", a.scale), ("mean", a.mean)) if v != 1.0}
 cfg = TrainConfig(a.epochs, a.bs, a.lr, a.warmup, a.seed, kl_weight=a.kl, lr_schedule=a.sched,
-                  lr_decay_epochs=a.decay, lr_scale=scale, eval_every=max(1, a.epochs // 4))
+                  lr_decay_epochs=a.decay, lr_scale=scale, eval_every=max(1, a.epochs // 4), z_draw=a.z_draw)
 hist = fit(b, train, cfg, test=val, progress=False).history
 unc = evaluate(b, *val)
 if a.save_posterior:

@@ -11,6 +11,8 @@ writes benchmarks/results/speed.json. Per model:
   optimizer settings; rounds interleaved (plain, gnj, ghs, plain, …) and the median of the rounds
   taken, so load that comes and goes hits all of them alike. Both wall-clock time and the thread's
   CPU time are recorded; the ratio is given for both.
+  `"<prior>, z per batch"`: the same step with the group scales z drawn once per batch (`nn.draw_z`, the fast
+  recipe's `z_draw` on LeNet-300-100) instead of once per example (the paper's, the rows named by the prior alone).
 * `floor`: the same ratio counted in multiply-adds of the matrix products and convolutions
   (`step_macs`): the plain layer does its forward product, its weight gradient and, unless it is the
   first layer, its input gradient; the Bayesian layer does each of these twice (means and
@@ -34,6 +36,7 @@ results file says which. The file ends with `selection` "none" (a timing chooses
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -55,13 +58,15 @@ from bayescomp.convert import group_layers
 from bayescomp.data import load_mnist
 from bayescomp.io.plain import load_plain
 from bayescomp.models import build_model
-from bayescomp.nn import LinearGroupHS, LinearGroupNJ, fuse_weight_kl
+from bayescomp.nn import LinearGroupHS, LinearGroupNJ, draw_z, fuse_weight_kl
 from bayescomp.recipes import recipe
 from bayescomp.train.memory import keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: groups kept per layer in the paper's Table 1 (BC-GNJ rows; method notes, "recalled")
 PAPER_ARCH = {"lenet300": {"fc1": 278, "fc2": 98, "fc3": 13}, "lenet5": {"conv1": 8, "conv2": 13, "fc1": 88, "fc2": 13}}
+#: the name suffix of a prior's step timed with z drawn once per batch (`nn.draw_z`)
+Z_BATCH = "z per batch"
 
 
 def _input_shape(model: str) -> tuple[int, ...]:
@@ -138,15 +143,17 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
     for prior in priors:
         max_var = recipe(model_name).clamps(prior) or None
         models[prior] = bayescomp.bayesianize(build_model(model_name), prior, keep_weights=False, max_var=max_var).train()
+    for prior in priors:
+        models[f"{prior}, {Z_BATCH}"] = copy.deepcopy(models[prior])
 
-    def make(model: nn.Module):
+    def make(model: nn.Module, per: str = "example"):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         layers = list(group_layers(model).values())
         it = iter(range(10**9))
 
         def step():
             idx = batches[next(it) % len(batches)]
-            with fuse_weight_kl(model):  # as fit does
+            with fuse_weight_kl(model), draw_z(model, per):  # as fit does
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 if layers:
                     loss = loss + bayescomp.kl_divergence(model) / n
@@ -157,10 +164,11 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
                 layer.clamp_variances()
         return step
 
-    times = _median_rounds({k: make(m) for k, m in models.items()}, rounds, reps)
+    times = _median_rounds({k: make(m, "batch" if k.endswith(Z_BATCH) else "example") for k, m in models.items()},
+                           rounds, reps)
     out = {"plain_step_ms": {k: v * 1e3 for k, v in times["plain"].items()}, "step_ms": {}, "train_step_ratio": {},
            "train_step_ratio_cpu": {}}
-    for prior in priors:
+    for prior in [k for k in models if k != "plain"]:
         out["step_ms"][prior] = {k: v * 1e3 for k, v in times[prior].items()}
         out["train_step_ratio"][prior] = times[prior]["wall"] / times["plain"]["wall"]
         out["train_step_ratio_cpu"][prior] = times[prior]["cpu"] / times["plain"]["cpu"]

@@ -23,7 +23,7 @@ COMPRESS_GROUPS: dict[str, list[str]] = {
     "model, prior, recipe": ["--model", "--prior", "--tau0", "--global-kl", "--recipe", "--dataset"],
     "data": ["--data-dir", "--train-subset", "--no-augment", "--no-verify"],
     "training": ["--epochs", "--seed", "--batch-size", "--lr", "--lr-scale", "--lr-schedule", "--lr-decay-epochs",
-                 "--warmup-epochs", "--kl-weight", "--clip-var", "--grad-clip", "--input-origin", "--device"],
+                 "--z-draw", "--warmup-epochs", "--kl-weight", "--clip-var", "--grad-clip", "--input-origin", "--device"],
     "starting from a trained network": ["--init-from", "--pretrain-epochs", "--pretrain-lr"],
     "the pruning decision": ["--thresholds", "--auto-thresholds", "--no-split", "--val-budget", "--val-fraction",
                              "--target-kept", "--max-multiply-adds"],

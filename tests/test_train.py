@@ -126,6 +126,7 @@ def test_kl_beta_schedule():
         {"epochs": 4, "lr_schedule": "cosine", "lr_decay_epochs": 5.0},
         {"epochs": 4, "lr_schedule": "cosine", "lr_decay_epochs": 0.0},
         {"epochs": 4, "lr_schedule": "cosine", "lr_decay_epochs": float("nan")},
+        {"z_draw": "step"},
     ],
 )
 def test_train_config_validate_rejects(kwargs, mnist):

@@ -79,6 +79,8 @@ class TrainingRecipe:
     auto_thresholds: str | None
     #: the histogram rule in a layer without a split: "keep" or "floor" (`compress.thresholds`)
     no_split: str
+    #: how training draws the group scales z: "example" or "batch" (`TrainConfig.z_draw`)
+    z_draw: str = "example"
     #: per setting, why it has its value (the measurement behind it)
     evidence: Mapping[str, str] = field(default_factory=dict)
     #: settings that differ for one prior: {prior: {setting: value}} (`for_prior`)
@@ -110,7 +112,7 @@ class TrainingRecipe:
 
 #: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
 RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
-                  "warmup_epochs", "kl_weight", "finetune_epochs", "finetune_lr", "auto_thresholds", "no_split")
+                  "warmup_epochs", "kl_weight", "finetune_epochs", "finetune_lr", "auto_thresholds", "no_split", "z_draw")
 
 
 def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None,

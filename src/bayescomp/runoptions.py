@@ -21,6 +21,7 @@ from .compress.thresholds import NO_SPLIT
 from .convert import PRIORS, bayesianize
 from .factories import first_layer, resolve_device
 from .models import MODELS, build_model
+from .nn.zdraw import Z_DRAWS
 from .optioncheck import check_number, check_seed, check_thresholds, train_error
 from .rundir import OPTIONS as OPTIONS_FILE
 from .rundir import RunError
@@ -278,6 +279,9 @@ OPTIONS: tuple[Option, ...] = (
            "With --lr-schedule cosine: the fall takes only this many last epochs", recipe=True, resume_fixed=True,
            helps={"compress": "With --lr-schedule cosine: the fall takes only this many last epochs (default: the "
                               "recipe's; the paper recipe's: the whole run)."}),
+    Option("z_draw", "--z-draw", "str", "example",
+           "example: each example draws its own group scales z (the paper). batch: one z per batch, shared by its "
+           "examples (fewer random numbers, a noisier ELBO)", choices=Z_DRAWS, recipe=True, resume_fixed=True),
     Option("warmup_epochs", "--warmup-epochs", "float", 0.0, "Linear KL warm-up length", _BOTH, recipe=True,
            check=lambda v, o: check_number(v, "--warmup-epochs", minimum=0), resume_fixed=True,
            helps={"sweep": None}),
@@ -400,7 +404,7 @@ def train_config(opts: Any) -> TrainConfig:
     """The training settings of the Bayesian model's run."""
     return TrainConfig(opts.epochs, opts.batch_size, opts.lr, opts.warmup_epochs, opts.seed, opts.grad_clip,
                        opts.kl_weight, lr_schedule=opts.lr_schedule, lr_decay_epochs=opts.lr_decay_epochs,
-                       lr_scale=dict(opts.lr_scale))
+                       lr_scale=dict(opts.lr_scale), z_draw=opts.z_draw)
 
 
 def validate(opts: Any) -> None:

@@ -6,6 +6,7 @@ from .fusion import fuse_weight_kl
 from .ghs import Conv1dGroupHS, Conv2dGroupHS, LinearGroupHS
 from .gnj import Conv1dGroupNJ, Conv2dGroupNJ, LinearGroupNJ
 from .kl import kl_gaussian_std_normal, kl_log_uniform
+from .zdraw import Z_DRAWS, draw_z
 
 __all__ = [
     "AttentionHeads",
@@ -15,6 +16,8 @@ __all__ = [
     "parameter_kind",
     "zero_padded",
     "fuse_weight_kl",
+    "draw_z",
+    "Z_DRAWS",
     "LinearGroupNJ",
     "Conv2dGroupNJ",
     "Conv1dGroupNJ",

@@ -103,6 +103,8 @@ class GroupSparseLayer(nn.Module):
     #: (KL tensor, versions of the layer's parameters, whether it is the whole layer's KL or only the weights' and
     #: bias's) left by the last fused forward
     _kl_stash: tuple[Tensor, tuple[int, ...], bool] | None = None
+    #: set by `zdraw.draw_z`: training draws one z for the whole batch, shape (1, groups), not one per example
+    _z_shared: bool = False
 
     weight_mu: nn.Parameter
     weight_logvar: nn.Parameter
@@ -315,7 +317,7 @@ class GroupSparseLayer(nn.Module):
         return cached[2]
 
     def _gate(self, n: int) -> Tensor:
-        z = self.sample_z(n) if self.training else self.z_mean()
+        z = self.sample_z(1 if self._z_shared else n) if self.training else self.z_mean()
         if self._mask_is_full():
             return z  # (training: spares a pass over the (n, groups) samples, and its backward)
         return z * self.group_mask.to(z.dtype)  # (an explicit cast of the n-vector: cheaper than promoting z)

@@ -162,7 +162,7 @@ class _GatedLinearLRT(torch.autograd.Function):
     def forward(ctx, x: Tensor, mu: Tensor, logvar: Tensor, b_mu: Tensor | None, b_logvar: Tensor | None,
                 layer, with_kl: bool, *z_params: Tensor):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        z, z_saved = layer._z_draw(z_params, x.shape[0])
+        z, z_saved = layer._z_draw(z_params, 1 if layer._z_shared else x.shape[0])  # (1, in): `zdraw.draw_z`
         out, saved = _linear_forward(x, z, mu, logvar, b_mu, b_logvar, None)
         ctx.layer = layer
         ctx.counts = (len(z_saved), 0)

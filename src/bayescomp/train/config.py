@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..nn.base import PARAMETER_KINDS
+from ..nn.zdraw import Z_DRAWS
 
 #: learning-rate schedules `fit` knows (see `lr_at`)
 LR_SCHEDULES = ("constant", "cosine")
@@ -44,6 +45,8 @@ class TrainConfig:
       step is about `lr` per step whatever the gradient's size, so a log-variance or a group scale that has
       to travel from its initial value (log σ² = −9) to a pruned group's (log α above the threshold, several
       units away) needs thousands of steps at 1e-3: `recipes.FAST` gives them a larger rate.
+    - `z_draw`: "example" (default, the paper's): each example draws its own group scales z; "batch": one z per
+      batch, shared by its examples (`nn.zdraw.draw_z`: the same ELBO, fewer random numbers, noisier).
 
     Not set here: the variance clamp σ² ≤ `max_var` belongs to the layers (`bayesianize(..., max_var=)`,
     per layer or for all; default None: no clamp; the model recipes set the paper's values). `fit` applies
@@ -62,6 +65,7 @@ class TrainConfig:
     lr_decay_epochs: float | None = None
     check_grads: bool = False
     lr_scale: dict[str, float] = field(default_factory=dict)
+    z_draw: str = "example"
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -92,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"lr_scale names an unknown parameter kind {kind!r}; the kinds: {', '.join(PARAMETER_KINDS)}")
             if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
                 raise ValueError(f"lr_scale of {kind!r} must be a positive finite number, got {factor!r}")
+        if self.z_draw not in Z_DRAWS:
+            raise ValueError(f"z_draw must be one of {', '.join(Z_DRAWS)}, got {self.z_draw!r}")
         if not isinstance(self.check_grads, bool):
             raise ValueError(f"check_grads must be True or False, got {self.check_grads!r}")
 
@@ -114,7 +120,7 @@ def finetune_config(config: TrainConfig, epochs: int, lr: float | None = None) -
 
 #: settings that shape the trajectory: a checkpoint resumes only a run with the same ones (`epochs` may grow)
 RUN_DEFINING = ("batch_size", "lr", "warmup_epochs", "seed", "grad_clip", "kl_weight", "lr_schedule",
-                 "lr_decay_epochs", "lr_scale")
+                 "lr_decay_epochs", "lr_scale", "z_draw")
 
 
 

@@ -34,6 +34,7 @@ from ..base import atomic_write
 from ..convert import group_layers, kl_divergence
 from ..nn.base import PARAMETER_KINDS, parameter_kind
 from ..nn.fusion import fuse_weight_kl
+from ..nn.zdraw import draw_z
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import RUN_DEFINING, TrainConfig, kl_beta, length_change_refused, lr_at
@@ -323,7 +324,8 @@ def fit(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net.train()
-    with fuse_weight_kl(model):  # each layer's weight KL computed in its forward (nn/base.py)
+    # each layer's weight KL computed in its forward (nn/base.py); z drawn per example or per batch
+    with fuse_weight_kl(model), draw_z(model, config.z_draw):
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
             if loader is None:
