@@ -99,3 +99,18 @@ def test_fit_draws_z_as_configured(per, monkeypatch):
     fit(model, data, TrainConfig(epochs=1, batch_size=32, seed=0, z_draw=per), progress=False)
     assert seen and set(seen) == ({1} if per == "batch" else {32})
     assert not any(layer._z_shared for layer in group_layers(model).values())
+
+
+def test_the_fast_recipe_reaches_training_with_its_draw_and_a_given_option_wins():
+    """recipes → run options → TrainConfig: the fast recipe's LeNet-300-100 draw is z per batch, other models keep the
+    paper's per-example draw, and `--z-draw` given by the user wins over the recipe."""
+    from bayescomp.recipes import recipe_options
+    from bayescomp.runoptions import RunOptions, train_config
+
+    def drawn(model, given):
+        return train_config(RunOptions(**({"model": model} | recipe_options("fast", given, "gnj", model)))).z_draw
+
+    assert drawn("lenet300", {}) == "batch"
+    assert drawn("lenet5", {}) == "example"
+    assert drawn("lenet300", {"z_draw": "example"}) == "example"
+    assert recipe_options("paper", {}, "gnj", "lenet300")["z_draw"] == "example"

@@ -164,9 +164,10 @@ FAST = TrainingRecipe(
     # Chosen on a validation split (10% of the MNIST training set, seed 0), LeNet-300-100 with GNJ, one seed
     # each: benchmarks/recipe_search.py, figures in benchmarks/results/recipe_search.jsonl (val: validation
     # error after the cut, with the model's thresholds unless said). Measured on the test set afterwards,
-    # once per run (benchmarks/results/fast.json): GNJ 1.82% at 7.79% kept in 162 s, GHS 1.96% at 7.13% in
-    # 175 s (means of seeds 0-2). Only LeNet-300-100 has been searched: on other models (LeNet-5-Caffe's
-    # Bayesian epoch took 80-200 s here, LeNet-300-100's about 3 s) the same settings are a starting point, untested.
+    # once per run (benchmarks/results/fast.json, means of seeds 0-2, z per batch): GNJ 1.87% at 7.34% kept in
+    # 203 s, GHS 1.96% at 7.50% in 210 s (with z per example, on another day: 1.82% at 7.79% in 162 s and 1.96% at
+    # 7.13% in 175 s, fast_lenet300_zexample.json). LeNet-300-100 was searched first; LeNet-5-Caffe has its own
+    # epochs and horseshoe KL weight; on other models the settings are a starting point, untested.
     evidence={
         "pretrain_epochs": "10 plain epochs at 1e-3 (val 3.1%) against 5 (val 3.4%): the Bayesian run from the "
                            "better start ends 0.1 points lower (F-s10pre10 2.08% against F-s10 2.15%, histogram "
