@@ -438,3 +438,26 @@ def test_a_model_prior_pair_has_its_own_settings_over_both(monkeypatch):
     monkeypatch.setitem(recipes.TRAINING_RECIPES, "fast", rec)
     assert recipe_options("fast", {}, prior="ghs", model="lenet5")["kl_weight"] == 0.75
     assert recipe_options("fast", {"kl_weight": 0.5}, prior="ghs", model="lenet5")["kl_weight"] == 0.5  # the user's wins
+
+
+@pytest.mark.parametrize(("given", "drawn"), [(None, 32), ("batch", 1)])
+def test_compress_pretrained_draws_z_as_the_recipe_or_the_caller_says(monkeypatch, given, drawn):
+    """A model of the user's gets the fast recipe's draw for it (one z per example) unless `z_draw=` says otherwise;
+    a bad value is refused before any training."""
+    x, y = _data(n=64)
+    net = _mlp().eval()
+    seen: list[int] = []
+    original = bayescomp.nn.LinearGroupNJ._z_draw
+
+    def spy(self, params, n):
+        seen.append(n)
+        return original(self, params, n)
+
+    monkeypatch.setattr(bayescomp.nn.LinearGroupNJ, "_z_draw", spy)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=1, z_draw=given, progress=False)
+    assert seen and set(seen) == {drawn}
+    seen.clear()
+    with pytest.raises(ValueError, match="z_draw"):
+        bayescomp.compress_pretrained(net, loader, epochs=1, z_draw="step", progress=False)
+    assert not seen

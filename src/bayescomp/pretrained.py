@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ def compress_pretrained(
     recipe: str | TrainingRecipe = "fast",
     epochs: int | None = None,
     finetune_epochs: int | None = None,
+    z_draw: str | None = None,
     thresholds: float | Mapping[str, float] | None = None,
     target_kept: float | None = None,
     max_multiply_adds: int | None = None,
@@ -86,6 +88,8 @@ def compress_pretrained(
     - `prior`: "gnj" or "ghs" (`prior_options`: e.g. `tau0=` for the horseshoe).
     - `recipe`: "fast" (default; from a trained network in minutes) or "paper", or a `TrainingRecipe`.
       `epochs`, `finetune_epochs`: override the recipe's.
+    - `z_draw`: "example" or "batch", how training draws the group scales z (`nn.draw_z`); None: the recipe's (the
+      fast recipe's for a model of the user's: "example", the paper's draw).
     - `thresholds`: None: the recipe's rule (the fast recipe: each prior's default threshold, log α −3 for
       GNJ, 2.5 for GHS; a recipe with the histogram rule: the split of each layer's log α histogram); a float
       for every layer; a mapping: those layers at the given values, the rule for the others.
@@ -101,6 +105,8 @@ def compress_pretrained(
     per-epoch `history`.
     """
     rec = (recipe if isinstance(recipe, TrainingRecipe) else training_recipe(recipe)).for_prior(prior)
+    if z_draw is not None:
+        rec = replace(rec, z_draw=z_draw)
     epochs = rec.epochs if epochs is None else epochs
     finetune_epochs = rec.finetune_epochs if finetune_epochs is None else finetune_epochs
     if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
