@@ -87,12 +87,14 @@ class Batches:
         self.last_at: float | None = None  # perf_counter when the last minibatch was handed out (a step began)
         self._order = torch.empty(0, dtype=torch.long)
 
-    def next(self) -> torch.Tensor:
+    def next(self, now: float | None = None) -> torch.Tensor:
+        """The next minibatch's indices; `now`: the perf_counter reading at which the caller decided to take the step
+        (recorded as `last_at`, so a step begun before a deadline is never recorded after it)."""
         i = self.steps % self.per_epoch
         if i == 0:
             self._order = torch.randperm(self.n, generator=self.gen)
         self.steps += 1
-        self.last_at = time.perf_counter()
+        self.last_at = time.perf_counter() if now is None else now
         return self._order[i * self.batch_size : (i + 1) * self.batch_size]
 
 
@@ -103,8 +105,11 @@ def finetune(model: nn.Module, train, batches: Batches, lr: float, steps: int | 
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     done = 0
-    while (steps is None or done < steps) and (deadline is None or time.perf_counter() < deadline):
-        idx = batches.next()
+    while steps is None or done < steps:
+        now = time.perf_counter()
+        if deadline is not None and now >= deadline:
+            break
+        idx = batches.next(now)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
