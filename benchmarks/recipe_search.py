@@ -29,6 +29,7 @@ from bayescomp.compress.budget import size_target_thresholds
 from bayescomp.compress.thresholds import histogram_thresholds, validation_split
 from bayescomp.data import load_mnist
 from bayescomp.models import build_model
+from bayescomp.nn import Z_DRAWS
 from bayescomp.recipes import recipe as model_recipe
 from bayescomp.train import TrainConfig, evaluate, finetune_config, fit
 from bayescomp.train.loop import flush_denormals
@@ -58,7 +59,7 @@ ap.add_argument("--rule", default="histogram", help="the rule fine-tuned: histog
 ap.add_argument("--target-kept", type=float, default=None,
                 help="also measure the size-target rule (`target`) at this share of the weights kept, in %%")
 ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's starting rate (default: --lr)")
-ap.add_argument("--z-draw", default="example", choices=("example", "batch"), help="z per example or per batch")
+ap.add_argument("--z-draw", default="example", choices=Z_DRAWS, help="z per example or per batch")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
 ap.add_argument("--save-posterior", default=None, help="a folder to keep each posterior in (state_dict)")
