@@ -17,6 +17,8 @@ validation error at four points of training (`curve`), then `selection` "validat
 """
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +57,7 @@ ap.add_argument("--no-split", default="keep")
 ap.add_argument("--origin", type=float, default=None)
 ap.add_argument("--clip", type=float, default=None)
 ap.add_argument("--tag", default="")
+ap.add_argument("--note", default=None, help="why this run, and the rule it is judged by (fixed before it runs)")
 ap.add_argument("--rule", default="histogram", help="the rule fine-tuned: histogram, default, recipe or target")
 ap.add_argument("--target-kept", type=float, default=None,
                 help="also measure the size-target rule (`target`) at this share of the weights kept, in %%")
@@ -104,7 +107,7 @@ for name, t in rules.items():
 th = rules[a.rule]
 res = compress(b, th)
 err = evaluate(res.model, *val)
-out = {"tag": a.tag, "args": vars(a), "pre_val": pre_err, "val_unc": unc, "val": err, "kept": res.report["weights_kept_pct"],
+out = {"tag": a.tag, "command": "benchmarks/recipe_search.py " + shlex.join(sys.argv[1:]), "args": vars(a), "pre_val": pre_err, "val_unc": unc, "val": err, "kept": res.report["weights_kept_pct"],
        "arch": res.report["architecture"], "thr": th, "rules": others}
 if a.ft:
     keeps = group_masks(b, th)
@@ -119,6 +122,8 @@ out["pre_seconds"] = t_pre
 SELECTION = ("validation", "one configuration of the fast recipe's search, trained on 90% of the training set and "
              "measured on the other 10% (validation_split(60000, 0.1, seed=0), benchmarks/recipe_search.py); the test "
              "set is never read")
+if a.note:
+    out["note"] = a.note
 out["curve"] = [(r["epoch"], round(r.get("test_error", -1), 2), r.get("groups_kept")) for r in hist if "test_error" in r]
 out = stamp(out, *SELECTION)
 print(json.dumps(out))

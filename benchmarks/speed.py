@@ -52,7 +52,7 @@ from selection import TIMING, stamp  # beside this script
 from torch import nn
 
 import bayescomp
-from bayescomp.compress import compress
+from bayescomp.compress import apply_masks, compress, group_masks
 from bayescomp.compress.runtime import with_pooling
 from bayescomp.convert import group_layers
 from bayescomp.data import load_mnist
@@ -130,6 +130,26 @@ def _median_rounds(fns: dict, rounds: int, reps: int) -> dict[str, dict[str, flo
     return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in fns}
 
 
+def _fit_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list, per: str = "example"):
+    """One training step as `fit` does it, on the next of `batches` (index tensors into x, y) at each call."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    layers = list(group_layers(model).values())
+    it = iter(range(10**9))
+
+    def step():
+        idx = batches[next(it) % len(batches)]
+        with fuse_weight_kl(model), draw_z(model, per):  # as fit does
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if layers:
+                loss = loss + bayescomp.kl_divergence(model) / len(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for layer in layers:
+            layer.clamp_variances()
+    return step
+
+
 def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds: int, reps: int,
                 batch_size: int = 128) -> dict:
     """Step times (ms) of the plain model and each prior's Bayesian twin, and their ratios (module docstring)."""
@@ -137,7 +157,6 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
     x = x.view(-1, *_input_shape(model_name))
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(x), (batch_size,), generator=gen) for _ in range(reps)]
-    n = len(x)
     torch.manual_seed(0)
     models = {"plain": build_model(model_name).train()}
     for prior in priors:
@@ -146,26 +165,8 @@ def train_steps(model_name: str, priors: list[str], data_dir: str | None, rounds
     for prior in priors:
         models[f"{prior}, {Z_BATCH}"] = copy.deepcopy(models[prior])
 
-    def make(model: nn.Module, per: str = "example"):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-        layers = list(group_layers(model).values())
-        it = iter(range(10**9))
-
-        def step():
-            idx = batches[next(it) % len(batches)]
-            with fuse_weight_kl(model), draw_z(model, per):  # as fit does
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                if layers:
-                    loss = loss + bayescomp.kl_divergence(model) / n
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for layer in layers:
-                layer.clamp_variances()
-        return step
-
-    times = _median_rounds({k: make(m, "batch" if k.endswith(Z_BATCH) else "example") for k, m in models.items()},
-                           rounds, reps)
+    times = _median_rounds({k: _fit_step(m, x, y, batches, "batch" if k.endswith(Z_BATCH) else "example")
+                            for k, m in models.items()}, rounds, reps)
     out = {"plain_step_ms": {k: v * 1e3 for k, v in times["plain"].items()}, "step_ms": {}, "train_step_ratio": {},
            "train_step_ratio_cpu": {}}
     for prior in [k for k in models if k != "plain"]:
@@ -243,10 +244,10 @@ def step_breakdown(model_name: str, prior: str, rounds: int, reps: int) -> dict:
             "aten_ops_per_step": ops}
 
 
-def _paper_compressed(model_name: str) -> nn.Module:
-    """A fresh GNJ network pruned to the paper's architecture, compressed (float32 weights)."""
+def _paper_pruned(model_name: str, prior: str = "gnj") -> nn.Module:
+    """A fresh Bayesian network whose scores prune it to the paper's architecture at the default thresholds."""
     torch.manual_seed(0)
-    bmodel = bayescomp.bayesianize(build_model(model_name), "gnj", keep_weights=False)
+    bmodel = bayescomp.bayesianize(build_model(model_name), prior, keep_weights=False)
     layers = group_layers(bmodel)
     keep = PAPER_ARCH[model_name]
     names = list(layers)
@@ -265,8 +266,44 @@ def _paper_compressed(model_name: str) -> nn.Module:
                     prune[c * per : c * per + take] = False
             else:
                 prune[: keep[name]] = False
-            layer.z_logvar[prune] = 10.0  # log α ≈ 10: pruned at the default threshold −3
-    return compress(bmodel, round_weights=False).model
+            if prior == "gnj":
+                layer.z_logvar[prune] = 10.0  # log α ≈ 10: pruned at the default threshold −3
+            else:
+                layer.a_mu[prune], layer.b_mu[prune] = -30.0, -30.0  # the local scale near 0: log α high
+    return bmodel
+
+
+def _paper_compressed(model_name: str) -> nn.Module:
+    """A fresh GNJ network pruned to the paper's architecture, compressed (float32 weights)."""
+    return compress(_paper_pruned(model_name), round_weights=False).model
+
+
+def finetune_steps(model_name: str, priors: list[str], data_dir: str | None, rounds: int, reps: int,
+                   batch_size: int = 128) -> dict:
+    """The fine-tuning step after a cut (`pipeline.finetune`: the pruned groups switched off by `group_mask`)
+    against the same network's step with every group on, z per example (ms, and their ratio).
+
+    A masked Linear layer multiplies its kept inputs only (`nn.kinds.LinearKind._stochastic`); a masked
+    convolution still computes every output channel. The network is pruned to the paper's architecture
+    (`_paper_pruned`): the step's time depends on the shapes only, not on the values.
+    """
+    x, y = load_mnist("train", data_dir)
+    x = x.view(-1, *_input_shape(model_name))
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, len(x), (batch_size,), generator=gen) for _ in range(reps)]
+    fns = {}
+    for prior in priors:
+        bmodel = _paper_pruned(model_name, prior).train()
+        masked = copy.deepcopy(bmodel)
+        apply_masks(masked, group_masks(masked))
+        fns[f"{prior}, every group"] = _fit_step(bmodel, x, y, batches)
+        fns[f"{prior}, masked"] = _fit_step(masked, x, y, batches)
+    times = _median_rounds(fns, rounds, reps)
+    return {"architecture": PAPER_ARCH[model_name], "step_ms": {k: v["wall"] * 1e3 for k, v in times.items()},
+            "masked_over_every_group": {p: times[f"{p}, masked"]["wall"] / times[f"{p}, every group"]["wall"]
+                                        for p in priors}}
+
+
 
 
 def inference(model_name: str, run_dir: str | None, rounds: int) -> dict:
@@ -358,6 +395,8 @@ def main() -> None:
         print(f"{name}: training steps ({', '.join(['plain', *priors])}) ...", flush=True)
         entry = train_steps(name, priors, args.data_dir, args.rounds, reps)
         print(f"  ratio {entry['train_step_ratio']} (cpu {entry['train_step_ratio_cpu']}), floor {entry['floor']:.2f}", flush=True)
+        entry["finetune_step"] = finetune_steps(name, priors, args.data_dir, args.rounds, reps)
+        print(f"  fine-tuning step, masked / every group: {entry['finetune_step']['masked_over_every_group']}", flush=True)
         entry["breakdown"] = {prior: step_breakdown(name, prior, args.rounds, reps) for prior in priors}
         print(f"  breakdown {json.dumps({k: v['part_cost_in_plain_steps'] for k, v in entry['breakdown'].items()})}",
               flush=True)

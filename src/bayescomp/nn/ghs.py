@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import INIT_STD, LOGVAR_INIT, ConvKind, LinearKind, sampled_z
+from .base import INIT_STD, LOGVAR_INIT, sampled_z
 from .horseshoe_kl import (
     kl_global_sa_paper,
     kl_lognormal_gamma_half,
@@ -35,6 +35,7 @@ from .horseshoe_kl import (
     lognormal_kls_backward,
     lognormal_kls_forward,
 )
+from .kinds import ConvKind, LinearKind
 from .scalars import const
 
 GLOBAL_KL_VARIANTS = ("derived", "paper")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import INIT_STD, LOGVAR_INIT, ConvKind, LinearKind, sampled_z
+from .base import INIT_STD, LOGVAR_INIT, sampled_z
+from .kinds import ConvKind, LinearKind
 from .kl import group_nj_kl_backward, group_nj_kl_forward, kl_group_nj
 from .scalars import const
 
