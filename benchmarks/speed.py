@@ -17,7 +17,8 @@ writes benchmarks/results/speed.json. Per model:
   (`step_macs`): the plain layer does its forward product, its weight gradient and, unless it is the
   first layer, its input gradient; the Bayesian layer does each of these twice (means and
   variances), and a layer whose gates sit on its inputs (Linear) needs its input gradient even when
-  it is the first layer (for the gates' gradient).
+  it is the first layer (for the gates' gradient), unless one z gates the whole batch
+  (`floor_z_per_batch`: the gates' gradient then comes from the weight-gradient products, `nn.lrt`).
 * `inference_speedup` per batch size: original plain model latency / compressed model latency
   (evaluation mode, inference_mode, median of interleaved rounds); `throughput` in examples/s;
   `flop_ratio`: original multiply-adds / compressed multiply-adds per example. The compressed model
@@ -105,13 +106,17 @@ def layer_macs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int, bool]]
 
 
 def step_macs(bayes: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Multiply-adds of one training step, plain and Bayesian (see the module docstring)."""
-    plain = bayes_total = 0
+    """Multiply-adds of one training step, plain and Bayesian (see the module docstring); `floor_z_per_batch`: the
+    same with one z per batch, where a first layer gated on its inputs needs no input-gradient products either
+    (`nn.lrt._shared_gate_backward` takes z's gradient from the weight-sized products)."""
+    plain = bayes_total = shared = 0
     for i, (_, m, gates_on_inputs) in enumerate(layer_macs(bayes, x)):
         first = i == 0
         plain += m * (2 if first else 3)
         bayes_total += m * (4 if (first and not gates_on_inputs) else 6)
-    return {"plain_macs": plain, "bayesian_macs": bayes_total, "floor": bayes_total / plain}
+        shared += m * (4 if first else 6)
+    return {"plain_macs": plain, "bayesian_macs": bayes_total, "floor": bayes_total / plain,
+            "bayesian_macs_z_per_batch": shared, "floor_z_per_batch": shared / plain}
 
 
 def _median_rounds(fns: dict, rounds: int, reps: int) -> dict[str, dict[str, float]]:

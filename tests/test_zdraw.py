@@ -41,15 +41,18 @@ def _reference(layer, x, masked: bool):
                                 layer.dilation, layer.groups)
 
 
+# x_grad False: a first layer, whose Linear backward takes z's gradient from the weight-sized products
+# (`lrt._shared_gate_backward`) instead of from ∂L/∂u
+@pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("masked", [False, True])  # a Linear layer: the fused node, or the masked path
 @pytest.mark.parametrize("cls", [LinearGroupNJ, LinearGroupHS, Conv2dGroupNJ, Conv2dGroupHS])
-def test_a_batch_shares_one_z_with_the_gradients_of_the_expressions(cls, masked):
+def test_a_batch_shares_one_z_with_the_gradients_of_the_expressions(cls, masked, x_grad):
     layer = _layer(cls)
     if masked:
         layer.group_mask[1] = False
     x = torch.randn(N, 7, dtype=F64) if cls in (LinearGroupNJ, LinearGroupHS) else torch.randn(N, 3, 6, 6, dtype=F64)
-    x.requires_grad_()
-    params = [x, *layer.parameters()]
+    x.requires_grad_(x_grad)
+    params = [x, *layer.parameters()] if x_grad else list(layer.parameters())
     torch.manual_seed(21)
     with fuse_weight_kl(layer), draw_z(layer, "batch"):
         out = layer(x)
