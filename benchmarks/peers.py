@@ -288,7 +288,8 @@ SELECTION_HOW = ("fixed beforehand: the peer's documented usage; S = --prune-ste
 
 def pretrain_epochs(args: argparse.Namespace, model: str) -> int:
     """--pretrain-epochs, else the fast recipe's plain epochs for `model` (bayescomp's own start)."""
-    return FAST_RECIPE.for_model(model).pretrain_epochs if args.pretrain_epochs is None else args.pretrain_epochs
+    # (the GNJ run's: bayescomp's rows in peers.json are the GNJ ones)
+    return FAST_RECIPE.for_run(model, "gnj").pretrain_epochs if args.pretrain_epochs is None else args.pretrain_epochs
 
 
 def finetune_epochs(args: argparse.Namespace, model: str) -> float:

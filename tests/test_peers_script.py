@@ -182,7 +182,7 @@ def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model(
     fast = training_recipe("fast")
     unset = argparse.Namespace(pretrain_epochs=None, finetune_epochs=None)
     for model in ("lenet300", "lenet5"):
-        assert peers.pretrain_epochs(unset, model) == fast.for_model(model).pretrain_epochs
+        assert peers.pretrain_epochs(unset, model) == fast.for_run(model, "gnj").pretrain_epochs
         assert peers.finetune_epochs(unset, model) == max(5, fast.for_model(model).finetune_epochs)
     given = argparse.Namespace(pretrain_epochs=3, finetune_epochs=2.5)
     assert (peers.pretrain_epochs(given, "lenet5"), peers.finetune_epochs(given, "lenet5")) == (3, 2.5)

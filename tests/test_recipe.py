@@ -274,7 +274,7 @@ def test_cli_recipe_fills_what_is_not_given(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["compress", "--out", str(tmp_path / "o"), "--recipe", "fast", "--epochs", "7",
                                        "--lr-scale", "scale=4"])
     assert result.exit_code == 1 and "stop before training" in result.output
-    opts, fast = seen["opts"], training_recipe("fast").for_model("lenet300")  # the default model's own settings
+    opts, fast = seen["opts"], training_recipe("fast").for_run("lenet300", "gnj")  # the default model and prior's own
     assert (opts.recipe, opts.epochs, opts.lr, opts.lr_scale) == ("fast", 7, fast.lr, {"scale": 4.0})
     assert opts.finetune_epochs == fast.finetune_epochs
     assert (opts.pretrain_epochs, opts.pretrain_lr, opts.lr_schedule) == (fast.pretrain_epochs, fast.pretrain_lr,
