@@ -165,9 +165,10 @@ FAST = TrainingRecipe(
     # Chosen on a validation split (10% of the MNIST training set, seed 0), LeNet-300-100 with GNJ, one seed
     # each: benchmarks/recipe_search.py, figures in benchmarks/results/recipe_search.jsonl (val: validation
     # error after the cut, with the model's thresholds unless said). Measured on the test set afterwards,
-    # once per run (benchmarks/results/fast.json, means of seeds 0-2, z per batch): GNJ 1.87% at 7.34% kept in
-    # 203 s, GHS 1.96% at 7.50% in 210 s (with z per example, on another day: 1.82% at 7.79% in 162 s and 1.96% at
-    # 7.13% in 175 s, fast_lenet300_zexample.json). LeNet-300-100 was searched first; LeNet-5-Caffe has its own
+    # once per run (benchmarks/results/fast.json, means of seeds 0-2, z per batch): GNJ (30 plain epochs) 1.85% at
+    # 8.47% kept in 239 s, GHS 1.96% at 7.50% in 210 s (GNJ with 10 plain epochs: 1.87% at 7.34% in 203 s,
+    # fast_lenet300_pre10.json; with z per example, on another day: 1.82% at 7.79% in 162 s and 1.96% at 7.13% in
+    # 175 s, fast_lenet300_zexample.json). LeNet-300-100 was searched first; LeNet-5-Caffe has its own
     # epochs and horseshoe KL weight; on other models the settings are a starting point, untested.
     evidence={
         "pretrain_epochs": "10 plain epochs at 1e-3 (val 3.1%) against 5 (val 3.4%): the Bayesian run from the "
