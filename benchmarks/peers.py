@@ -157,16 +157,17 @@ def fast_figures(path: Path, model: str) -> dict | None:
     """bayescomp's fast recipe for `model` from fast.json: the mean over seeds of its GNJ row(s), or None.
 
     Accepts a list of rows or {"rows": [...]}; a row may hold its seeds' figures in `seeds` (a list of dicts)
-    or be one seed itself (then the rows of that model and prior are its seeds).
+    or be one seed itself (then the rows of that model and prior are its seeds). Rows cut to a size target
+    (`target_kept` set) are other runs than the recipe's own; they count only when no untargeted row exists.
     """
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     rows = data.get("rows", []) if isinstance(data, dict) else data
+    rows = [r for r in rows if r.get("model") == model and r.get("prior") == "gnj"]
+    rows = [r for r in rows if r.get("target_kept") is None] or rows
     runs = []
     for row in rows:
-        if row.get("model") != model or row.get("prior") != "gnj":
-            continue
         per_seed = row.get("seeds") if isinstance(row.get("seeds"), list) else None
         runs += [dict(s) for s in per_seed] if per_seed and isinstance(per_seed[0], dict) else [row]
     if not runs:

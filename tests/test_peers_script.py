@@ -51,6 +51,8 @@ def smoke(tmp_path_factory):
         {"model": "lenet300", "prior": "gnj", "weights_kept_pct": 20.0, "wall_seconds": BUDGET, "test_error": 2.0,
          "seeds": [{"seed": 0, "weights_kept_pct": 18.0, "wall_seconds": BUDGET - 1, "test_error": 1.9},
                    {"seed": 1, "weights_kept_pct": 22.0, "wall_seconds": BUDGET + 1, "test_error": 2.1}]},
+        {"model": "lenet300", "prior": "gnj", "target_kept": 10.8, "weights_kept_pct": 10.8, "wall_seconds": 90.0,
+         "seeds": [{"seed": 5, "weights_kept_pct": 10.8, "wall_seconds": 90.0, "test_error": 1.5}]},
         {"model": "lenet300", "prior": "ghs", "weights_kept_pct": 60.0, "wall_seconds": 100.0}]}))
     out = tmp / "peers.json"
     proc = _run("--smoke", "--fast", str(fast), "--kept", "lenet5=5", "--budget", f"lenet5={BUDGET}", "--out", str(out))
@@ -78,7 +80,7 @@ def test_smoke_writes_every_row_and_field(smoke):
 
 def test_targets_come_from_fast_json_means_or_the_options(smoke):
     for r in smoke["rows"]:
-        if r["model"] == "lenet300":  # the mean of seeds 0 and 1 of the GNJ row, not the GHS row
+        if r["model"] == "lenet300":  # the mean of seeds 0 and 1 of the GNJ row: not the GHS row, not the cut one
             assert r["target_weights_kept_pct"] == pytest.approx(20.0)
             assert r["bayescomp"]["seeds"] == [0, 1] and r["bayescomp"]["test_error"] == pytest.approx(2.0)
             assert r["bayescomp"]["wall_seconds"] == pytest.approx(BUDGET)
@@ -168,17 +170,33 @@ def test_init_from_another_models_weights_is_refused(tmp_path):
     assert len(lines) == 1 and "not a state_dict of lenet300" in lines[0]
 
 
-def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model():
-    import argparse
-    import importlib
+def test_fast_figures_fall_back_to_rows_cut_to_a_target_only_when_no_other_exists(tmp_path):
+    peers = _import_peers()
+    fast = tmp_path / "fast.json"
+    fast.write_text(json.dumps([{"model": "lenet5", "prior": "gnj", "target_kept": 0.9, "seed": s,
+                                 "weights_kept_pct": kept, "wall_seconds": 100.0 * (s + 1), "test_error": 1.0}
+                                for s, kept in ((0, 0.8), (1, 1.0))]))
+    got = peers.fast_figures(fast, "lenet5")
+    assert got["seeds"] == [0, 1] and got["weights_kept_pct"] == pytest.approx(0.9)
+    assert got["wall_seconds"] == pytest.approx(150.0) and peers.fast_figures(fast, "lenet300") is None
 
-    from bayescomp.recipes import training_recipe
+
+def _import_peers():
+    import importlib
 
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        peers = importlib.import_module("peers")
+        return importlib.import_module("peers")
     finally:
         sys.path.remove(str(SCRIPT.parent))
+
+
+def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model():
+    import argparse
+
+    from bayescomp.recipes import training_recipe
+
+    peers = _import_peers()
     fast = training_recipe("fast")
     unset = argparse.Namespace(pretrain_epochs=None, finetune_epochs=None)
     for model in ("lenet300", "lenet5"):
