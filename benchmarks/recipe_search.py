@@ -10,12 +10,15 @@ Bayesian keeping its weights, trained `--epochs` epochs (`--lr`, per-kind factor
 three threshold rules, each measured: `histogram` (the Otsu split per layer), `default` (the prior's default
 threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for LeNet-300-100 with GNJ);
 with `--target-kept PCT` also `target` (the size-target rule at PCT% of the weights);
-`--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0). One JSON line per run is appended to
+`--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0); a comma-separated list fine-tunes
+each rule from a copy of the same posterior (the first one's figures in `ft_val`..., all in `ft_rules`), a paired
+comparison of rules. One JSON line per run is appended to
 benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
 kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
 validation error at four points of training (`curve`), then `selection` "validation" and its `selection_note`.
 """
 import argparse
+import copy
 import json
 import shlex
 import sys
@@ -58,7 +61,8 @@ ap.add_argument("--origin", type=float, default=None)
 ap.add_argument("--clip", type=float, default=None)
 ap.add_argument("--tag", default="")
 ap.add_argument("--note", default=None, help="why this run, and the rule it is judged by (fixed before it runs)")
-ap.add_argument("--rule", default="histogram", help="the rule fine-tuned: histogram, default, recipe or target")
+ap.add_argument("--rule", default="histogram",
+                help="the rule fine-tuned: histogram, default, recipe or target; several, comma-separated, each from the same posterior")
 ap.add_argument("--target-kept", type=float, default=None,
                 help="also measure the size-target rule (`target`) at this share of the weights kept, in %%")
 ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's starting rate (default: --lr)")
@@ -104,19 +108,31 @@ for name, t in rules.items():
         others[name] = str(e)
         continue
     others[name] = (round(evaluate(r.model, *val), 2), round(r.report["weights_kept_pct"], 2), r.report["architecture"])
-th = rules[a.rule]
+ft_rules = a.rule.split(",")
+unknown = [r for r in ft_rules if r not in rules]
+if unknown:
+    sys.exit(f"--rule: no rule {unknown[0]!r} in this run (have: {', '.join(rules)})")
+th = rules[ft_rules[0]]
 res = compress(b, th)
 err = evaluate(res.model, *val)
 out = {"tag": a.tag, "command": "benchmarks/recipe_search.py " + shlex.join(sys.argv[1:]), "args": vars(a), "pre_val": pre_err, "val_unc": unc, "val": err, "kept": res.report["weights_kept_pct"],
        "arch": res.report["architecture"], "thr": th, "rules": others}
 if a.ft:
-    keeps = group_masks(b, th)
-    apply_masks(b, keeps)
-    with flush_denormals():
-        fit(b, train, finetune_config(cfg, a.ft, a.ft_lr), progress=False)
-    res = compress(b, th, keeps=keeps)
-    out.update(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
-               ft_arch=res.report["architecture"])
+    posterior = copy.deepcopy(b.state_dict())
+    out["ft_rules"] = {}
+    for name in ft_rules:
+        th = rules[name]
+        b.load_state_dict(posterior)
+        keeps = group_masks(b, th)
+        apply_masks(b, keeps)
+        with flush_denormals():
+            fit(b, train, finetune_config(cfg, a.ft, a.ft_lr), progress=False)
+        res = compress(b, th, keeps=keeps)
+        fig = dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val),
+                   ft_kept=res.report["weights_kept_pct"], ft_arch=res.report["architecture"])
+        out["ft_rules"][name] = fig
+        if name == ft_rules[0]:
+            out.update(fig)
 out["seconds"] = time.perf_counter() - t0
 out["pre_seconds"] = t_pre
 SELECTION = ("validation", "one configuration of the fast recipe's search, trained on 90% of the training set and "
