@@ -461,3 +461,53 @@ def test_compress_pretrained_draws_z_as_the_recipe_or_the_caller_says(monkeypatc
     with pytest.raises(ValueError, match="z_draw"):
         bayescomp.compress_pretrained(net, loader, epochs=1, z_draw="step", progress=False)
     assert not seen
+
+
+def test_a_recipe_size_target_yields_to_any_other_cut():
+    """The fast recipe cuts LeNet-300-100 with GNJ to its size target; thresholds, a threshold rule or another size
+    target given by the user replace it, and no other model or prior gets it."""
+    own = training_recipe("fast").for_run("lenet300", "gnj").target_kept
+    assert own is not None and 0 < own <= 0.108  # at most the paper's 10.8%
+    assert recipe_options("fast", {}, prior="gnj", model="lenet300")["target_kept"] == own
+    assert recipe_options("fast", {}, prior="ghs", model="lenet300")["target_kept"] is None
+    assert recipe_options("fast", {}, prior="gnj", model="lenet5")["target_kept"] is None
+    assert recipe_options("paper", {}, prior="gnj", model="lenet300")["target_kept"] is None
+    for given in ({"thresholds": -3.0}, {"thresholds": {"fc1": -2.0}}, {"auto_thresholds": "histogram"},
+                  {"max_multiply_adds": 1000}):
+        assert recipe_options("fast", given, prior="gnj", model="lenet300")["target_kept"] is None, given
+    assert recipe_options("fast", {"target_kept": 0.05}, prior="gnj", model="lenet300")["target_kept"] == 0.05
+
+
+def test_the_cli_cuts_to_the_recipes_size_target_unless_told_otherwise(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from bayescomp import pipeline
+    from bayescomp.cli import main
+
+    seen = []
+
+    def stop(opts, *a, **k):
+        seen.append(opts)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    base = ["compress", "--recipe", "fast", "--model", "lenet300", "--prior", "gnj", "--out", str(tmp_path / "o")]
+    for extra, kept, thresholds in (([], training_recipe("fast").for_run("lenet300", "gnj").target_kept, None),
+                                    (["--thresholds", "-3"], None, -3.0), (["--target-kept", "0.2"], 0.2, None)):
+        result = CliRunner().invoke(main, base + extra)
+        assert result.exit_code == 1 and "stop before training" in result.output, result.output
+        assert (seen[-1].target_kept, seen[-1].thresholds) == (kept, thresholds), extra
+
+
+def test_compress_pretrained_takes_the_recipes_size_target(monkeypatch):
+    import dataclasses
+
+    x, y = _data(n=128)
+    net = _mlp().eval()
+    rec = dataclasses.replace(training_recipe("fast"), target_kept=0.3)
+    small = bayescomp.compress_pretrained(net, (x, y), recipe=rec, epochs=1, finetune_epochs=0, progress=False)
+    assert small.report["thresholds_rule"] == "size target (target_kept=0.3)"
+    assert small.report["weights_kept_pct"] <= 30.0
+    given = bayescomp.compress_pretrained(net, (x, y), recipe=rec, epochs=1, finetune_epochs=0, thresholds=-3.0,
+                                          progress=False)
+    assert given.report["thresholds_rule"] != small.report["thresholds_rule"]

@@ -52,7 +52,7 @@ def compress_cmd(out, dataset, resume, force, quiet, **params) -> None:
     if dataset is not None and model in MODELS and MODELS[model][1] != dataset:
         fail(ValueError(f"model {model} is built for {MODELS[model][1]}, not {dataset}"))
     values = run_values("compress", params)
-    given = {k: values[k] for k in (*RECIPE_OPTIONS, "init_from", "thresholds", "target_kept", "max_multiply_adds")}
+    given = {k: values[k] for k in (*RECIPE_OPTIONS, "init_from", "thresholds", "max_multiply_adds")}
     opts = RunOptions(**(values | recipe_options(values["recipe"], given, prior=values["prior"], model=values["model"])))
     command = "bayescomp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

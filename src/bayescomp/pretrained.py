@@ -94,7 +94,7 @@ def compress_pretrained(
       GNJ, 2.5 for GHS; a recipe with the histogram rule: the split of each layer's log α histogram); a float
       for every layer; a mapping: those layers at the given values, the rule for the others.
     - `target_kept` (a share of the weights, in (0, 1]) or `max_multiply_adds` (per example): a size target in
-      place of the thresholds: each layer's threshold is chosen so that the compressed model fits, groups ranked
+      place of the thresholds (None: the recipe's `target_kept`, if any, where no thresholds are given): each layer's threshold is chosen so that the compressed model fits, groups ranked
       by log α across layers (`compress.budget`), before the fine-tuning. Checked before any training.
     - `example_input`: a batch the model accepts, needed for a model that is not an `nn.Sequential` chain
       (residual sums, concatenations: it is traced with torch.fx).
@@ -114,6 +114,8 @@ def compress_pretrained(
     if rec.auto_thresholds not in (None, "histogram"):  # refused before any training
         raise ValueError(f"compress_pretrained applies the histogram rule or the priors' defaults, not the recipe's "
                          f"{rec.auto_thresholds!r} rule")
+    if target_kept is None and max_multiply_adds is None and thresholds is None:
+        target_kept = rec.target_kept  # the recipe's size target, if it has one
     size = None
     if target_kept is not None or max_multiply_adds is not None:  # refused before any training, as the rest
         target_example(model, target_kept, max_multiply_adds, example_input)

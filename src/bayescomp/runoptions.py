@@ -32,6 +32,8 @@ from .train.config import length_change_refused
 Check = Callable[[Any, Any], None]  # (value, the whole options) -> None, or a RunError naming the flag
 
 _RECIPE_DEFAULT = " (default: the recipe's)."
+_TARGET_KEPT_HELP = ("Size target: choose each layer's threshold so that the compressed model keeps at most this share of "
+                     "the weights (0 < FRACTION <= 1), groups ranked by log α across layers; not with --thresholds")
 _NO_SPLIT_HELP = ("--auto-thresholds histogram, in a layer whose log α histogram shows no split: keep every group "
                   "(keep), or cut at the prior's noise floor, log α 2 for ghs and -3 for gnj (floor)")
 
@@ -335,10 +337,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("auto_thresholds", "--auto-thresholds", "str | None", None, _AUTO_HELP, _BOTH,
            choices=("histogram", "validation"), recipe=True, check=_check_auto_thresholds,
            helps={"compress": _AUTO_HELP, "sweep": "Choose each run's thresholds after training (see `compress --help`)."}),
-    Option("target_kept", "--target-kept", "float | None", None,
-           "Size target: choose each layer's threshold so that the compressed model keeps at most this share of the "
-           "weights (0 < FRACTION <= 1), groups ranked by log α across layers; not with --thresholds.",
-           ("compress", "prune"), check=_check_size_target),
+    Option("target_kept", "--target-kept", "float | None", None, _TARGET_KEPT_HELP, ("compress", "prune"), recipe=True,
+           check=_check_size_target, helps={"prune": _TARGET_KEPT_HELP + "."}),
     Option("max_multiply_adds", "--max-multiply-adds", "int | None", None,
            "Size target: choose each layer's threshold so that the compressed model takes at most N multiply-adds "
            "per example, groups ranked by log α across layers; not with --thresholds.", ("compress", "prune"),
