@@ -204,3 +204,14 @@ def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model(
         assert peers.finetune_epochs(unset, model) == max(5, fast.for_model(model).finetune_epochs)
     given = argparse.Namespace(pretrain_epochs=3, finetune_epochs=2.5)
     assert (peers.pretrain_epochs(given, "lenet5"), peers.finetune_epochs(given, "lenet5")) == (3, 2.5)
+
+
+def test_fast_figures_name_the_shipped_results_file_from_the_repository(tmp_path):
+    """The source written beside every peer row is the repository's own path, not this checkout's."""
+    peers = _import_peers()
+    shipped = peers.fast_figures(peers.FAST, "lenet300")
+    assert shipped is not None and shipped["source"] == "benchmarks/results/fast.json"
+    elsewhere = tmp_path / "fast.json"
+    elsewhere.write_text(json.dumps([{"model": "lenet300", "prior": "gnj", "seed": 0, "weights_kept_pct": 9.0,
+                                      "wall_seconds": 100.0, "test_error": 1.9}]))
+    assert peers.fast_figures(elsewhere, "lenet300")["source"] == str(elsewhere)
