@@ -172,8 +172,8 @@ def fast_figures(path: Path, model: str) -> dict | None:
         runs += [dict(s) for s in per_seed] if per_seed and isinstance(per_seed[0], dict) else [row]
     if not runs:
         return None
-    root = RESULTS.parents[1]  # the repository: the source is named as the results files name each other
-    source = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
+    root, resolved = RESULTS.parents[1], path.resolve()  # named from the repository, as results files name each other
+    source = resolved.relative_to(root) if resolved.is_relative_to(root) else path
     out: dict = {"source": str(source), "seeds": [r.get("seed") for r in runs]}
     for key in ("weights_kept_pct", "wall_seconds", "test_error"):
         vals = [r[key] for r in runs if r.get(key) is not None]

@@ -501,7 +501,7 @@ def test_the_cli_cuts_to_the_recipes_size_target_unless_told_otherwise(monkeypat
         assert (seen[-1].target_kept, seen[-1].thresholds) == (kept, thresholds), extra
 
 
-def test_compress_pretrained_takes_the_recipes_size_target(monkeypatch):
+def test_compress_pretrained_takes_the_recipes_size_target():
     import dataclasses
 
     x, y = _data(n=128)

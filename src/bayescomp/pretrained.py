@@ -94,8 +94,9 @@ def compress_pretrained(
       GNJ, 2.5 for GHS; a recipe with the histogram rule: the split of each layer's log α histogram); a float
       for every layer; a mapping: those layers at the given values, the rule for the others.
     - `target_kept` (a share of the weights, in (0, 1]) or `max_multiply_adds` (per example): a size target in
-      place of the thresholds (None: the recipe's `target_kept`, if any, where no thresholds are given): each layer's threshold is chosen so that the compressed model fits, groups ranked
-      by log α across layers (`compress.budget`), before the fine-tuning. Checked before any training.
+      place of the thresholds (None: the recipe's `target_kept`, if any, where no thresholds are given): each
+      layer's threshold is chosen so that the compressed model fits, groups ranked by log α across layers
+      (`compress.budget`), before the fine-tuning. Checked before any training.
     - `example_input`: a batch the model accepts, needed for a model that is not an `nn.Sequential` chain
       (residual sums, concatenations: it is traced with torch.fx).
     - `max_var`: the variance clamp σ² ≤ max_var (all layers, or per layer name); default none.
