@@ -11,6 +11,9 @@ model.bcz) and `wall_seconds`, the wall-clock time of the whole command in a sub
 pretraining, training, cut, fine-tuning, compression, evaluation, files), and their mean. Rows of earlier runs
 for other models or priors are kept, so models can be run one at a time.
 
+Each row also keeps the `fast.py` call that made it (`benchmark_command`) and its `machine` (load averages before
+and after that row's runs); the top-level `command` and `machine` are the last call's.
+
 `selection` says how each setting was chosen: the recipe's settings on a validation split held out of the
 training set (`benchmarks/recipe_search.py`, figures in benchmarks/results/recipe_search.jsonl), the
 thresholds by the recipe's rule, computed from the posterior alone. The test set is read once per run, at
@@ -89,6 +92,13 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _machine(threads: int, load_start: tuple[float, float, float]) -> dict:
+    """Where a call ran: the machine, the threads of each run, the load averages before and after."""
+    return {"cpu": platform.machine(), "cores": os.cpu_count(), "threads_per_run": threads,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_at_start": list(load_start), "load_average_at_end": list(os.getloadavg())}
+
+
 def _recipe_record() -> dict:
     from bayescomp.recipes import training_recipe
 
@@ -129,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = {(r["model"], r["prior"], r.get("target_kept")): r for r in previous.get("rows", [])}
     load_start = os.getloadavg()
+    command = "python benchmarks/fast.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="bayescomp-fast-") as tmp:
         for model in models:
             for prior in priors:
-                runs = []
+                runs, row_load = [], os.getloadavg()
                 for seed in seeds:
                     print(f"{model} {prior} seed {seed} ...", file=sys.stderr, flush=True)
                     runs.append(run_one(model, prior, seed, Path(tmp), args.data_dir, args.smoke, args.threads,
@@ -152,12 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                                          f"training set, seed 0) by benchmarks/recipe_search.py; thresholds by "
                                          f"{thresholds}; the test set read once per run"},
                     "smoke": args.smoke,
+                    "benchmark_command": command, "machine": _machine(args.threads, row_load),
                 }
-    result = {
-        "command": "python benchmarks/fast.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "threads_per_run": args.threads,
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "load_average_at_start": list(load_start), "load_average_at_end": list(os.getloadavg())},
+    result = {  # `command` and `machine`: this call's (each row keeps the call that made it: benchmark_command, machine)
+        "command": command, "machine": _machine(args.threads, load_start),
         "recipe": _recipe_record(),
         "rows": sorted(rows.values(), key=lambda r: (MODELS.index(r["model"]), PRIORS.index(r["prior"]),
                                                     r.get("target_kept") or 0.0)),

@@ -50,8 +50,12 @@ def test_smoke_run_records_the_command_figures_and_their_mean(tmp_path):
     # a second run of another prior keeps the first row
     proc = _run("--smoke", "--models", "lenet300", "--priors", "ghs", "--seeds", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert [(r["model"], r["prior"]) for r in json.loads(out.read_text())["rows"]] == [("lenet300", "gnj"),
-                                                                                        ("lenet300", "ghs")]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["prior"]) for r in rows] == [("lenet300", "gnj"), ("lenet300", "ghs")]
+    # each row keeps the call that made it; the top level is the last call's
+    assert "--priors gnj" in rows[0]["benchmark_command"] and "--priors ghs" in rows[1]["benchmark_command"]
+    assert all(r["machine"]["threads_per_run"] == 1 and len(r["machine"]["load_average_at_start"]) == 3 for r in rows)
+    assert "--priors ghs" in json.loads(out.read_text())["command"]
     # a size target: its own row beside the recipe's (same model and prior), the cut at or under it
     proc = _run("--smoke", "--models", "lenet300", "--priors", "gnj", "--seeds", "0", "--target-kept", "5",
                 "--out", str(out))
