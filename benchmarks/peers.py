@@ -296,11 +296,11 @@ def pretrain_epochs(args: argparse.Namespace, model: str) -> int:
 
 
 def finetune_epochs(args: argparse.Namespace, model: str) -> float:
-    """--finetune-epochs, else the fast recipe's fine-tuning epochs for `model`, at least 5 (the peers' epochs are
-    plain ones, cheaper than bayescomp's; 5 is what the LeNet-5-Caffe rows ran with)."""
+    """--finetune-epochs, else the fast recipe's fine-tuning epochs for `model` with GNJ, at least 5 (the peers'
+    epochs are plain ones, cheaper than bayescomp's; 5 is what the LeNet-5-Caffe rows ran with)."""
     if args.finetune_epochs is not None:
         return args.finetune_epochs
-    return float(max(5, FAST_RECIPE.for_model(model).finetune_epochs))
+    return float(max(5, FAST_RECIPE.for_run(model, "gnj").finetune_epochs))
 
 
 def main(argv: list[str] | None = None) -> int:

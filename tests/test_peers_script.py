@@ -201,7 +201,8 @@ def test_default_pretraining_and_finetuning_are_the_fast_recipes_for_each_model(
     unset = argparse.Namespace(pretrain_epochs=None, finetune_epochs=None)
     for model in ("lenet300", "lenet5"):
         assert peers.pretrain_epochs(unset, model) == fast.for_run(model, "gnj").pretrain_epochs
-        assert peers.finetune_epochs(unset, model) == max(5, fast.for_model(model).finetune_epochs)
+        assert peers.finetune_epochs(unset, model) == max(5, fast.for_run(model, "gnj").finetune_epochs)
+    assert peers.finetune_epochs(unset, "lenet300") == 10  # the GNJ run's own 10 epochs, not the model's 5
     given = argparse.Namespace(pretrain_epochs=3, finetune_epochs=2.5)
     assert (peers.pretrain_epochs(given, "lenet5"), peers.finetune_epochs(given, "lenet5")) == (3, 2.5)
 
