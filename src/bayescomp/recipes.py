@@ -168,7 +168,7 @@ FAST = TrainingRecipe(
     model_settings={"lenet300": {"z_draw": "batch"}, "lenet300/gnj": {"pretrain_epochs": 30, "target_kept": 0.10, "kl_weight": 0.25,
                                                                            "finetune_epochs": 10},
                     "lenet300/ghs": {"pretrain_epochs": 30, "target_kept": 0.10, "auto_thresholds": None},
-                    "lenet5": {"epochs": 30, "finetune_epochs": 3}, "lenet5/gnj": {"target_kept": 0.009},
+                    "lenet5": {"epochs": 30, "finetune_epochs": 3}, "lenet5/gnj": {"target_kept": 0.009, "warmup_epochs": 10.0},
                     "lenet5/ghs": {"kl_weight": 1.0}},
     # Chosen on a validation split (10% of the MNIST training set, seed 0), LeNet-300-100 with GNJ, one seed
     # each: benchmarks/recipe_search.py, figures in benchmarks/results/recipe_search.jsonl (val: validation
@@ -298,6 +298,11 @@ FAST = TrainingRecipe(
             "seed 0, validation split, the same posterior as K5a): 1.50% val against 1.45%; the rule, fixed before the run, "
             "wanted 0.05 points below K5a. The ELBO's cut costs less than the tempered one (1.33% → 1.62% val), and three "
             "epochs win back what more would",
+        "lenet5/gnj: warmup_epochs": "the KL weight ramped linearly from 0 to 1 over the first 10 of the 30 Bayesian epochs "
+            "(K5e, seed 0, validation split, cut to 0.9% by the size target): 1.20% val before the cut, 1.28% right after it "
+            "(7-8-53-36), 1.27% after fine-tuning, against the ELBO from the start's 1.33 / 1.62 / 1.45% (K5a). The rule, "
+            "fixed before the run: adopt if 0.05 points below K5a. The tempered start fits better (as KL 0.25 did, K5b) and "
+            "the full KL of the last 20 epochs still separates the scores, so the cut costs little",
         "lenet5/gnj: KL weight 0.5 (not adopted)": "KL weight 0.5 with the 0.9% target (K5c, seed 0, validation split): "
             "1.17% val before the cut, 1.68% right after it (6-11-49-35), 1.45% after fine-tuning: the same as the ELBO's "
             "K5a; the rule, fixed before the run, wanted 0.05 points below it",
