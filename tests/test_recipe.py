@@ -463,6 +463,20 @@ def test_compress_pretrained_draws_z_as_the_recipe_or_the_caller_says(monkeypatc
     assert not seen
 
 
+def test_a_recipes_kl_warm_up_never_outlasts_the_run():
+    """LeNet-5-Caffe with GNJ warms the KL up over 10 of its 30 epochs; a shorter run ends its warm-up with the run (so it
+    still reaches the full KL weight), on the command line and in compress_pretrained; a warm-up the user gives wins."""
+    from bayescomp.pretrained import _config
+
+    rec = training_recipe("fast").for_run("lenet5", "gnj")
+    assert 0 < rec.warmup_epochs < rec.epochs
+    assert recipe_options("fast", {}, prior="gnj", model="lenet5")["warmup_epochs"] == rec.warmup_epochs
+    assert recipe_options("fast", {"epochs": 4}, prior="gnj", model="lenet5")["warmup_epochs"] == 4.0
+    assert recipe_options("fast", {"epochs": 4, "warmup_epochs": 7.0}, prior="gnj", model="lenet5")["warmup_epochs"] == 7.0
+    assert recipe_options("fast", {}, prior="gnj", model="lenet300")["warmup_epochs"] == 0.0
+    assert _config(rec, 3, seed=0).warmup_epochs == 3.0 and _config(rec, 30, seed=0).warmup_epochs == rec.warmup_epochs
+
+
 def test_a_recipe_size_target_yields_to_any_other_cut():
     """The fast recipe cuts LeNet-300-100 to its size target (both priors) and LeNet-5-Caffe with GNJ to the paper's
     0.9%; thresholds, a threshold rule or another size target given by the user replace it, and no other run gets it."""

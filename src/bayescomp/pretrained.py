@@ -37,7 +37,7 @@ from .train.loop import flush_denormals, format_duration
 
 
 def _config(recipe: TrainingRecipe, epochs: int, seed: int) -> TrainConfig:
-    return TrainConfig(epochs, recipe.batch_size, recipe.lr, recipe.warmup_epochs, seed, kl_weight=recipe.kl_weight,
+    return TrainConfig(epochs, recipe.batch_size, recipe.lr, recipe.warmup(epochs), seed, kl_weight=recipe.kl_weight,
                        lr_schedule=recipe.lr_schedule, lr_decay_epochs=recipe.decay_epochs(epochs),
                        lr_scale=dict(recipe.lr_scale), z_draw=recipe.z_draw)
 

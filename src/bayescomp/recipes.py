@@ -111,6 +111,11 @@ class TrainingRecipe:
         """The cosine fall's length for a run of `epochs` epochs (never longer than the run)."""
         return None if self.lr_decay_epochs is None else min(float(self.lr_decay_epochs), float(epochs))
 
+    def warmup(self, epochs: int) -> float:
+        """The KL warm-up's length for a run of `epochs` epochs (never longer than the run: a shorter run still ends
+        at the full KL weight)."""
+        return min(float(self.warmup_epochs), float(epochs))
+
 
 #: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
 RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
@@ -126,13 +131,15 @@ def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None
     Where a given option excludes a recipe setting, the setting yields: a trained start (`init_from`) needs no
     pretraining; thresholds given for every layer (a number), a size target or another threshold rule replace the recipe's
     rule (and its `no_split`); any thresholds, another size target or a threshold rule replace the recipe's size
-    target (`target_kept`); a constant learning rate has no fall (`lr_decay_epochs`).
+    target (`target_kept`); a constant learning rate has no fall (`lr_decay_epochs`). The recipe's fall and KL warm-up
+    are never longer than the run's epochs.
     """
     rec = training_recipe(name).for_run(model, prior)
     given = {k: v for k, v in given.items() if v is not None}
     out: dict[str, Any] = {k: getattr(rec, k) for k in RECIPE_OPTIONS}
     out["lr_scale"] = dict(rec.lr_scale)
     out["lr_decay_epochs"] = rec.decay_epochs(int(given.get("epochs", rec.epochs)))
+    out["warmup_epochs"] = rec.warmup(int(given.get("epochs", rec.epochs)))
     if given.get("init_from"):
         out["pretrain_epochs"] = 0
     thresholds = given.get("thresholds")
