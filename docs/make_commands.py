@@ -65,7 +65,10 @@ def option_rows(cmd: click.Command, ctx: click.Context, names: list[str] | None 
 
 def flag_block(path: str, cmd: click.Command, root: click.Group) -> str:
     """The generated part of one command's section: its usage line and its options, grouped for compress."""
-    ctx = click.Context(cmd, info_name=f"bayescomp {path}", parent=click.Context(root, info_name="bayescomp"))
+    # the root's context_settings (its `-h`) as the real command line has them: click caches a command's help
+    # option from the first context it sees, so a bare parent here would change later `--help` output
+    parent = click.Context(root, info_name="bayescomp", **root.context_settings)
+    ctx = click.Context(cmd, info_name=f"bayescomp {path}", parent=parent)
     usage = " ".join(cmd.collect_usage_pieces(ctx))
     lines = ["```", f"bayescomp {path} {usage}".rstrip(), "```", ""]
     header = ["| option | what it does |", "|---|---|"]

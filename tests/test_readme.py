@@ -139,6 +139,16 @@ def test_command_reference_is_what_the_cli_says():
     assert sorted(flags) == sorted(options)
 
 
+def test_writing_the_command_reference_leaves_the_help_option_as_the_cli_has_it():
+    """click caches each command's help option from the first context it sees: the page writer's contexts
+    must carry the root's settings, or `bayescomp sweep -h` stops working after docs are generated."""
+    cmd = main.commands["sweep"]
+    cmd._help_option = None  # as if nothing had asked for it yet (click >= 8.2 caches it here)
+    _make_commands().flag_block("sweep", cmd, main)
+    result = CliRunner().invoke(main, ["sweep", "-h"])
+    assert result.exit_code == 0 and "-h, --help" in result.output
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
