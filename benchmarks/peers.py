@@ -194,7 +194,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--seeds", default="0")
-    p.add_argument("--kept", action="append", default=[], help="MODEL=PCT: weights kept to prune to (% of the original)")
+    p.add_argument("--kept", action="append", default=[], help="MODEL=PCT: weights kept to prune to (%% of the original)")
     p.add_argument("--budget", action="append", default=[], help="MODEL=SECONDS: the equal-time wall-clock budget")
     p.add_argument("--fast", default=str(FAST), help="bayescomp's fast-recipe results, for targets and the comparison")
     p.add_argument("--pretrain-epochs", type=int, default=None,

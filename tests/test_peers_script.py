@@ -216,3 +216,12 @@ def test_fast_figures_name_the_shipped_results_file_from_the_repository(tmp_path
     elsewhere.write_text(json.dumps([{"model": "lenet300", "prior": "gnj", "seed": 0, "weights_kept_pct": 9.0,
                                       "wall_seconds": 100.0, "test_error": 1.9}]))
     assert peers.fast_figures(elsewhere, "lenet300")["source"] == str(elsewhere)
+
+
+def test_help_lists_every_option():
+    """`--help` prints (argparse formats each help string with `%`: a bare one broke it) and names each option."""
+    done = _run("--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--models", "--kept", "--budget", "--seeds", "--init-from", "--smoke", "--out"):
+        assert flag in done.stdout
+    assert "% of the" in done.stdout
