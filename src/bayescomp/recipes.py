@@ -189,7 +189,7 @@ FAST = TrainingRecipe(
     # fast_lenet300_tutorial_thresholds.json; with 10 plain epochs: 1.87% at 7.34% in 203 s, fast_lenet300_pre10.json;
     # with z per example, on another day: 1.82% at 7.79% in 162 s and 1.96% at 7.13% in 175 s,
     # fast_lenet300_zexample.json). LeNet-300-100 was searched first; LeNet-5-Caffe has its own epochs, size target
-    # and KL warm-up (GNJ, 0.9%: 1.03% at 0.89% kept in 1,841 s, seeds 0-1) and horseshoe KL weight; on other models
+    # and KL warm-up (GNJ, 0.9%: 1.04% at 0.89% kept in 1,866 s, seeds 0-2) and horseshoe KL weight; on other models
     # the settings are a starting point, untested.
     evidence={
         "pretrain_epochs": "10 plain epochs at 1e-3 (val 3.1%) against 5 (val 3.4%): the Bayesian run from the "
