@@ -12,7 +12,7 @@ threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for 
 with `--target-kept PCT` also `target` (the size-target rule at PCT% of the weights);
 `--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0); a comma-separated list fine-tunes
 each rule from a copy of the same posterior (the first one's figures in `ft_val`..., all in `ft_rules`), a paired
-comparison of rules. One JSON line per run is appended to
+comparison of rules; `--ft-kl` likewise compares the fine-tuning's KL weights on the first rule's cut (`ft_kl`). One JSON line per run is appended to
 benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
 kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
 validation error at four points of training (`curve`), then `selection` "validation" and its `selection_note`.
@@ -23,6 +23,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,9 @@ ap.add_argument("--rule", default="histogram",
 ap.add_argument("--target-kept", type=float, default=None,
                 help="also measure the size-target rule (`target`) at this share of the weights kept, in %%")
 ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's starting rate (default: --lr)")
+ap.add_argument("--ft-kl", default=None,
+                help="the fine-tuning's KL weight (default: --kl); several, comma-separated, each fine-tunes the first "
+                     "--rule's cut from the same posterior (figures in `ft_kl`), a paired comparison")
 ap.add_argument("--z-draw", default="example", choices=Z_DRAWS, help="z per example or per batch")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
@@ -133,6 +137,21 @@ if a.ft:
         out["ft_rules"][name] = fig
         if name == ft_rules[0]:
             out.update(fig)
+    if a.ft_kl:
+        out["ft_kl"] = {}
+        th = rules[ft_rules[0]]
+        for kl in a.ft_kl.split(","):
+            b.load_state_dict(posterior)
+            keeps = group_masks(b, th)
+            apply_masks(b, keeps)
+            t_ft = time.perf_counter()
+            with flush_denormals():
+                fit(b, train, replace(finetune_config(cfg, a.ft, a.ft_lr), kl_weight=float(kl)), progress=False)
+            res = compress(b, th, keeps=keeps)
+            out["ft_kl"][kl] = dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val),
+                                    ft_kept=res.report["weights_kept_pct"], ft_arch=res.report["architecture"],
+                                    bits=res.report["bits"], cr_fast=res.report.get("cr_fast"),
+                                    seconds=time.perf_counter() - t_ft)
 out["seconds"] = time.perf_counter() - t0
 out["pre_seconds"] = t_pre
 SELECTION = ("validation", "one configuration of the fast recipe's search, trained on 90% of the training set and "

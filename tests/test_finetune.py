@@ -63,6 +63,27 @@ def test_finetune_config_keeps_the_run_settings_and_falls_to_zero():
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="fine-tuning epochs"):
             finetune_config(base, bad)
+    tempered = finetune_config(base, 10, 1e-3, kl_weight=0.05)
+    assert (tempered.kl_weight, tempered.lr, tempered.warmup_epochs) == (0.05, 1e-3, 0.0)
+    assert finetune_config(base, 10, kl_weight=None).kl_weight == 0.3
+
+
+def test_the_fine_tuning_kl_weight_reaches_the_fine_tuning_only(runs, tmp_path):
+    """`finetune_kl_weight` at the run's own KL weight is the run fine-tuned as before, bit for bit; a lower one
+    trains the same cut posterior to another, with its KL weight recorded in the run's config."""
+    root, plain, tuned, opts = runs
+    same = run(replace(opts, finetune_epochs=2, finetune_kl_weight=opts.kl_weight), tmp_path / "same", progress=False)
+    assert (same["test_error"], same["test_error_uncompressed"]) == (tuned["test_error"], tuned["test_error_uncompressed"])
+    a, b = (torch.load(f / "posterior.pt", weights_only=False)["state_dict"] for f in (root / "tuned", tmp_path / "same"))
+    assert _states_equal(a, b)
+    low = run(replace(opts, finetune_epochs=2, finetune_kl_weight=0.01), tmp_path / "low", progress=False)
+    assert low["architecture"] == tuned["architecture"]  # the same cut
+    assert low["config"]["finetune_kl_weight"] == 0.01 and tuned["config"]["finetune_kl_weight"] is None
+    c = torch.load(tmp_path / "low" / "posterior.pt", weights_only=False)["state_dict"]
+    assert not _states_equal(a, c)
+    # less KL: the kept weights' posteriors are narrower (the KL pulls their variances up)
+    var = [k for k in a if k.endswith("weight_logvar")]
+    assert var and all(c[k].mean() < a[k].mean() for k in var)
 
 
 def test_compress_keeps_overrides_the_thresholds():

@@ -137,7 +137,8 @@ def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds,
     checkpoint = work / FINETUNE_CHECKPOINT
     resume = resume and (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file())
     with flush_denormals():  # the pruned groups' weights decay towards 0 (see there)
-        result = fit(bmodel, train, finetune_config(train_config(opts), opts.finetune_epochs, opts.finetune_lr), test=test,
+        result = fit(bmodel, train, finetune_config(train_config(opts), opts.finetune_epochs, opts.finetune_lr,
+                                                    opts.finetune_kl_weight), test=test,
                      checkpoint=checkpoint, resume=resume, metrics=work / FINETUNE_METRICS, progress=progress,
                      transform=augmentation(opts))
     return keeps, record | {"seconds": result.seconds, "history": result.history}

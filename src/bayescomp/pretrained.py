@@ -153,8 +153,8 @@ def compress_pretrained(
     if finetune_epochs:
         apply_masks(bmodel, keeps)
         with flush_denormals():  # the pruned groups' weights decay towards 0 (`train.loop.flush_denormals`)
-            ft_seconds = fit(bmodel, train, finetune_config(config, finetune_epochs, rec.finetune_lr), progress=progress,
-                             on_epoch=announce, n_train=n_train).seconds
+            tune = finetune_config(config, finetune_epochs, rec.finetune_lr, rec.finetune_kl_weight)
+            ft_seconds = fit(bmodel, train, tune, progress=progress, on_epoch=announce, n_train=n_train).seconds
     bmodel.eval()
     result = compress(bmodel, chosen, keeps=keeps, example_input=example_input)
     result.report.update(recipe=rec.name, train_seconds=trained.seconds, finetune_seconds=ft_seconds,

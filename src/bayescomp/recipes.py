@@ -83,6 +83,8 @@ class TrainingRecipe:
     z_draw: str = "example"
     #: a size target in place of the thresholds: the share of the weights kept, in (0, 1] (`compress.budget`)
     target_kept: float | None = None
+    #: the fine-tuning's KL weight (None: `kl_weight`); once the cut is fixed the KL has no groups left to separate
+    finetune_kl_weight: float | None = None
     #: per setting, why it has its value (the measurement behind it)
     evidence: Mapping[str, str] = field(default_factory=dict)
     #: settings that differ for one prior: {prior: {setting: value}} (`for_prior`)
@@ -120,7 +122,7 @@ class TrainingRecipe:
 #: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
 RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
                   "warmup_epochs", "kl_weight", "finetune_epochs", "finetune_lr", "auto_thresholds", "no_split", "z_draw",
-                  "target_kept")
+                  "target_kept", "finetune_kl_weight")
 
 
 def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None,

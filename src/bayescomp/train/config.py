@@ -102,10 +102,11 @@ class TrainConfig:
             raise ValueError(f"check_grads must be True or False, got {self.check_grads!r}")
 
 
-def finetune_config(config: TrainConfig, epochs: int, lr: float | None = None) -> TrainConfig:
+def finetune_config(config: TrainConfig, epochs: int, lr: float | None = None,
+                    kl_weight: float | None = None) -> TrainConfig:
     """The settings of fine-tuning after pruning: `config`'s (batch, rate, KL weight, seed, clipping) for `epochs`
-    epochs, with no KL warm-up and the learning rate falling from `lr` (default: `config.lr`) to 0 along half a
-    cosine over them.
+    epochs, with no KL warm-up, the KL weight `kl_weight` (default: `config.kl_weight`) and the learning rate
+    falling from `lr` (default: `config.lr`) to 0 along half a cosine over them.
 
     Why the fall. Over a whole training run it stops the groups the prior switches off from collapsing
     (fewer separate; README, group horseshoe). Once the pruning decision is fixed (the layers' `group_mask`)
@@ -114,7 +115,8 @@ def finetune_config(config: TrainConfig, epochs: int, lr: float | None = None) -
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"fine-tuning epochs must be a positive integer, got {epochs!r}")
     return replace(config, epochs=epochs, warmup_epochs=0.0, lr_schedule="cosine", lr_decay_epochs=None,
-                   lr=config.lr if lr is None else lr)
+                   lr=config.lr if lr is None else lr,
+                   kl_weight=config.kl_weight if kl_weight is None else kl_weight)
 
 
 
