@@ -28,7 +28,7 @@ COMPRESS_GROUPS: dict[str, list[str]] = {
     "the pruning decision": ["--thresholds", "--auto-thresholds", "--no-split", "--val-budget", "--val-fraction",
                              "--target-kept", "--max-multiply-adds"],
     "bits": ["--bit-accounting", "--variance-scale"],
-    "fine-tuning after the cut": ["--finetune-epochs", "--finetune-lr"],
+    "fine-tuning after the cut": ["--finetune-epochs", "--finetune-lr", "--finetune-kl-weight"],
     "the run folder": ["--out", "--resume", "--force", "--quiet"],
 }
 

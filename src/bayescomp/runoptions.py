@@ -369,8 +369,10 @@ OPTIONS: tuple[Option, ...] = (
            helps={"compress": "The fine-tuning's starting learning rate, falling to 0 (default: the recipe's; else "
                               "--lr)."}),
     Option("finetune_kl_weight", "--finetune-kl-weight", "float | None", None,
-           "The fine-tuning's KL weight (default: the recipe's; else --kl-weight): below 1 the kept weights fit the data "
-           "more closely, with narrower posteriors (more bits).", recipe=True, check=_positive_finite("--finetune-kl-weight")),
+           "The fine-tuning's KL weight; below 1 the kept weights fit the data more closely, with narrower posteriors "
+           "(more bits)", recipe=True, check=_positive_finite("--finetune-kl-weight"),
+           helps={"compress": "The fine-tuning's KL weight; below 1 the kept weights fit the data more closely, with "
+                              "narrower posteriors (more bits) (default: the recipe's; else --kl-weight)."}),
     Option("device", "--device", "str", "cpu", "cpu, cuda, cuda:N, or auto (CUDA when available).",
            ("compress", "finetune"), check=_check_device,
            helps={"finetune": "cpu, cuda, cuda:N or auto (default: the run's)."}, defaults={"finetune": None}),
