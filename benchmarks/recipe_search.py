@@ -12,10 +12,11 @@ threshold) and `recipe` (the model's recipe thresholds, e.g. the tutorial's for 
 with `--target-kept PCT` also `target` (the size-target rule at PCT% of the weights);
 `--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0); a comma-separated list fine-tunes
 each rule from a copy of the same posterior (the first one's figures in `ft_val`..., all in `ft_rules`), a paired
-comparison of rules; `--ft-kl` likewise compares the fine-tuning's KL weights on the first rule's cut (`ft_kl`). One JSON line per run is appended to
-benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before the cut, `val` after), weights
-kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing benchmark), and the
-validation error at four points of training (`curve`), then `selection` "validation" and its `selection_note`.
+comparison of rules; `--ft-kl` likewise compares the fine-tuning's KL weights on the first rule's cut (`ft_kl`).
+One JSON line per run is appended to benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before
+the cut, `val` after), weights kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing
+benchmark), and the validation error at four points of training (`curve`), then `selection` "validation" and its
+`selection_note`.
 """
 import argparse
 import copy
@@ -23,7 +24,6 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,37 +121,36 @@ res = compress(b, th)
 err = evaluate(res.model, *val)
 out = {"tag": a.tag, "command": "benchmarks/recipe_search.py " + shlex.join(sys.argv[1:]), "args": vars(a), "pre_val": pre_err, "val_unc": unc, "val": err, "kept": res.report["weights_kept_pct"],
        "arch": res.report["architecture"], "thr": th, "rules": others}
+
+
+def fine_tuned(posterior: dict, th, kl: float | None = None) -> tuple[dict, dict]:
+    """Cut a copy of the posterior at `th`, fine-tune it `--ft` epochs (KL weight `kl`, default the run's) and
+    measure it: (validation figures, the compression's report)."""
+    b.load_state_dict(posterior)
+    keeps = group_masks(b, th)
+    apply_masks(b, keeps)
+    with flush_denormals():
+        fit(b, train, finetune_config(cfg, a.ft, a.ft_lr, kl), progress=False)
+    res = compress(b, th, keeps=keeps)
+    return dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
+                ft_arch=res.report["architecture"]), res.report
+
+
 if a.ft:
     posterior = copy.deepcopy(b.state_dict())
     out["ft_rules"] = {}
     for name in ft_rules:
-        th = rules[name]
-        b.load_state_dict(posterior)
-        keeps = group_masks(b, th)
-        apply_masks(b, keeps)
-        with flush_denormals():
-            fit(b, train, finetune_config(cfg, a.ft, a.ft_lr), progress=False)
-        res = compress(b, th, keeps=keeps)
-        fig = dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val),
-                   ft_kept=res.report["weights_kept_pct"], ft_arch=res.report["architecture"])
+        fig, _ = fine_tuned(posterior, rules[name])
         out["ft_rules"][name] = fig
         if name == ft_rules[0]:
             out.update(fig)
     if a.ft_kl:
         out["ft_kl"] = {}
-        th = rules[ft_rules[0]]
         for kl in a.ft_kl.split(","):
-            b.load_state_dict(posterior)
-            keeps = group_masks(b, th)
-            apply_masks(b, keeps)
             t_ft = time.perf_counter()
-            with flush_denormals():
-                fit(b, train, replace(finetune_config(cfg, a.ft, a.ft_lr), kl_weight=float(kl)), progress=False)
-            res = compress(b, th, keeps=keeps)
-            out["ft_kl"][kl] = dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val),
-                                    ft_kept=res.report["weights_kept_pct"], ft_arch=res.report["architecture"],
-                                    bits=res.report["bits"], cr_fast=res.report.get("cr_fast"),
-                                    seconds=time.perf_counter() - t_ft)
+            fig, report = fine_tuned(posterior, rules[ft_rules[0]], float(kl))
+            out["ft_kl"][kl] = fig | dict(bits=report["bits"], cr_fast=report.get("cr_fast"),
+                                          seconds=time.perf_counter() - t_ft)
 out["seconds"] = time.perf_counter() - t0
 out["pre_seconds"] = t_pre
 SELECTION = ("validation", "one configuration of the fast recipe's search, trained on 90% of the training set and "
