@@ -13,12 +13,15 @@ with `--target-kept PCT` also `target` (the size-target rule at PCT% of the weig
 `--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0); a comma-separated list fine-tunes
 each rule from a copy of the same posterior (the first one's figures in `ft_val`..., all in `ft_rules`), a paired
 comparison of rules; `--ft-kl` likewise compares the fine-tuning's KL weights on the first rule's cut (`ft_kl`).
+`--stage-from EPOCH` prunes in stages: after each Bayesian epoch from EPOCH on, the groups at or above the
+prior's default threshold are switched off and stay off (`stages`: the groups on after each); the final cut is the `--rule`'s.
 One JSON line per run is appended to benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before
 the cut, `val` after), weights kept, architecture, thresholds, seconds (wall, on a shared machine: not a timing
 benchmark), and the validation error at four points of training (`curve`), then `selection` "validation" and its
 `selection_note`.
 """
 import argparse
+import contextlib
 import copy
 import json
 import shlex
@@ -70,6 +73,9 @@ ap.add_argument("--ft-lr", type=float, default=None, help="the fine-tuning's sta
 ap.add_argument("--ft-kl", default=None,
                 help="the fine-tuning's KL weight (default: --kl); several, comma-separated, each fine-tunes the first "
                      "--rule's cut from the same posterior (figures in `ft_kl`), a paired comparison")
+ap.add_argument("--stage-from", type=int, default=None,
+                help="pruning in stages: after every Bayesian epoch from this one on, switch off (group_mask) the "
+                     "groups at or above their prior's default threshold; the final cut is the --rule's")
 ap.add_argument("--z-draw", default="example", choices=Z_DRAWS, help="z per example or per batch")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
@@ -95,7 +101,19 @@ b = bayesianize(plain, a.prior, keep_weights=a.pre > 0, input_origin=origin, max
 scale = {k: v for k, v in (("variance", a.var), ("scale", a.scale), ("mean", a.mean)) if v != 1.0}
 cfg = TrainConfig(a.epochs, a.bs, a.lr, a.warmup, a.seed, kl_weight=a.kl, lr_schedule=a.sched,
                   lr_decay_epochs=a.decay, lr_scale=scale, eval_every=max(1, a.epochs // 4), z_draw=a.z_draw)
-hist = fit(b, train, cfg, test=val, progress=False).history
+
+
+def staged(row: dict) -> None:
+    """--stage-from: switch off the groups the prior's default threshold prunes now (they stay off)."""
+    if a.stage_from is not None and row["epoch"] >= a.stage_from:
+        apply_masks(b, group_masks(b, None))
+        row["groups_on"] = {n: int(m.group_mask.sum()) for n, m in b.named_modules() if hasattr(m, "group_mask")}
+        stages.append((row["epoch"], row["groups_on"]))
+
+
+stages: list = []
+with flush_denormals() if a.stage_from is not None else contextlib.nullcontext():  # (the switched-off groups' weights decay to 0)
+    hist = fit(b, train, cfg, test=val, progress=False, on_epoch=staged).history
 unc = evaluate(b, *val)
 if a.save_posterior:
     Path(a.save_posterior).mkdir(parents=True, exist_ok=True)
@@ -158,6 +176,8 @@ SELECTION = ("validation", "one configuration of the fast recipe's search, train
              "set is never read")
 if a.note:
     out["note"] = a.note
+if stages:
+    out["stages"] = stages
 out["curve"] = [(r["epoch"], round(r.get("test_error", -1), 2), r.get("groups_kept")) for r in hist if "test_error" in r]
 out = stamp(out, *SELECTION)
 print(json.dumps(out))
