@@ -164,6 +164,22 @@ def test_recipe_search_appends_a_validation_line(tmp_path):
     assert "val" in line and not any("test" in k for k in line) and problems(out.name, [line]) == []
 
 
+
+def test_recipe_search_prunes_in_stages_and_a_switched_off_group_stays_off(tmp_path):
+    out = tmp_path / "rs.jsonl"
+    proc = _script("recipe_search.py", "--pre", "0", "--epochs", "3", "--bs", "1024", "--lr", "1e-2", "--stage-from", "2",
+                   "--tag", "t", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [json.loads(v) for v in out.read_text().splitlines()]
+    stages = line["stages"]
+    assert [epoch for epoch, _ in stages] == [2, 3]
+    (_, first), (_, last) = stages
+    assert set(first) == {"fc1", "fc2", "fc3"} and all(0 < last[k] <= first[k] for k in first)
+    assert first["fc1"] <= 784 and first["fc2"] <= 300 and first["fc3"] <= 100
+    # on: below the threshold now and never switched off, so at most the groups below it now (the curve's count)
+    assert all(last[k] <= line["curve"][-1][2][k] for k in last)
+    assert problems(out.name, [line]) == []
+
 # ---- scripts without one: the function that builds the record ---------------------------------------------
 
 def test_tau0_sweep_stamps_the_elbo_choice_as_a_rule(bench):
