@@ -108,12 +108,12 @@ def staged(row: dict) -> None:
     if a.stage_from is not None and row["epoch"] >= a.stage_from:
         apply_masks(b, group_masks(b, None))
         row["groups_on"] = {n: int(m.group_mask.sum()) for n, m in b.named_modules() if hasattr(m, "group_mask")}
-        stages.append((row["epoch"], row["groups_on"]))
 
 
-stages: list = []
-with flush_denormals() if a.stage_from is not None else contextlib.nullcontext():  # (the switched-off groups' weights decay to 0)
+# staged: the switched-off groups' weights decay towards 0, so denormals are flushed
+with flush_denormals() if a.stage_from is not None else contextlib.nullcontext():
     hist = fit(b, train, cfg, test=val, progress=False, on_epoch=staged).history
+stages = [(r["epoch"], r["groups_on"]) for r in hist if "groups_on" in r]
 unc = evaluate(b, *val)
 if a.save_posterior:
     Path(a.save_posterior).mkdir(parents=True, exist_ok=True)

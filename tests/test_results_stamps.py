@@ -164,7 +164,6 @@ def test_recipe_search_appends_a_validation_line(tmp_path):
     assert "val" in line and not any("test" in k for k in line) and problems(out.name, [line]) == []
 
 
-
 def test_recipe_search_prunes_in_stages_and_a_switched_off_group_stays_off(tmp_path):
     out = tmp_path / "rs.jsonl"
     proc = _script("recipe_search.py", "--pre", "0", "--epochs", "3", "--bs", "1024", "--lr", "1e-2", "--stage-from", "2",
@@ -179,6 +178,7 @@ def test_recipe_search_prunes_in_stages_and_a_switched_off_group_stays_off(tmp_p
     # on: below the threshold now and never switched off, so at most the groups below it now (the curve's count)
     assert all(last[k] <= line["curve"][-1][2][k] for k in last)
     assert problems(out.name, [line]) == []
+
 
 # ---- scripts without one: the function that builds the record ---------------------------------------------
 
