@@ -13,6 +13,8 @@ with `--target-kept PCT` also `target` (the size-target rule at PCT% of the weig
 `--rule` is the one fine-tuned for `--ft` epochs (from `--ft-lr`, falling to 0); a comma-separated list fine-tunes
 each rule from a copy of the same posterior (the first one's figures in `ft_val`..., all in `ft_rules`), a paired
 comparison of rules; `--ft-kl` likewise compares the fine-tuning's KL weights on the first rule's cut (`ft_kl`).
+`--mean-ft N` adds N epochs of the mean fine-tuning after it (the noise off: `train.mean_config`).
+`--from-posterior FILE` goes on from a posterior `--save-posterior` kept (its run's settings up to the cut).
 `--stage-from EPOCH` prunes in stages: after each Bayesian epoch from EPOCH on, the groups at or above the
 prior's default threshold are switched off and stay off (`stages`: the groups on after each); the final cut is the `--rule`'s.
 One JSON line per run is appended to benchmarks/results/recipe_search.jsonl: validation errors (`val_unc` before
@@ -40,7 +42,7 @@ from bayescomp.data import load_mnist
 from bayescomp.models import build_model
 from bayescomp.nn import Z_DRAWS
 from bayescomp.recipes import recipe as model_recipe
-from bayescomp.train import TrainConfig, evaluate, finetune_config, fit
+from bayescomp.train import TrainConfig, evaluate, finetune_config, fit, mean_config
 from bayescomp.train.loop import flush_denormals
 
 ap = argparse.ArgumentParser()
@@ -76,10 +78,16 @@ ap.add_argument("--ft-kl", default=None,
 ap.add_argument("--stage-from", type=int, default=None,
                 help="pruning in stages: after every Bayesian epoch from this one on, switch off (group_mask) the "
                      "groups at or above their prior's default threshold; the final cut is the --rule's")
+ap.add_argument("--mean-ft", type=int, default=0,
+                help="after the fine-tuning, this many epochs of the mean fine-tuning (noise off, cross-entropy, from "
+                     "--ft-lr; `train.mean_config`); `ft_val` is after it, `ft_val_bayes` before it")
 ap.add_argument("--z-draw", default="example", choices=Z_DRAWS, help="z per example or per batch")
 ap.add_argument("--data-dir", default=None)
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "recipe_search.jsonl"))
 ap.add_argument("--save-posterior", default=None, help="a folder to keep each posterior in (state_dict)")
+ap.add_argument("--from-posterior", default=None,
+                help="a posterior --save-posterior kept: skip the pretraining and the Bayesian training (its run must "
+                     "have had this run's settings up to the cut; `val_unc` shows it) and go on from the cut")
 a = ap.parse_args()
 torch.set_num_threads(1)
 t0 = time.perf_counter()
@@ -88,9 +96,9 @@ tr, va = validation_split(len(x), 0.1, seed=0)
 train, val = (x[tr], y[tr]), (x[va], y[va])
 torch.manual_seed(a.seed)
 plain = build_model(a.model)
-if a.pre:
+if a.pre and not a.from_posterior:
     fit(plain, train, TrainConfig(a.pre, a.bs, a.pre_lr, 0.0, a.seed), progress=False)
-pre_err = evaluate(plain, *val)
+pre_err = None if a.from_posterior else evaluate(plain, *val)
 t_pre = time.perf_counter() - t0
 origin = None
 if a.origin is not None:
@@ -111,8 +119,12 @@ def staged(row: dict) -> None:
 
 
 # staged: the switched-off groups' weights decay towards 0, so denormals are flushed
-with flush_denormals() if a.stage_from is not None else contextlib.nullcontext():
-    hist = fit(b, train, cfg, test=val, progress=False, on_epoch=staged).history
+if a.from_posterior:
+    b.load_state_dict(torch.load(a.from_posterior))
+    hist = []
+else:
+    with flush_denormals() if a.stage_from is not None else contextlib.nullcontext():
+        hist = fit(b, train, cfg, test=val, progress=False, on_epoch=staged).history
 stages = [(r["epoch"], r["groups_on"]) for r in hist if "groups_on" in r]
 unc = evaluate(b, *val)
 if a.save_posterior:
@@ -147,10 +159,14 @@ def fine_tuned(posterior: dict, th, kl: float | None = None) -> tuple[dict, dict
     b.load_state_dict(posterior)
     keeps = group_masks(b, th)
     apply_masks(b, keeps)
+    before = {}
     with flush_denormals():
         fit(b, train, finetune_config(cfg, a.ft, a.ft_lr, kl), progress=False)
+        if a.mean_ft:
+            before = dict(ft_val_bayes=evaluate(compress(b, th, keeps=keeps).model, *val))
+            fit(b, train, mean_config(cfg, a.mean_ft, a.ft_lr), progress=False)
     res = compress(b, th, keeps=keeps)
-    return dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
+    return before | dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
                 ft_arch=res.report["architecture"]), res.report
 
 

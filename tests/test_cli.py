@@ -289,6 +289,7 @@ _BAD_VALUES = {
     "val_budget": (-1.0, "--val-budget"), "val_fraction": (1.0, "--val-fraction"),
     "variance_scale": (0.0, "--variance-scale"), "finetune_epochs": (-2, "--finetune-epochs"),
     "finetune_lr": (-1.0, "--finetune-lr"), "finetune_kl_weight": (0.0, "--finetune-kl-weight"),
+    "mean_epochs": (-1, "--mean-epochs"),
     "device": ("tpu", "--device"),
     "target_kept": (1.5, "--target-kept"), "max_multiply_adds": (0, "--max-multiply-adds"),
 }

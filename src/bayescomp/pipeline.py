@@ -53,6 +53,8 @@ from .rundir import (
     CHECKPOINT,
     FINETUNE_CHECKPOINT,
     FINETUNE_METRICS,
+    MEAN_CHECKPOINT,
+    MEAN_METRICS,
     METRICS,
     MODEL_FILE,
     OPTIONS,
@@ -81,7 +83,7 @@ from .runoptions import (
     validate,
 )
 from .runreport import read_run
-from .train import distributed, finetune_config, fit
+from .train import distributed, finetune_config, fit, mean_config
 from .train.checkpoint import load_checkpoint, save_checkpoint
 from .train.loop import flush_denormals
 from .train.rotation import previous_checkpoint
@@ -120,6 +122,9 @@ def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds,
     Why. Pruning a group that still carried a little signal costs accuracy (on LeNet-300-100 with the
     horseshoe, mostly fc1's input pixels); the kept weights can take that signal over.
 
+    With `opts.mean_epochs`, the posterior means of what is kept are then trained alone, the noise off
+    (`train.mean_config`; checkpointed in `work/finetune_mean.pt`), recorded under `finetune.mean`.
+
     Data-parallel, every process calls this (the models are identical, so are the decisions); the errors
     before fine-tuning are measured on rank 0 only. `example`: as for `evaluate_compression`.
     """
@@ -141,7 +146,15 @@ def finetune(opts: RunOptions, bmodel: torch.nn.Module, train, test, thresholds,
                                                     opts.finetune_kl_weight), test=test,
                      checkpoint=checkpoint, resume=resume, metrics=work / FINETUNE_METRICS, progress=progress,
                      transform=augmentation(opts))
-    return keeps, record | {"seconds": result.seconds, "history": result.history}
+        record |= {"seconds": result.seconds, "history": result.history}
+        if opts.mean_epochs:  # then the means alone, the noise off (`train.mean_config`)
+            checkpoint = work / MEAN_CHECKPOINT
+            again = resume and (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file())
+            means = fit(bmodel, train, mean_config(train_config(opts), opts.mean_epochs, opts.finetune_lr), test=test,
+                        checkpoint=checkpoint, resume=again, metrics=work / MEAN_METRICS, progress=progress,
+                        transform=augmentation(opts))
+            record["mean"] = {"epochs": opts.mean_epochs, "seconds": means.seconds, "history": means.history}
+    return keeps, record
 
 
 def run(opts: RunOptions, out: str | os.PathLike, *, resume: bool = False, force: bool = False,

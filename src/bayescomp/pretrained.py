@@ -32,7 +32,7 @@ from .compress.thresholds import (
 )
 from .convert import bayesianize
 from .recipes import TrainingRecipe, training_recipe
-from .train import TrainConfig, finetune_config, fit
+from .train import TrainConfig, finetune_config, fit, mean_config
 from .train.loop import flush_denormals, format_duration
 
 
@@ -69,6 +69,7 @@ def compress_pretrained(
     recipe: str | TrainingRecipe = "fast",
     epochs: int | None = None,
     finetune_epochs: int | None = None,
+    mean_epochs: int | None = None,
     z_draw: str | None = None,
     thresholds: float | Mapping[str, float] | None = None,
     target_kept: float | None = None,
@@ -87,7 +88,8 @@ def compress_pretrained(
       is `n_train`, else the size of the loader's dataset.
     - `prior`: "gnj" or "ghs" (`prior_options`: e.g. `tau0=` for the horseshoe).
     - `recipe`: "fast" (default; from a trained network in minutes) or "paper", or a `TrainingRecipe`.
-      `epochs`, `finetune_epochs`: override the recipe's.
+      `epochs`, `finetune_epochs`, `mean_epochs` (the mean fine-tuning after the fine-tuning: the noise off,
+      `train.mean_config`): override the recipe's.
     - `z_draw`: "example" or "batch", how training draws the group scales z (`nn.draw_z`); None: the recipe's (the
       fast recipe's for a model of the user's: "example", the paper's draw).
     - `thresholds`: None: the recipe's rule (the fast recipe: each prior's default threshold, log α −3 for
@@ -112,6 +114,11 @@ def compress_pretrained(
     finetune_epochs = rec.finetune_epochs if finetune_epochs is None else finetune_epochs
     if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
         raise ValueError(f"fine-tuning epochs must be an integer ≥ 0, got {finetune_epochs!r}")
+    mean_epochs = rec.mean_epochs if mean_epochs is None else mean_epochs
+    if not isinstance(mean_epochs, int) or mean_epochs < 0:
+        raise ValueError(f"mean fine-tuning epochs must be an integer ≥ 0, got {mean_epochs!r}")
+    if mean_epochs and not finetune_epochs:
+        raise ValueError(f"mean_epochs={mean_epochs} follows the fine-tuning: give finetune_epochs ≥ 1 too")
     if rec.auto_thresholds not in (None, "histogram"):  # refused before any training
         raise ValueError(f"compress_pretrained applies the histogram rule or the priors' defaults, not the recipe's "
                          f"{rec.auto_thresholds!r} rule")
@@ -128,7 +135,7 @@ def compress_pretrained(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     bmodel = bayesianize(copy.deepcopy(model).train(), prior, keep_weights=True, max_var=max_var, **prior_options)
-    total = epochs + finetune_epochs
+    total = epochs + finetune_epochs + mean_epochs
     history: list[dict[str, Any]] = []
 
     def announce(row: dict[str, Any]) -> None:
@@ -140,7 +147,8 @@ def compress_pretrained(
 
     if progress:
         tqdm.write(f"compress_pretrained: recipe {rec.name!r}, prior {prior}, {epochs} epochs"
-                   + (f" + {finetune_epochs} fine-tuning" if finetune_epochs else ""))
+                   + (f" + {finetune_epochs} fine-tuning" if finetune_epochs else "")
+                   + (f" + {mean_epochs} of the means" if mean_epochs else ""))
     trained = fit(bmodel, train, config, progress=progress, on_epoch=announce, n_train=n_train)
     rule, how = _rule(rec, thresholds, size)
     chosen = choose_thresholds(bmodel, rule)  # resolved once: the cut, the fine-tuning and the compression use it
@@ -155,6 +163,9 @@ def compress_pretrained(
         with flush_denormals():  # the pruned groups' weights decay towards 0 (`train.loop.flush_denormals`)
             tune = finetune_config(config, finetune_epochs, rec.finetune_lr, rec.finetune_kl_weight)
             ft_seconds = fit(bmodel, train, tune, progress=progress, on_epoch=announce, n_train=n_train).seconds
+            if mean_epochs:  # the posterior means alone, the noise off
+                tune = mean_config(config, mean_epochs, rec.finetune_lr)
+                ft_seconds += fit(bmodel, train, tune, progress=progress, on_epoch=announce, n_train=n_train).seconds
     bmodel.eval()
     result = compress(bmodel, chosen, keeps=keeps, example_input=example_input)
     result.report.update(recipe=rec.name, train_seconds=trained.seconds, finetune_seconds=ft_seconds,

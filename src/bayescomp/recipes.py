@@ -85,6 +85,9 @@ class TrainingRecipe:
     target_kept: float | None = None
     #: the fine-tuning's KL weight (None: `kl_weight`); once the cut is fixed the KL has no groups left to separate
     finetune_kl_weight: float | None = None
+    #: epochs of the mean fine-tuning after the fine-tuning: the noise off, the posterior means on the cross-entropy
+    #: (`train.mean_config`, `pipeline.finetune`)
+    mean_epochs: int = 0
     #: per setting, why it has its value (the measurement behind it)
     evidence: Mapping[str, str] = field(default_factory=dict)
     #: settings that differ for one prior: {prior: {setting: value}} (`for_prior`)
@@ -122,7 +125,7 @@ class TrainingRecipe:
 #: the run options (`pipeline.RunOptions` fields) a training recipe sets when the user does not
 RECIPE_OPTIONS = ("pretrain_epochs", "pretrain_lr", "epochs", "batch_size", "lr", "lr_scale", "lr_schedule", "lr_decay_epochs",
                   "warmup_epochs", "kl_weight", "finetune_epochs", "finetune_lr", "auto_thresholds", "no_split", "z_draw",
-                  "target_kept", "finetune_kl_weight")
+                  "target_kept", "finetune_kl_weight", "mean_epochs")
 
 
 def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None,

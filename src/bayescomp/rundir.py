@@ -34,13 +34,17 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINETUNE_CHECKPOINT = "finetune.pt"  # in DIR.partial while the pruned posterior is fine-tuned
 FINETUNE_METRICS = "finetune_metrics.jsonl"
+MEAN_CHECKPOINT = "finetune_mean.pt"  # then while the kept posterior means are fine-tuned (the noise off)
+MEAN_METRICS = "finetune_mean_metrics.jsonl"
 OPTIONS = "options.json"  # in DIR.partial only: the options the run was started with
 
 #: files of an unfinished run that hold its training progress (a resume continues from them): never deleted
 #: without `force`
-PROGRESS = (CHECKPOINT, CHECKPOINT + ".prev", FINETUNE_CHECKPOINT, FINETUNE_CHECKPOINT + ".prev")
+PROGRESS = (CHECKPOINT, CHECKPOINT + ".prev", FINETUNE_CHECKPOINT, FINETUNE_CHECKPOINT + ".prev", MEAN_CHECKPOINT,
+            MEAN_CHECKPOINT + ".prev")
 #: files of the working folder that the finished folder does not keep (report.json holds the options)
-DISCARDED = (CHECKPOINT, CHECKPOINT + ".prev", FINETUNE_CHECKPOINT, FINETUNE_CHECKPOINT + ".prev", OPTIONS)
+DISCARDED = (CHECKPOINT, CHECKPOINT + ".prev", FINETUNE_CHECKPOINT, FINETUNE_CHECKPOINT + ".prev", MEAN_CHECKPOINT,
+             MEAN_CHECKPOINT + ".prev", OPTIONS)
 
 
 class RunError(RuntimeError):
@@ -346,7 +350,8 @@ def commit(folder: RunFolder) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-__all__ = ["CHECKPOINT", "FINETUNE_CHECKPOINT", "FINETUNE_METRICS", "LOCK", "METRICS", "MODEL_FILE", "OPTIONS",
+__all__ = ["CHECKPOINT", "FINETUNE_CHECKPOINT", "FINETUNE_METRICS", "LOCK", "MEAN_CHECKPOINT", "MEAN_METRICS", "METRICS",
+           "MODEL_FILE", "OPTIONS",
            "PACKED_FILE", "PARTIAL", "POSTERIOR_FILE", "REPORT", "FolderLock", "RunError", "RunFolder", "check_out",
            "commit", "final_dir", "lock_folder", "lock_holder", "prepare", "refuse_in_use", "remove_temps", "same_folder",
            "work_dir"]

@@ -237,6 +237,13 @@ _KL_WEIGHT_HELP = ("Final weight β of the KL term: 1 is the ELBO; below 1 keeps
                    "prunes more")
 _CLIP_VAR_SWEEP = "Clamp σ² ≤ this: one number, or name=value pairs for some layers (default: the recipe)."
 _BOTH = ("compress", "sweep")
+
+
+def _mean_epochs(value: Any, opts: Any) -> None:
+    """--mean-epochs: an integer ≥ 0, and only after a fine-tuning (it goes on from the fine-tuned posterior)."""
+    _positive_int("--mean-epochs", "mean fine-tuning epochs", minimum=0)(value, opts)
+    if value and not getattr(opts, "finetune_epochs", 0):
+        raise RunError(f"--mean-epochs {value} follows the fine-tuning: give --finetune-epochs too (≥ 1)")
 _NO_SPLIT_AGAIN = _NO_SPLIT_HELP + "; the run's thresholds are chosen again with it (default: the run's own)."
 _AUTO_HELP = ("Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
               "or the most compression within --val-budget on a validation split held out of the training set. With "
@@ -363,6 +370,13 @@ OPTIONS: tuple[Option, ...] = (
            check=_positive_int("--finetune-epochs", "fine-tuning epochs", minimum=0),
            helps={"sweep": "After pruning, train the kept groups' posterior this many epochs more (the learning rate "
                            "falling to 0), then compress exactly the groups kept."}),
+    Option("mean_epochs", "--mean-epochs", "int", 0,
+           "After the fine-tuning, train the kept weights' posterior means this many epochs more with the noise off "
+           "(cross-entropy alone, from --finetune-lr falling to 0); needs --finetune-epochs", _BOTH, recipe=True,
+           check=_mean_epochs,
+           helps={"sweep": "After the fine-tuning, train the kept weights' posterior means this many epochs more with "
+                           "the noise off (cross-entropy alone, from --finetune-lr falling to 0); needs "
+                           "--finetune-epochs."}),
     Option("finetune_lr", "--finetune-lr", "float | None", None,
            "The fine-tuning's starting learning rate, falling to 0 (default: the recipe's; else --lr).", recipe=True,
            check=_positive_finite("--finetune-lr"),

@@ -323,7 +323,7 @@ def fit(
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    net.train()
+    net.train(config.sample)  # sample False: the posterior means, as at evaluation (`TrainConfig.sample`)
     # each layer's weight KL computed in its forward (nn/base.py); z drawn per example or per batch
     with fuse_weight_kl(model), draw_z(model, config.z_draw):
         for epoch in range(start_epoch, config.epochs):
@@ -340,7 +340,7 @@ def fit(
                 step = epoch * steps_per_epoch + i
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 out = net(xb)
-                kl = kl_divergence(model) if layers else out.new_zeros(())
+                kl = kl_divergence(model) if layers and config.sample else out.new_zeros(())
                 beta = kl_beta(step, steps_per_epoch, config.warmup_epochs, config.kl_weight)
                 if world == 1:
                     nll = F.cross_entropy(out, yb)
