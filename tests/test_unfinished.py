@@ -17,6 +17,7 @@ from bayescomp import pipeline
 from bayescomp.cli import main
 from bayescomp.compress.thresholds import histogram_thresholds
 from bayescomp.pipeline import RunError, RunOptions, recompress, run
+from bayescomp.report.table import progress_rows
 from bayescomp.train import load_checkpoint, predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,24 @@ def test_time_left_is_the_recent_epoch_time_times_the_epochs_left(tmp_path):
     assert progress["epoch_seconds"] == pytest.approx(30.0)  # the last five epochs: 10..50
     assert progress["seconds_left"] == pytest.approx(4 * 30.0)
     assert progress["seconds_spent"] == pytest.approx(250.0)
+
+
+def test_progress_counts_the_fine_tuning_and_the_mean_fine_tuning(tmp_path):
+    work = tmp_path / "run.partial"
+    work.mkdir()
+    options = {"model": "lenet300", "prior": "gnj", "epochs": 2, "finetune_epochs": 3, "mean_epochs": 4}
+    (work / "options.json").write_text(json.dumps(options))
+    for name, secs in (("metrics.jsonl", [10, 10]), ("finetune_metrics.jsonl", [10, 10, 10]),
+                       ("finetune_mean_metrics.jsonl", [5])):
+        (work / name).write_text("".join(json.dumps({"epoch": i + 1, "seconds": s, "loss": 0.5 + i}) + "\n"
+                                         for i, s in enumerate(secs)))
+    progress = pipeline.run_progress(tmp_path / "run")
+    assert (progress["finetune_epochs_done"], progress["mean_epochs_done"], progress["mean_epochs"]) == (3, 1, 4)
+    assert progress["seconds_spent"] == pytest.approx(55.0)
+    assert progress["epoch_seconds"] == pytest.approx(9.0)  # the last five: 10, 10, 10, 10, 5
+    assert progress["seconds_left"] == pytest.approx(3 * 9.0)  # three epochs of the means left
+    assert progress["last"]["epoch"] == 1 and progress["last"]["seconds"] == 5
+    assert ("mean fine-tuning epochs", "1 of 4") in progress_rows(progress)
 
 
 def test_cosine_run_resumes_only_to_its_own_length(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from .rundir import (
     CHECKPOINT,
     FINETUNE_CHECKPOINT,
     FINETUNE_METRICS,
+    MEAN_METRICS,
     METRICS,
     OPTIONS,
     POSTERIOR_FILE,
@@ -60,8 +61,8 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
 
 def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     """How far the unfinished run of RUN_DIR (or RUN_DIR.partial) has got, from its metrics.jsonl (and
-    finetune_metrics.jsonl) and options.json alone (no checkpoint is read): epochs done and planned (training,
-    then fine-tuning), the last epoch's figures, the time spent and, from the mean of the last five epochs,
+    finetune_metrics.jsonl, finetune_mean_metrics.jsonl) and options.json alone (no checkpoint is read): epochs
+    done and planned (training, then fine-tuning, then the mean fine-tuning), the last epoch's figures, the time spent and, from the mean of the last five epochs,
     the time left."""
     run_dir = Path(run_dir)
     work = work_dir(run_dir)
@@ -72,7 +73,7 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if (work / OPTIONS).is_file():
         options = validate_options(read_json(work / OPTIONS), work / OPTIONS, RunOptions, required=())
-        for key in ("epochs", "finetune_epochs"):
+        for key in ("epochs", "finetune_epochs", "mean_epochs"):
             if (options.get(key) or 0) < 0:
                 raise RunError(f"{work / OPTIONS}: field {key!r} must be ≥ 0, got {options[key]}")
     out: dict[str, Any] = {"folder": str(work), "model": options.get("model"), "prior": options.get("prior"),
@@ -82,12 +83,18 @@ def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     ft_rows = read_metrics(tuning) if tuning.is_file() else []
     if planned_ft:
         out.update(finetune_epochs=planned_ft, finetune_epochs_done=len(ft_rows))
+    planned_mean = int(options.get("mean_epochs") or 0)  # then the mean fine-tuning (finetune_mean_metrics.jsonl)
+    mean_rows = read_metrics(work / MEAN_METRICS) if (work / MEAN_METRICS).is_file() else []
+    if planned_mean:
+        out.update(mean_epochs=planned_mean, mean_epochs_done=len(mean_rows))
     if rows:
-        seconds = [float(r.get("seconds") or 0.0) for r in rows + ft_rows]
-        recent = seconds[-5:]  # (fine-tuning epochs, once they run: they take as long as training ones)
-        out.update(last=(ft_rows or rows)[-1], seconds_spent=sum(seconds), epoch_seconds=sum(recent) / len(recent))
+        seconds = [float(r.get("seconds") or 0.0) for r in rows + ft_rows + mean_rows]
+        recent = seconds[-5:]  # (fine-tuning epochs, once they run: they take about as long as training ones)
+        out.update(last=(mean_rows or ft_rows or rows)[-1], seconds_spent=sum(seconds),
+                   epoch_seconds=sum(recent) / len(recent))
         if out["epochs"] is not None:
-            left = max(0, out["epochs"] - len(rows)) + max(0, planned_ft - len(ft_rows))
+            left = (max(0, out["epochs"] - len(rows)) + max(0, planned_ft - len(ft_rows))
+                    + max(0, planned_mean - len(mean_rows)))
             out["seconds_left"] = left * out["epoch_seconds"]
     return out
 

@@ -74,6 +74,8 @@ def progress_rows(progress: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
     if "finetune_epochs" in progress:
         rows.append(("fine-tuning epochs", f"{progress['finetune_epochs_done']} of {progress['finetune_epochs']}"))
+    if "mean_epochs" in progress:
+        rows.append(("mean fine-tuning epochs", f"{progress['mean_epochs_done']} of {progress['mean_epochs']}"))
     last = progress.get("last")
     if last:
         if last.get("loss") is not None:
