@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import Interrupted
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bayescomp
+from bayescomp import pipeline
 from bayescomp.cli import main
 from bayescomp.compress import apply_masks, compress, group_masks
 from bayescomp.nn.base import parameter_kind
@@ -79,11 +81,21 @@ def test_only_the_means_move_and_the_loss_is_the_evaluation_forward_s_cross_entr
         assert torch.allclose(p, q, atol=1e-6), n
 
 
-def test_a_run_with_mean_epochs_records_the_phase_and_compresses_the_groups_the_fine_tuning_kept(tmp_path):
-    opts = RunOptions(model="lenet300", prior="gnj", epochs=1, train_subset=600, data_dir=DATA, seed=2,
-                      target_kept=0.5, finetune_epochs=1)
-    tuned = run(opts, tmp_path / "ft", progress=False)
-    means = run(replace(opts, mean_epochs=2), tmp_path / "mean", progress=False)
+OPTS = RunOptions(model="lenet300", prior="gnj", epochs=1, train_subset=600, data_dir=DATA, seed=2, target_kept=0.5,
+                  finetune_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder, the run fine-tuned 1 epoch, the same with 2 epochs of the mean fine-tuning after it)."""
+    root = tmp_path_factory.mktemp("mean")
+    torch.set_num_threads(1)
+    return root, run(OPTS, root / "ft", progress=False), run(replace(OPTS, mean_epochs=2), root / "mean", progress=False)
+
+
+def test_a_run_with_mean_epochs_records_the_phase_and_compresses_the_groups_the_fine_tuning_kept(runs):
+    root, tuned, means = runs
+    tmp_path = root
     assert means["architecture"] == tuned["architecture"]
     assert means["finetune"]["mean"]["epochs"] == 2 and len(means["finetune"]["mean"]["history"]) == 2
     assert "mean" not in tuned["finetune"]
@@ -103,6 +115,43 @@ def test_a_run_with_mean_epochs_records_the_phase_and_compresses_the_groups_the_
     unrounded = compress(posterior, means["thresholds"], keeps=masks, round_weights=False)
     x = torch.rand(64, 784)
     assert torch.allclose(unrounded.model(x), posterior.eval()(x), atol=1e-5)
+
+
+def test_a_run_stopped_in_its_mean_fine_tuning_can_be_looked_at_and_resumes_to_the_same_model(runs, tmp_path,
+                                                                                                 monkeypatch):
+    _, _, means = runs
+    real_fit = pipeline.fit
+
+    def stop_in_the_second_mean_epoch(model, train, config, **kwargs):
+        if not config.sample:
+            def stop(row):
+                if row["epoch"] == 2:
+                    raise Interrupted  # (before epoch 2's checkpoint: the one of epoch 1 is kept)
+            kwargs["on_epoch"] = stop
+        return real_fit(model, train, config, **kwargs)
+
+    opts = replace(OPTS, mean_epochs=2)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "fit", stop_in_the_second_mean_epoch)
+        with pytest.raises(Interrupted):
+            run(opts, tmp_path / "r", progress=False)
+    work = tmp_path / "r.partial"
+    assert (work / "finetune_mean.pt").is_file() and (work / "finetune.pt").is_file()
+    progress = pipeline.run_progress(tmp_path / "r")  # (read off the metrics, which the epoch's row reached)
+    assert (progress["mean_epochs_done"], progress["mean_epochs"]) == (2, 2)
+    peek = pipeline.recompress(tmp_path / "r", tmp_path / "peek", None, data_dir=DATA)
+    assert peek["unfinished"] | {"from": None} == {"from": None, "epochs_trained": 1, "epochs": 1,
+                                                   "finetune_epochs_done": 1, "finetune_epochs": 1,
+                                                   "mean_epochs_done": 1, "mean_epochs": 2}
+    assert peek["architecture"] == means["architecture"]
+    at_epoch_1 = torch.load(work / "finetune_mean.pt", weights_only=False)["model"]
+    looked = torch.load(tmp_path / "peek" / "posterior.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(looked[k], at_epoch_1[k]) for k in at_epoch_1)
+    report = run(opts, tmp_path / "r", resume=True, progress=False)
+    for key in ("test_error", "test_error_uncompressed", "architecture", "bits"):
+        assert report[key] == means[key], key
+    assert [r["loss"] for r in report["finetune"]["mean"]["history"]] == \
+        [r["loss"] for r in means["finetune"]["mean"]["history"]]
 
 
 def test_mean_epochs_need_a_fine_tuning(tmp_path, monkeypatch):

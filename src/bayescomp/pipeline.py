@@ -329,10 +329,12 @@ def recompress(run_dir: str | os.PathLike, out: str | os.PathLike, thresholds: f
     keeps = choice = None
     try:
         if unfinished is not None:
-            thresholds, keeps, tuned = unfinished_decision(opts, bmodel, unfinished["from"], thresholds, data_dir,
-                                                           verify)
+            thresholds, keeps, tuned, means = unfinished_decision(opts, bmodel, unfinished["from"], thresholds,
+                                                                  data_dir, verify)
             if tuned:
                 unfinished.update(finetune_epochs_done=tuned, finetune_epochs=opts.finetune_epochs)
+            if means:
+                unfinished.update(mean_epochs_done=means, mean_epochs=opts.mean_epochs)
         elif size_target:
             chosen = SizeTarget(target_kept, max_multiply_adds, example_input(state["model"])).choose(bmodel)
             thresholds = {name: float(c.value) for name, c in chosen.items()}

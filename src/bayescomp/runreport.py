@@ -84,6 +84,7 @@ _FINETUNE: dict[str, tuple[Check, str, bool]] = {
     "test_error_uncompressed_before": (_finite, "a finite number", True),
     "seconds": (_num, "a number", False),
     "history": (_list_of(_row), "a list of epoch rows", False),
+    "mean": (_dict, "an object", False),
 }
 
 _UNFINISHED: dict[str, tuple[Check, str, bool]] = {
@@ -92,6 +93,8 @@ _UNFINISHED: dict[str, tuple[Check, str, bool]] = {
     "epochs": (_count, "an integer ≥ 0", True),
     "finetune_epochs_done": (_count, "an integer ≥ 0", False),
     "finetune_epochs": (_count, "an integer ≥ 0", False),
+    "mean_epochs_done": (_count, "an integer ≥ 0", False),
+    "mean_epochs": (_count, "an integer ≥ 0", False),
 }
 
 _CHOICE: dict[str, tuple[Check, str, bool]] = {

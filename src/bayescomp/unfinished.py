@@ -19,6 +19,7 @@ from .rundir import (
     CHECKPOINT,
     FINETUNE_CHECKPOINT,
     FINETUNE_METRICS,
+    MEAN_CHECKPOINT,
     MEAN_METRICS,
     METRICS,
     OPTIONS,
@@ -109,28 +110,34 @@ def unfinished_thresholds(opts: RunOptions, bmodel: torch.nn.Module, data_dir: s
 
 def unfinished_decision(opts: RunOptions, bmodel: torch.nn.Module, work: str | os.PathLike,
                         thresholds: float | Mapping[str, float] | None, data_dir: str | None,
-                        verify: bool) -> tuple[Any, dict[str, torch.Tensor] | None, int]:
+                        verify: bool) -> tuple[Any, dict[str, torch.Tensor] | None, int, int]:
     """How the unfinished run in `work`, whose training checkpoint `bmodel` holds, would be compressed if it
-    ended now: (thresholds, keeps, fine-tuning epochs done).
+    ended now: (thresholds, keeps, fine-tuning epochs done, mean fine-tuning epochs done).
 
     `thresholds=None`: the ones the run chooses (`unfinished_thresholds`, from the trained posterior, as
     `run` does). A run already being fine-tuned took its decision then: its newest fine-tuning checkpoint
     is loaded into `bmodel`, and with the run's own thresholds, `keeps` are the groups it fine-tunes (the
-    layers' `group_mask`), as `run` will compress them; other thresholds can only prune more.
+    layers' `group_mask`), as `run` will compress them; other thresholds can only prune more. A run already in
+    its mean fine-tuning: its newest checkpoint of that phase, the same decision.
     """
     own = thresholds is None
     if own:
         thresholds = unfinished_thresholds(opts, bmodel, data_dir, verify)
     elif isinstance(thresholds, Mapping):  # layers not named keep the ones the run would choose
         thresholds = named_over(unfinished_thresholds(opts, bmodel, data_dir, verify), thresholds)
-    checkpoint = Path(work) / FINETUNE_CHECKPOINT
-    if not (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file()):
-        return thresholds, None, 0
-    try:
-        state, _ = load_newest_checkpoint(checkpoint, repair=False, purpose="compressing")
-        bmodel.load_state_dict(state["model"])
-    except (CheckpointError, KeyError, RuntimeError) as exc:
-        raise RunError(f"unfinished fine-tuning in {work}: {exc}") from exc
+    done = []
+    for name in (FINETUNE_CHECKPOINT, MEAN_CHECKPOINT):  # the mean fine-tuning goes on from the fine-tuning
+        checkpoint = Path(work) / name
+        if not (checkpoint.is_file() or previous_checkpoint(checkpoint).is_file()):
+            break
+        try:
+            state, _ = load_newest_checkpoint(checkpoint, repair=False, purpose="compressing")
+            bmodel.load_state_dict(state["model"])
+        except (CheckpointError, KeyError, RuntimeError) as exc:
+            raise RunError(f"unfinished fine-tuning in {work}: {exc}") from exc
+        done.append(int(state.get("epoch", 0)))
+    if not done:
+        return thresholds, None, 0, 0
     bmodel.eval()
     keeps = {name: m.group_mask.clone() for name, m in bmodel.named_modules() if isinstance(m, GroupSparseLayer)}
-    return thresholds, keeps if own else None, int(state.get("epoch", 0))
+    return thresholds, keeps if own else None, done[0], done[1] if len(done) > 1 else 0
