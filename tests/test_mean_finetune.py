@@ -179,3 +179,13 @@ def test_compress_pretrained_with_mean_epochs_counts_them_in_its_history():
     result = bayescomp.compress_pretrained(net, loader, epochs=1, finetune_epochs=1, mean_epochs=2, target_kept=0.5,
                                            progress=False)
     assert len(result.report["history"]) == 4
+
+
+def test_no_fine_tuning_given_drops_the_recipe_s_mean_fine_tuning(monkeypatch):
+    from bayescomp import recipes
+
+    monkeypatch.setitem(recipes.TRAINING_RECIPES, "fast", replace(recipes.FAST, mean_epochs=3))
+    assert recipes.recipe_options("fast", {})["mean_epochs"] == 3
+    assert recipes.recipe_options("fast", {"finetune_epochs": 2})["mean_epochs"] == 3
+    assert recipes.recipe_options("fast", {"finetune_epochs": 0})["mean_epochs"] == 0
+    assert recipes.recipe_options("fast", {"finetune_epochs": 0, "mean_epochs": 1})["mean_epochs"] == 1  # refused later

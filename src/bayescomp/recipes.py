@@ -136,7 +136,8 @@ def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None
     Where a given option excludes a recipe setting, the setting yields: a trained start (`init_from`) needs no
     pretraining; thresholds given for every layer (a number), a size target or another threshold rule replace the recipe's
     rule (and its `no_split`); any thresholds, another size target or a threshold rule replace the recipe's size
-    target (`target_kept`); a constant learning rate has no fall (`lr_decay_epochs`). The recipe's fall and KL warm-up
+    target (`target_kept`); a constant learning rate has no fall (`lr_decay_epochs`); no fine-tuning
+    (`finetune_epochs` 0) has no mean fine-tuning (`mean_epochs`) after it. The recipe's fall and KL warm-up
     are never longer than the run's epochs.
     """
     rec = training_recipe(name).for_run(model, prior)
@@ -155,6 +156,8 @@ def recipe_options(name: str, given: Mapping[str, Any], prior: str | None = None
         out["target_kept"] = None
     if given.get("lr_schedule") == "constant":
         out["lr_decay_epochs"] = None
+    if given.get("finetune_epochs") == 0:  # no fine-tuning: no mean fine-tuning after it either
+        out["mean_epochs"] = 0
     out.update({k: v for k, v in given.items() if k in RECIPE_OPTIONS})
     return out
 
