@@ -182,13 +182,13 @@ def _interim(partial: Path, opts: RunOptions) -> str:
     try:
         saved, bmodel, epoch, work = unfinished_run(partial)
         _, test = load_data(saved.model, opts.data_dir, 1)
-        thresholds, keeps, tuned = unfinished_decision(saved, bmodel, work, None, opts.data_dir, True)
+        thresholds, keeps, tuned, means = unfinished_decision(saved, bmodel, work, None, opts.data_dir, True)
         compressed, figures = evaluate_compression(bmodel, test, thresholds, example=example_input(saved.model),
                                                    keeps=keeps)
     except (RunError, OSError, ValueError, RuntimeError) as exc:
         return f" (no interim figures: {exc})"
     r = compressed.report
-    at = f"fine-tuning epoch {tuned}" if tuned else f"epoch {epoch}"
+    at = f"mean fine-tuning epoch {means}" if means else f"fine-tuning epoch {tuned}" if tuned else f"epoch {epoch}"
     return (f"; at {at}: {figures['test_error']:.2f}% error ({figures['test_error_uncompressed']:.2f} "
             f"unpruned), {r['weights_kept_pct']:.2f}% kept, {r['architecture']}, bits {_fmt(r['bits'])}")
 
