@@ -166,8 +166,8 @@ def fine_tuned(posterior: dict, th, kl: float | None = None) -> tuple[dict, dict
             before = dict(ft_val_bayes=evaluate(compress(b, th, keeps=keeps).model, *val))
             fit(b, train, mean_config(cfg, a.mean_ft, a.ft_lr), progress=False)
     res = compress(b, th, keeps=keeps)
-    return before | dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val), ft_kept=res.report["weights_kept_pct"],
-                ft_arch=res.report["architecture"]), res.report
+    return before | dict(ft_val_unc=evaluate(b, *val), ft_val=evaluate(res.model, *val),
+                         ft_kept=res.report["weights_kept_pct"], ft_arch=res.report["architecture"]), res.report
 
 
 if a.ft:

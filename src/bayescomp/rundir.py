@@ -351,7 +351,6 @@ def commit(folder: RunFolder) -> None:
 
 
 __all__ = ["CHECKPOINT", "FINETUNE_CHECKPOINT", "FINETUNE_METRICS", "LOCK", "MEAN_CHECKPOINT", "MEAN_METRICS", "METRICS",
-           "MODEL_FILE", "OPTIONS",
-           "PACKED_FILE", "PARTIAL", "POSTERIOR_FILE", "REPORT", "FolderLock", "RunError", "RunFolder", "check_out",
-           "commit", "final_dir", "lock_folder", "lock_holder", "prepare", "refuse_in_use", "remove_temps", "same_folder",
-           "work_dir"]
+           "MODEL_FILE", "OPTIONS", "PACKED_FILE", "PARTIAL", "POSTERIOR_FILE", "REPORT", "FolderLock", "RunError",
+           "RunFolder", "check_out", "commit", "final_dir", "lock_folder", "lock_holder", "prepare", "refuse_in_use",
+           "remove_temps", "same_folder", "work_dir"]

@@ -237,6 +237,11 @@ _KL_WEIGHT_HELP = ("Final weight β of the KL term: 1 is the ELBO; below 1 keeps
                    "prunes more")
 _CLIP_VAR_SWEEP = "Clamp σ² ≤ this: one number, or name=value pairs for some layers (default: the recipe)."
 _BOTH = ("compress", "sweep")
+_NO_SPLIT_AGAIN = _NO_SPLIT_HELP + "; the run's thresholds are chosen again with it (default: the run's own)."
+_AUTO_HELP = ("Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
+              "or the most compression within --val-budget on a validation split held out of the training set. With "
+              "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'. "
+              "Default: the recipe's (none with --thresholds for every layer).")
 
 
 def _mean_epochs(value: Any, opts: Any) -> None:
@@ -244,11 +249,7 @@ def _mean_epochs(value: Any, opts: Any) -> None:
     _positive_int("--mean-epochs", "mean fine-tuning epochs", minimum=0)(value, opts)
     if value and not getattr(opts, "finetune_epochs", 0):
         raise RunError(f"--mean-epochs {value} follows the fine-tuning: give --finetune-epochs too (≥ 1)")
-_NO_SPLIT_AGAIN = _NO_SPLIT_HELP + "; the run's thresholds are chosen again with it (default: the run's own)."
-_AUTO_HELP = ("Choose the log α thresholds after training: the split between the two modes of each layer's histogram, "
-              "or the most compression within --val-budget on a validation split held out of the training set. With "
-              "histogram, --thresholds fc1=2.5 sets the named layers' thresholds and the rule chooses the others'. "
-              "Default: the recipe's (none with --thresholds for every layer).")
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("model", "--model", "str", "lenet300", "Model from the zoo (see `bayescomp models`).", _BOTH,

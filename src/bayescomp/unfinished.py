@@ -63,8 +63,8 @@ def unfinished_run(run_dir: str | os.PathLike) -> tuple[RunOptions, torch.nn.Mod
 def run_progress(run_dir: str | os.PathLike) -> dict[str, Any]:
     """How far the unfinished run of RUN_DIR (or RUN_DIR.partial) has got, from its metrics.jsonl (and
     finetune_metrics.jsonl, finetune_mean_metrics.jsonl) and options.json alone (no checkpoint is read): epochs
-    done and planned (training, then fine-tuning, then the mean fine-tuning), the last epoch's figures, the time spent and, from the mean of the last five epochs,
-    the time left."""
+    done and planned (training, then fine-tuning, then the mean fine-tuning), the last epoch's figures, the time
+    spent and, from the mean of the last five epochs, the time left."""
     run_dir = Path(run_dir)
     work = work_dir(run_dir)
     metrics = work / METRICS
